@@ -1,0 +1,5 @@
+"""Typed configuration dataclasses."""
+
+from .model import FFNConfig, ModelConfig
+
+__all__ = ["FFNConfig", "ModelConfig"]

@@ -1,0 +1,60 @@
+"""Closed-form sizes of the structured linear maps.
+
+These formulas are the single source for parameter and FLOP accounting
+(model-level accounting, ratio solving, TP tables).  The layer classes check
+themselves against them, so a layer whose real parameter count drifted from
+the paper's formula is caught at construction time in tests.
+"""
+
+from __future__ import annotations
+
+STRUCTURES = ("dense", "lowrank", "blockdense", "blockshuffle")
+
+
+def validate_structure(
+    kind: str, in_features: int, out_features: int, rank: int | None = None, blocks: int | None = None
+) -> None:
+    """Raise ValueError naming the offending values if the structure cannot be built."""
+    if kind not in STRUCTURES:
+        raise ValueError(f"unknown structure {kind!r}; expected one of {', '.join(STRUCTURES)}")
+    if in_features <= 0 or out_features <= 0:
+        raise ValueError(f"{kind}: in_features={in_features} and out_features={out_features} must be positive")
+    if kind in ("lowrank", "blockdense"):
+        if rank is None or rank <= 0:
+            raise ValueError(f"{kind}: rank must be a positive integer, got rank={rank}")
+        limit = min(in_features, out_features)
+        if rank > limit:
+            raise ValueError(
+                f"{kind}: rank={rank} exceeds min(in_features={in_features}, out_features={out_features})={limit}"
+            )
+    if kind in ("blockdense", "blockshuffle"):
+        if blocks is None or blocks <= 0:
+            raise ValueError(f"{kind}: blocks must be a positive integer, got blocks={blocks}")
+        if in_features % blocks:
+            raise ValueError(f"{kind}: in_features={in_features} is not divisible by blocks={blocks}")
+    if kind == "blockdense" and rank % blocks:
+        raise ValueError(f"blockdense: rank={rank} is not divisible by blocks={blocks}")
+    if kind == "blockshuffle" and out_features % blocks:
+        raise ValueError(f"blockshuffle: out_features={out_features} is not divisible by blocks={blocks}")
+
+
+def weight_params(
+    kind: str, in_features: int, out_features: int, rank: int | None = None, blocks: int | None = None
+) -> int:
+    """Number of weight entries (= multiply-adds per token), bias excluded."""
+    validate_structure(kind, in_features, out_features, rank, blocks)
+    n, m = in_features, out_features
+    if kind == "dense":
+        return n * m
+    if kind == "lowrank":
+        return (n + m) * rank
+    if kind == "blockdense":
+        return rank * (m + n // blocks)
+    return min(n, m) * (n + m) // blocks
+
+
+def forward_flops_per_token(
+    kind: str, in_features: int, out_features: int, rank: int | None = None, blocks: int | None = None
+) -> int:
+    """Forward FLOPs per token of the weight product (2 per multiply-add), as the paper counts them."""
+    return 2 * weight_params(kind, in_features, out_features, rank, blocks)
