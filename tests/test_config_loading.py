@@ -95,3 +95,19 @@ def test_save_round_trip(tmp_path):
 def test_from_dict_model_validation():
     with pytest.raises(ConfigError, match="num_attention_heads=4 is not divisible by num_query_groups=3"):
         from_dict(ModelConfig, {**TINY, "num_query_groups": 3}, "m.yaml")
+
+
+def test_base_files_merge_and_cycles(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny.yaml").write_text(yaml.safe_dump({"model": {**TINY, "ffn": {"structure": "lowrank", "rank": 16}}, "opt": {"lr": 1.0}}))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"base": "models/tiny.yaml", "model": {"ffn": {"rank": 8}}, "opt": {"steps": 3}}))
+    cfg = load_config(Root, tmp_path / "run.yaml")
+    assert cfg.model.ffn.rank == 8 and cfg.model.ffn.structure == "lowrank" and cfg.model.hidden_size == 64
+    assert cfg.opt.lr == 1.0 and cfg.opt.steps == 3
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="base files form a cycle"):
+        load_config(Root, tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found \\(base of"):
+        load_config(Root, tmp_path / "c.yaml")

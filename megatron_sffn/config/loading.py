@@ -154,20 +154,48 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_yaml_mapping(path: str | os.PathLike) -> dict:
+def _deep_merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_yaml_mapping(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML mapping, resolving ``base: other.yaml`` (relative to the file) first.
+
+    The file's own keys are deep-merged over its base's, so a paper run config
+    can be ``base: ../models/xl.yaml`` plus the three keys that differ.
+    """
     path = Path(path)
+    if path.resolve() in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path.resolve()))
+        raise ConfigError(f"{path}: base files form a cycle: {cycle}")
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
     except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: config file not found") from exc
+        where = f" (base of {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"{path}: config file not found{where}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    bases = base if isinstance(base, list) else [base]
+    merged: dict = {}
+    for item in bases:
+        if not isinstance(item, str):
+            raise ConfigError(f"{path}:base: expected a file name or a list of them, got {item!r}")
+        merged = _deep_merge(merged, load_yaml_mapping(path.parent / item, (*_chain, path.resolve())))
+    return _deep_merge(merged, data)
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None, overrides: list[str] | None = None) -> T:
