@@ -1,0 +1,1 @@
+"""Parameter and FLOP accounting: what a model costs, and which structure sizes meet a parameter budget."""
