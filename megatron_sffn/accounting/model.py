@@ -1,0 +1,160 @@
+"""Parameters and FLOPs of a :class:`ModelConfig`.
+
+Parameters are counted the way megatron-core's ``GPTModel`` builds the model
+(pre-LN LayerNorm with bias, biased qkv/proj/fc linears, RoPE with no
+position table, a final LayerNorm, tied or untied output layer), so the count
+can be checked against ``sum(p.numel())`` of a built model.  FLOPs follow the
+formula of "Building on Efficient Foundations" (Wei et al., 2024)::
+
+    forward per token = 2·L·(2·d_attn·d + 2·d_kv·d + 2·seq·d_attn) + 2·(FFN weight params) + 2·V·d
+
+with training = 3 × forward.  MFU must come from these numbers, never from a
+dense formula, or a structured model would be credited with FLOPs it skips.
+
+Extra compute that is not part of the model itself (the dense guides of
+self-guided training, which run for a fraction of the steps) enters as
+``extra_forward_flops``: forward FLOPs, trained at the same 3× rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..config.model import FFNConfig, ModelConfig
+from ..structured import counts
+
+TRAINING_FLOPS_PER_FORWARD = 3  # backward costs two forwards (input and weight gradients)
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    """Parameters by component; ``ffn_weights`` is what the paper reports as "FFN params"."""
+
+    embedding: int
+    attention: int
+    layernorm: int
+    ffn_weights: int
+    ffn_biases: int
+    output_layer: int
+
+    @property
+    def total(self) -> int:
+        return sum(dataclasses.astuple(self))
+
+
+@dataclass(frozen=True)
+class ForwardFlops:
+    """Forward FLOPs per token by the paper's formula, split by where they are spent."""
+
+    attention_projections: int  # q, k, v and output projections
+    attention_scores: int  # QKᵀ and the weighted sum of V over the full context
+    ffn: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return sum(dataclasses.astuple(self))
+
+
+@dataclass(frozen=True)
+class RunFlops:
+    """Training FLOPs of a whole run: the model's own plus any extra compute, both at 3× forward."""
+
+    tokens: int
+    model: int
+    extra: float
+
+    @property
+    def total(self) -> float:
+        return self.model + self.extra
+
+
+def ffn_layer_kinds(cfg: ModelConfig) -> list[str]:
+    """The structure of each layer's FFN (the dense layers, layer 0 in the paper, say ``dense``)."""
+    return [cfg.ffn.structure if cfg.ffn.is_structured(layer) else "dense" for layer in range(cfg.num_layers)]
+
+
+def _ffn_weights(cfg: ModelConfig, kind: str) -> int:
+    return sum(counts.weight_params(kind, n, m, cfg.ffn.rank, cfg.ffn.blocks) for n, m in cfg.ffn_shapes())
+
+
+def ffn_weight_params(cfg: ModelConfig) -> int:
+    """FFN weight parameters of all layers (structured factors, dense layers dense), biases excluded."""
+    return sum(_ffn_weights(cfg, kind) for kind in ffn_layer_kinds(cfg))
+
+
+def count_parameters(cfg: ModelConfig) -> ParameterCount:
+    """Every parameter megatron-core's GPTModel allocates for this configuration."""
+    d, layers = cfg.hidden_size, cfg.num_layers
+    qkv_out = cfg.attention_width + 2 * cfg.kv_width
+    attention_per_layer = d * qkv_out + qkv_out + cfg.attention_width * d + d
+    return ParameterCount(
+        embedding=cfg.vocab_size * d,
+        attention=layers * attention_per_layer,
+        layernorm=(2 * layers + 1) * 2 * d,
+        ffn_weights=ffn_weight_params(cfg),
+        ffn_biases=layers * sum(m for _, m in cfg.ffn_shapes()),
+        output_layer=0 if cfg.tie_embeddings else cfg.vocab_size * d,
+    )
+
+
+def forward_flops_per_token(cfg: ModelConfig) -> ForwardFlops:
+    """Forward FLOPs per token (2 per multiply-add; norms, activations and softmax are not counted)."""
+    d, layers = cfg.hidden_size, cfg.num_layers
+    return ForwardFlops(
+        attention_projections=2 * layers * (2 * cfg.attention_width * d + 2 * cfg.kv_width * d),
+        attention_scores=2 * layers * 2 * cfg.seq_length * cfg.attention_width,
+        ffn=2 * ffn_weight_params(cfg),
+        logits=2 * cfg.vocab_size * d,
+    )
+
+
+def training_flops_per_token(cfg: ModelConfig, *, extra_forward_flops_per_token: float = 0.0) -> float:
+    """Training FLOPs per token: 3 × (model forward + any extra forward compute per token)."""
+    return TRAINING_FLOPS_PER_FORWARD * (forward_flops_per_token(cfg).total + extra_forward_flops_per_token)
+
+
+def training_run_flops(cfg: ModelConfig, tokens: int, *, extra_forward_flops: float = 0.0) -> RunFlops:
+    """Training FLOPs of a run over ``tokens`` tokens plus ``extra_forward_flops`` in total (e.g. guides)."""
+    if tokens < 0 or extra_forward_flops < 0:
+        raise ValueError(f"tokens={tokens} and extra_forward_flops={extra_forward_flops} must be non-negative")
+    return RunFlops(
+        tokens=tokens,
+        model=TRAINING_FLOPS_PER_FORWARD * forward_flops_per_token(cfg).total * tokens,
+        extra=TRAINING_FLOPS_PER_FORWARD * extra_forward_flops,
+    )
+
+
+def guide_ffn_flops_per_token(cfg: ModelConfig) -> int:
+    """Forward FLOPs per token of dense guides on every structured FFN layer.
+
+    Self-guided training runs a dense copy of each structured layer with
+    probability α; its expected extra cost is ``E[α]`` × guided tokens × this.
+    """
+    dense = _ffn_weights(cfg, "dense")
+    return sum(2 * dense for kind in ffn_layer_kinds(cfg) if kind != "dense")
+
+
+def model_flops_utilization(
+    cfg: ModelConfig,
+    tokens_per_second: float,
+    peak_flops_per_second: float,
+    *,
+    extra_forward_flops_per_token: float = 0.0,
+) -> float:
+    """Achieved training FLOP/s (the paper's count) over the hardware's peak FLOP/s."""
+    if peak_flops_per_second <= 0:
+        raise ValueError(f"peak_flops_per_second={peak_flops_per_second} must be positive")
+    achieved = training_flops_per_token(cfg, extra_forward_flops_per_token=extra_forward_flops_per_token)
+    return achieved * tokens_per_second / peak_flops_per_second
+
+
+def tokens_for_flops(cfg: ModelConfig, flops: float) -> float:
+    """Tokens a model trains on for a FLOP budget (to compare models at equal training compute)."""
+    return flops / training_flops_per_token(cfg)
+
+
+def dense_counterpart(cfg: ModelConfig) -> ModelConfig:
+    """The same model with dense FFNs: the reference for parameter ratios and token budgets."""
+    return dataclasses.replace(cfg, ffn=FFNConfig(dense_layers=list(cfg.ffn.dense_layers)))
