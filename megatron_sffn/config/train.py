@@ -286,18 +286,19 @@ class TrainConfig:
             )
 
     def _validate_tensor_parallel(self) -> None:
-        """Every tensor split across TP ranks must split evenly (structured factors by whole blocks)."""
+        """Every tensor split across TP ranks must split evenly.
+
+        Block-diagonal factors are split by whole blocks, so the block count
+        must divide; a BlockDense rank then divides too (R is a multiple of B).
+        """
         model, tp = self.model, self.parallel.tensor_parallel
-        ffn = model.ffn
         sizes = {
             "model.num_attention_heads": model.num_attention_heads,
             "model.num_query_groups": model.num_query_groups,
             "model.ffn_hidden_size": model.ffn_hidden_size,
         }
-        if ffn.structure in ("blockdense", "blockshuffle"):
-            sizes["model.ffn.blocks"] = ffn.blocks
-        if ffn.structure == "blockdense":
-            sizes["model.ffn.rank"] = ffn.rank
+        if model.ffn.structure in ("blockdense", "blockshuffle"):
+            sizes["model.ffn.blocks"] = model.ffn.blocks
         for key, value in sizes.items():
             _require(value % tp == 0, f"{key}={value} is not divisible by parallel.tensor_parallel={tp}")
 
