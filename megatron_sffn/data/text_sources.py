@@ -142,6 +142,25 @@ def iter_text(path: str) -> Iterator[Document]:
         yield Document(_decode_utf8(raw, path, "file"), {"source": path, "row": 0})
 
 
+def known_document_count(sources: list[SourceFile]) -> int | None:
+    """Number of documents if it can be had without reading the text (for progress bars), else None."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    total = 0
+    for source in sources:
+        if source.format == "parquet":
+            try:
+                total += pq.ParquetFile(source.path).metadata.num_rows
+            except (pa.ArrowException, OSError):
+                return None  # reported with context when the file is actually read
+        elif source.format == "text":
+            total += int(os.path.getsize(source.path) > 0)
+        else:
+            return None
+    return total
+
+
 def file_identity(path: str, chunk_bytes: int = 1 << 20) -> dict[str, Any]:
     """Path, size and sha256 of an input file, as recorded in the manifest's ``sources``."""
     h = hashlib.sha256()

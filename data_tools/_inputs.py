@@ -1,0 +1,26 @@
+"""Command-line options for naming a corpus, shared by every tool that reads one."""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron_sffn.data.text_sources import SourceFile, expand_inputs
+
+
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "inputs", nargs="+",
+        help="corpus files, directories or globs: RefinedWeb-format .parquet, .jsonl/.ndjson, or plain text (one document per file)",
+    )
+    parser.add_argument(
+        "--text-key", default=None,
+        help="parquet column / JSONL key holding the text (default: 'content' for parquet, 'text' for JSONL)",
+    )
+    parser.add_argument(
+        "--input-format", choices=("parquet", "jsonl", "text"), default=None,
+        help="read every input as this format instead of guessing from the file name",
+    )
+
+
+def sources_from_args(args: argparse.Namespace) -> list[SourceFile]:
+    return expand_inputs(args.inputs, args.input_format)
