@@ -10,8 +10,8 @@ so the bias can be fused into the following activation.
 
 from __future__ import annotations
 
-
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import counts, init
@@ -70,6 +70,14 @@ class StructuredLinear(nn.Module):
     # -- compute -------------------------------------------------------------
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The structured product without bias."""
+        return self._product(x, None)
+
+    def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The structured product plus ``bias`` (None: no bias).
+
+        Taking the bias here lets structures that end in a dense factor fuse it
+        into the last GEMM (``addmm``) instead of a separate pass over the output.
+        """
         raise NotImplementedError
 
     def to_dense(self) -> torch.Tensor:
@@ -77,10 +85,9 @@ class StructuredLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor):
-        out = self.project(x)
         if self.skip_bias_add:
-            return out, self.bias
-        return out if self.bias is None else out + self.bias
+            return self._product(x, None), self.bias
+        return self._product(x, self.bias)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         raise NotImplementedError
@@ -114,8 +121,8 @@ class Dense(StructuredLinear):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         _init_matrices(self.init_method, self.std, generator, self.weight)
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight)
+    def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, self.weight, bias)
 
     def to_dense(self) -> torch.Tensor:
         return self.weight
@@ -140,8 +147,8 @@ class LowRank(StructuredLinear):
         _init_matrices(self.init_method, self.std, generator, self.v, self.u)
         return None
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(torch.nn.functional.linear(x, self.v), self.u)
+    def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(F.linear(x, self.v), self.u, bias)
 
     def to_dense(self) -> torch.Tensor:
         return self.u @ self.v
@@ -162,8 +169,8 @@ class BlockDense(StructuredLinear):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         _init_matrices(self.init_method, self.std, generator, self.k, self.u)
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(block_diag_matmul(x, self.k), self.u)
+    def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(block_diag_matmul(x, self.k), self.u, bias)
 
     def to_dense(self) -> torch.Tensor:
         return self.u @ torch.block_diag(*self.k.unbind(0))
@@ -213,8 +220,9 @@ class BlockShuffle(StructuredLinear):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         _init_matrices(self.init_method, self.std, generator, self.w1, self.w2)
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        return monarch_matmul(x, self.w1, self.w2, self.interleave_output)
+    def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = monarch_matmul(x, self.w1, self.w2, self.interleave_output)
+        return out if bias is None else out + bias
 
     def to_dense(self) -> torch.Tensor:
         blocks, middle, _ = self.w1.shape
