@@ -1,0 +1,1 @@
+"""The pretraining loop and what surrounds it: schedule, checkpoints, pre-emption, metrics."""

@@ -1,0 +1,420 @@
+"""What a run reports while it trains: TensorBoard scalars and one console line per log interval.
+
+Model FLOPs utilisation (MFU) is the number researchers compare across
+trainers, so its two inputs are pinned down here:
+
+* the numerator is the model's training FLOPs per token by the structured
+  formula of "Building on Efficient Foundations" (Wei et al., NeurIPS 2024)
+  from :mod:`megatron_sffn.accounting.model`, never the dense ``6N``: a
+  structured model would otherwise be credited with FLOPs it skips.
+  Activation recomputation is not counted (MFU, not hardware utilisation);
+* the denominator is one device's peak: the vendor's dense (no 2:4 sparsity)
+  bf16 or fp32 figure for known GPUs (:data:`GPU_PEAKS`), or
+  ``logging.peak_tflops_per_device``.  On CPU there is no meaningful
+  datasheet figure, so the peak is measured once with a short fp32 matmul
+  micro-benchmark: CPU "MFU" is relative to the matmul throughput this
+  process actually achieves, not to a theoretical peak.
+
+TensorBoard tags (x axis: optimizer step)
+
+==================================== ===================================================
+``train/lm_loss``                     mean LM loss of the interval's finite steps
+``train/perplexity``                  exp(``train/lm_loss``)
+``train/learning_rate``               learning rate of the interval's last step
+``train/grad_norm``                   gradient norm (before clipping), last step
+``train/params_norm``                 parameter norm, last step (when the loop gives it)
+``train/consumed_tokens``             tokens drawn from the data stream so far
+``train/skipped_steps``               steps skipped for a non-finite loss/gradient so far
+``throughput/tokens_per_s``           all devices together, over the interval
+``throughput/tokens_per_s_per_device``  the above over the world size
+``throughput/tflops_per_device``      model training TFLOP/s per device
+``throughput/mfu``                    fraction (0..1) of the device peak
+``memory/peak_bytes``                 CUDA max allocated; peak RSS of the process on CPU
+``val/lm_loss``, ``val/perplexity``   validation loss and perplexity
+==================================== ===================================================
+
+Only one rank writes (the last pipeline stage's first tensor/data-parallel
+rank, where the loss lives); the others build a disabled logger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import re
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..accounting.model import training_flops_per_token
+from ..config.model import ModelConfig
+from ..config.train import TrainConfig
+
+TENSORBOARD_SUBDIR = "tensorboard"
+_GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class GpuPeak:
+    """Dense peaks of one GPU model in TFLOP/s; ``pattern`` matches ``torch.cuda.get_device_name()``."""
+
+    pattern: str
+    label: str
+    bf16_tflops: float
+    fp32_tflops: float
+
+
+# Vendor datasheet figures. Datasheets print tensor-core peaks with 2:4 sparsity;
+# the dense figure used here is half of it. fp32 is the non-tensor-core peak,
+# which is what PyTorch runs fp32 matmuls at unless TF32 is switched on.
+# Order matters: more specific names come first (H100 NVL before H100, L40S before L40).
+GPU_PEAKS: tuple[GpuPeak, ...] = (
+    GpuPeak(r"GH200", "NVIDIA GH200 (GH200 datasheet)", 989.5, 67.0),
+    GpuPeak(r"H100.*NVL", "NVIDIA H100 NVL (H100 datasheet)", 835.5, 60.0),
+    GpuPeak(r"H100.*PCIe", "NVIDIA H100 PCIe (H100 datasheet)", 756.5, 51.0),
+    GpuPeak(r"H100", "NVIDIA H100 SXM (H100 datasheet)", 989.5, 67.0),
+    GpuPeak(r"H200.*NVL", "NVIDIA H200 NVL (H200 datasheet)", 835.5, 60.0),
+    GpuPeak(r"H200", "NVIDIA H200 SXM (H200 datasheet)", 989.5, 67.0),
+    GpuPeak(r"A100", "NVIDIA A100 (A100 datasheet)", 312.0, 19.5),
+    GpuPeak(r"L40S", "NVIDIA L40S (L40S datasheet)", 362.05, 91.6),
+    GpuPeak(r"L40\b", "NVIDIA L40 (L40 datasheet)", 181.05, 90.5),
+    GpuPeak(r"\bL4\b", "NVIDIA L4 (L4 datasheet)", 121.0, 30.3),
+    GpuPeak(r"\bA10\b", "NVIDIA A10 (A10 datasheet)", 125.0, 31.2),
+    GpuPeak(r"\bA40\b", "NVIDIA A40 (A40 datasheet)", 149.7, 37.4),
+    GpuPeak(r"RTX 4090", "NVIDIA GeForce RTX 4090 (Ada Lovelace architecture whitepaper)", 165.2, 82.6),
+    GpuPeak(r"MI300X", "AMD Instinct MI300X (MI300X datasheet)", 1307.4, 163.4),
+)
+
+
+@dataclass(frozen=True)
+class PeakFlops:
+    """One device's peak FLOP/s and where the figure comes from (printed once, so MFU can be audited)."""
+
+    flops_per_second: float
+    source: str
+
+
+def lookup_gpu_peak(device_name: str, precision: str) -> PeakFlops | None:
+    """The datasheet peak for ``device_name`` at ``precision`` (bf16/fp32); None for unknown GPUs.
+
+    A MIG slice owns a fraction of the GPU that its name does not state, so it
+    is treated as unknown rather than credited with the whole GPU's peak.
+    """
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision={precision!r}; expected 'bf16' or 'fp32'")
+    if "MIG" in device_name:
+        return None
+    for entry in GPU_PEAKS:
+        if re.search(entry.pattern, device_name):
+            tflops = entry.bf16_tflops if precision == "bf16" else entry.fp32_tflops
+            return PeakFlops(tflops * 1e12, f"{entry.label}, dense {precision}")
+    return None
+
+
+def measure_cpu_matmul_peak(size: int = 1024, min_seconds: float = 0.3, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Best fp32 matmul FLOP/s this process reaches with its intra-op threads.
+
+    Best-of-several rather than mean: the question is what the CPU can do,
+    and interference from other processes only ever makes a repetition slower.
+    """
+    a = torch.randn(size, size)
+    b = torch.randn(size, size)
+    out = torch.empty(size, size)
+    torch.mm(a, b, out=out)  # first call pays for thread-pool start-up and page faults
+    flops = 2.0 * size**3
+    best = 0.0
+    start = clock()
+    while True:
+        t0 = clock()
+        torch.mm(a, b, out=out)
+        t1 = clock()
+        best = max(best, flops / max(t1 - t0, 1e-9))
+        if t1 - start >= min_seconds:
+            return best
+
+
+def resolve_peak_flops(device: torch.device, precision: str, override_tflops: float | None = None) -> PeakFlops | None:
+    """The MFU denominator for one device: the override, the datasheet, or (CPU) a measurement."""
+    if override_tflops is not None:
+        return PeakFlops(override_tflops * 1e12, "logging.peak_tflops_per_device")
+    if device.type == "cuda":
+        return lookup_gpu_peak(torch.cuda.get_device_name(device), precision)
+    measured = measure_cpu_matmul_peak()
+    return PeakFlops(measured, f"measured fp32 matmul peak of this process on CPU ({torch.get_num_threads()} threads)")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this rank: CUDA max allocated, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
+def format_count(value: float) -> str:
+    """41234 -> '41.2k', 1.5e6 -> '1.50M': three significant figures, readable at a glance."""
+    for threshold, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= threshold:
+            scaled = value / threshold
+            return f"{scaled:.3g}{suffix}" if scaled < 1000 else f"{scaled:.0f}{suffix}"
+    return f"{value:.3g}"
+
+
+def format_duration(seconds: float) -> str:
+    """Compact remaining time: '45s', '12m05s', '1h02m', '3d04h'."""
+    if not math.isfinite(seconds):
+        return "?"
+    total = max(0, round(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), saturating to inf instead of raising for a diverged loss."""
+    return math.exp(loss) if loss < 709.0 else math.inf
+
+
+@dataclass(frozen=True)
+class IntervalMetrics:
+    """Everything reported for one log interval."""
+
+    step: int
+    train_steps: int
+    lm_loss: float
+    learning_rate: float
+    grad_norm: float | None
+    params_norm: float | None
+    consumed_tokens: int
+    skipped_steps: int
+    tokens_per_s: float
+    tokens_per_s_per_device: float
+    tflops_per_device: float
+    mfu: float | None
+    peak_memory_bytes: int
+    eta_seconds: float
+
+    def console_line(self) -> str:
+        """``step 120/4196 | loss 3.412 | lr 5.9e-04 | 41.2k tok/s | 38.5% MFU | 12.3 GiB | ETA 1h02m``."""
+        mfu = f"{100 * self.mfu:.1f}% MFU" if self.mfu is not None else "MFU n/a"
+        parts = [
+            f"step {self.step}/{self.train_steps}",
+            f"loss {self.lm_loss:.3f}",
+            f"lr {self.learning_rate:.1e}",
+            f"{format_count(self.tokens_per_s)} tok/s",
+            mfu,
+            f"{self.peak_memory_bytes / _GIB:.1f} GiB",
+            f"ETA {format_duration(self.eta_seconds)}",
+        ]
+        if self.skipped_steps:
+            parts.append(f"skipped {self.skipped_steps}")
+        return " | ".join(parts)
+
+    def scalars(self) -> dict[str, float]:
+        values = {
+            "train/lm_loss": self.lm_loss,
+            "train/perplexity": perplexity(self.lm_loss),
+            "train/learning_rate": self.learning_rate,
+            "train/grad_norm": self.grad_norm,
+            "train/params_norm": self.params_norm,
+            "train/consumed_tokens": self.consumed_tokens,
+            "train/skipped_steps": self.skipped_steps,
+            "throughput/tokens_per_s": self.tokens_per_s,
+            "throughput/tokens_per_s_per_device": self.tokens_per_s_per_device,
+            "throughput/tflops_per_device": self.tflops_per_device,
+            "throughput/mfu": self.mfu,
+            "memory/peak_bytes": self.peak_memory_bytes,
+        }
+        return {tag: float(v) for tag, v in values.items() if v is not None}
+
+
+class MetricsLogger:
+    """Accumulates per-step values and reports every ``log_interval`` steps (and at the last step).
+
+    Throughput is measured between reports, so :meth:`start` must be called
+    once training begins (after a resume too) and time spent outside training
+    steps (evaluation, checkpoint saves) should run inside :meth:`excluded`.
+    A disabled logger (every rank but the reporting one) does nothing.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: ModelConfig,
+        train_steps: int,
+        world_size: int,
+        log_interval: int,
+        device: torch.device,
+        peak: PeakFlops | None,
+        tensorboard_dir: str | Path | None,
+        enabled: bool = True,
+        clock: Callable[[], float] = time.perf_counter,
+        print_fn: Callable[[str], None] = functools.partial(print, flush=True),
+    ) -> None:
+        if world_size <= 0 or log_interval <= 0 or train_steps <= 0:
+            raise ValueError(f"world_size={world_size}, log_interval={log_interval}, train_steps={train_steps} must be positive")
+        self.enabled = enabled
+        self.train_steps = train_steps
+        self.world_size = world_size
+        self.log_interval = log_interval
+        self.device = device
+        self.peak = peak
+        self.flops_per_token = training_flops_per_token(model)
+        self._tensorboard_dir = Path(tensorboard_dir) if tensorboard_dir is not None else None
+        self._clock = clock
+        self._print = print_fn
+        self._writer = None
+        self._started = False
+        self._excluded_seconds = 0.0
+        self._reset_interval()
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, *, world_size: int, device: torch.device, enabled: bool) -> MetricsLogger:
+        """The logger of a run; measures the CPU peak (a fraction of a second) only on the reporting rank."""
+        on_gpu = device.type == "cuda"
+        peak = None
+        if enabled:
+            precision = cfg.training.resolved_precision(on_gpu)
+            peak = resolve_peak_flops(device, precision, cfg.logging.peak_tflops_per_device)
+        return cls(
+            model=cfg.model,
+            train_steps=cfg.resolved_train_steps(),
+            world_size=world_size,
+            log_interval=cfg.logging.log_interval,
+            device=device,
+            peak=peak,
+            tensorboard_dir=Path(cfg.run_dir) / TENSORBOARD_SUBDIR if cfg.logging.tensorboard else None,
+            enabled=enabled,
+        )
+
+    def _reset_interval(self) -> None:
+        self._loss_sum = 0.0
+        self._loss_count = 0
+        self._steps_in_interval = 0
+
+    def start(self, step: int, consumed_tokens: int) -> None:
+        """Open the first throughput window at ``step`` (0, or the resumed step).
+
+        On a resume, TensorBoard events the previous launch wrote after
+        ``step`` (steps it trained but never checkpointed) are purged, so the
+        curves show the trajectory that was actually kept.
+        """
+        if not self.enabled:
+            return
+        self._window_step = step
+        self._window_tokens = consumed_tokens
+        self._window_start = self._clock()
+        self._excluded_seconds = 0.0
+        self._reset_interval()
+        self._started = True
+        if self._tensorboard_dir is not None and self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # pulls in tensorboard: only the writing rank pays
+
+            self._writer = SummaryWriter(str(self._tensorboard_dir), purge_step=step + 1 if step > 0 else None)
+        where = f"TensorBoard events in {self._tensorboard_dir}" if self._writer is not None else "TensorBoard off"
+        if self.peak is None:
+            mfu = "MFU n/a (unknown device peak: set logging.peak_tflops_per_device)"
+        else:
+            mfu = f"MFU against {self.peak.flops_per_second / 1e12:.4g} TFLOP/s per device ({self.peak.source})"
+        self._print(f"metrics: {where}; {mfu}; {self.flops_per_token / 1e6:.4g} MFLOP per token trained")
+
+    @contextlib.contextmanager
+    def excluded(self) -> Iterator[None]:
+        """Time spent inside does not count against throughput (evaluation, checkpointing)."""
+        t0 = self._clock()
+        try:
+            yield
+        finally:
+            self._excluded_seconds += self._clock() - t0
+
+    def train_step(
+        self,
+        step: int,
+        *,
+        loss: float,
+        learning_rate: float,
+        consumed_tokens: int,
+        skipped_steps: int,
+        grad_norm: float | None = None,
+        params_norm: float | None = None,
+    ) -> IntervalMetrics | None:
+        """Record finished step ``step`` (1-based); report and return the interval's metrics when one ends.
+
+        Losses of skipped (non-finite) steps are left out of the mean; the
+        skipped count is reported instead.
+        """
+        if not self.enabled:
+            return None
+        if not self._started:
+            raise RuntimeError("MetricsLogger.start() must be called before the first train_step()")
+        if math.isfinite(loss):
+            self._loss_sum += loss
+            self._loss_count += 1
+        self._steps_in_interval += 1
+        if step % self.log_interval and step != self.train_steps:
+            return None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the window must end when the device's work does
+        now = self._clock()
+        seconds = max(now - self._window_start - self._excluded_seconds, 1e-9)
+        steps = step - self._window_step
+        tokens_per_s = (consumed_tokens - self._window_tokens) / seconds
+        per_device = tokens_per_s / self.world_size
+        flops_per_device = self.flops_per_token * per_device
+        metrics = IntervalMetrics(
+            step=step,
+            train_steps=self.train_steps,
+            lm_loss=self._loss_sum / self._loss_count if self._loss_count else math.nan,
+            learning_rate=learning_rate,
+            grad_norm=grad_norm,
+            params_norm=params_norm,
+            consumed_tokens=consumed_tokens,
+            skipped_steps=skipped_steps,
+            tokens_per_s=tokens_per_s,
+            tokens_per_s_per_device=per_device,
+            tflops_per_device=flops_per_device / 1e12,
+            mfu=flops_per_device / self.peak.flops_per_second if self.peak is not None else None,
+            peak_memory_bytes=peak_memory_bytes(self.device),
+            eta_seconds=(self.train_steps - step) * seconds / steps if steps > 0 else math.inf,
+        )
+        self._write(metrics.scalars(), step)
+        self._print(metrics.console_line())
+        self._window_step, self._window_tokens, self._window_start = step, consumed_tokens, now
+        self._excluded_seconds = 0.0
+        self._reset_interval()
+        return metrics
+
+    def validation(self, step: int, loss: float) -> str | None:
+        """Report a validation loss (mean token cross-entropy over the evaluated split)."""
+        if not self.enabled:
+            return None
+        ppl = perplexity(loss)
+        self._write({"val/lm_loss": loss, "val/perplexity": ppl}, step)
+        line = f"validation at step {step} | loss {loss:.4f} | perplexity {ppl:.2f}"
+        self._print(line)
+        return line
+
+    def _write(self, scalars: dict[str, float], step: int) -> None:
+        if self._writer is None:
+            return
+        for tag, value in scalars.items():
+            self._writer.add_scalar(tag, value, step)
+        self._writer.flush()  # a pre-empted job keeps everything it reported
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
