@@ -81,6 +81,16 @@ def test_layout_at_launch():
         cfg.validate_layout(32)
 
 
+def test_every_data_reader_owns_whole_lanes():
+    cfg = build(data={"lanes": 12, "num_workers": 3}, training={"micro_batch_size": 1, "global_batch_size": 16})
+    cfg.validate_layout(1)
+    cfg.validate_layout(4)  # 4 replicas x 3 workers = 12 readers
+    with pytest.raises(ValueError, match=r"data.lanes=12 is not a multiple of data-parallel size 8 x data.num_workers=3 = 24"):
+        cfg.validate_layout(8)
+    in_process = build(data={"lanes": 4, "num_workers": 0}, training={"micro_batch_size": 1, "global_batch_size": 16})
+    in_process.validate_layout(4)  # no workers: the rank itself is the one reader
+
+
 @pytest.mark.parametrize(
     "sections, fragment",
     [
@@ -125,6 +135,8 @@ def test_layout_at_launch():
         ({"data": {"path": None, "raw": ["a.parquet"]}}, "raw=['a.parquet'] is tokenized on the fly and needs tokenizer"),
         ({"data": {"path": None, "raw": [], "tokenizer": "t.json"}}, "raw=[] lists no files"),
         ({"data": {"num_workers": -1}}, "num_workers=-1 must be >= 0"),
+        ({"data": {"lanes": 0}}, "lanes=0 must be positive"),
+        ({"data": {"shard_url_template": "s3://b/x.tar"}}, "shard_url_template='s3://b/x.tar' must contain {path}"),
         ({"optimizer": {"warmup_fraction": 0.1, "warmup_steps": 5}}, "set at most one of warmup_fraction=0.1 and warmup_steps=5"),
         ({"optimizer": {"warmup_fraction": 1.5}}, "warmup_fraction=1.5 must be in [0, 1)"),
         ({"optimizer": {"lr": 0}}, "lr=0.0 must be positive"),

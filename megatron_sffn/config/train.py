@@ -46,7 +46,10 @@ class DataConfig:
     seed: int = 1234
     num_workers: int = 1
     skip_bad_shards: bool = False
-    # Loader options (stream layout, on-the-fly settings) are added below this line.
+    # Loader options. The sample order depends on (seed, lanes) only; lanes must be a
+    # multiple of data-parallel size x workers at every layout the run will ever use.
+    lanes: int = 64
+    shard_url_template: str | None = None  # e.g. "pipe:aws s3 cp s3://bucket/ds/{path} -"
 
     def __post_init__(self) -> None:
         _require(
@@ -60,6 +63,11 @@ class DataConfig:
             f"raw={self.raw!r} is tokenized on the fly and needs tokenizer (a tokenizer.json path or a tiktoken name)",
         )
         _require(self.num_workers >= 0, f"num_workers={self.num_workers} must be >= 0")
+        _require_positive(lanes=self.lanes)
+        _require(
+            self.shard_url_template is None or "{path}" in self.shard_url_template,
+            f"shard_url_template={self.shard_url_template!r} must contain {{path}} (a shard's path in the manifest)",
+        )
 
 
 @dataclass
@@ -325,7 +333,11 @@ class TrainConfig:
         return world_size // mp
 
     def validate_layout(self, world_size: int) -> None:
-        """Checks that need the launch's world size: the global batch must split into whole micro-batches per replica."""
+        """Checks that need the launch's world size.
+
+        The global batch must split into whole micro-batches per replica, and
+        every data reader (replica x loader worker) must own whole lanes.
+        """
         dp = self.data_parallel_size(world_size)
         training = self.training
         per_step = training.micro_batch_size * dp
@@ -334,6 +346,12 @@ class TrainConfig:
             f"training.global_batch_size={training.global_batch_size} is not divisible by "
             f"training.micro_batch_size={training.micro_batch_size} x data-parallel size {dp} = {per_step} "
             f"(world size {world_size})",
+        )
+        readers = dp * max(self.data.num_workers, 1)
+        _require(
+            self.data.lanes % readers == 0,
+            f"data.lanes={self.data.lanes} is not a multiple of data-parallel size {dp} x "
+            f"data.num_workers={self.data.num_workers} = {readers} (world size {world_size})",
         )
 
     def num_micro_batches(self, world_size: int) -> int:
