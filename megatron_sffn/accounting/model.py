@@ -110,12 +110,12 @@ def forward_flops_per_token(cfg: ModelConfig) -> ForwardFlops:
     )
 
 
-def training_flops_per_token(cfg: ModelConfig, *, extra_forward_flops_per_token: float = 0.0) -> float:
+def training_flops_per_token(cfg: ModelConfig, *, extra_forward_flops_per_token: float = 0) -> float:
     """Training FLOPs per token: 3 × (model forward + any extra forward compute per token)."""
     return TRAINING_FLOPS_PER_FORWARD * (forward_flops_per_token(cfg).total + extra_forward_flops_per_token)
 
 
-def training_run_flops(cfg: ModelConfig, tokens: int, *, extra_forward_flops: float = 0.0) -> RunFlops:
+def training_run_flops(cfg: ModelConfig, tokens: int, *, extra_forward_flops: float = 0) -> RunFlops:
     """Training FLOPs of a run over ``tokens`` tokens plus ``extra_forward_flops`` in total (e.g. guides)."""
     if tokens < 0 or extra_forward_flops < 0:
         raise ValueError(f"tokens={tokens} and extra_forward_flops={extra_forward_flops} must be non-negative")
@@ -141,7 +141,7 @@ def model_flops_utilization(
     tokens_per_second: float,
     peak_flops_per_second: float,
     *,
-    extra_forward_flops_per_token: float = 0.0,
+    extra_forward_flops_per_token: float = 0,
 ) -> float:
     """Achieved training FLOP/s (the paper's count) over the hardware's peak FLOP/s."""
     if peak_flops_per_second <= 0:

@@ -11,10 +11,11 @@ from a parameter ratio with the paper's rounding rule
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any
 
-from ..accounting.ratio import FFNSizes, paper_ffn_sizes
+from ..accounting.ratio import paper_ffn_sizes, solve_ffn_sizes
 from .model import FFNConfig, ModelConfig
 
 # Shapes only: vocab 32000 (LLaMA tokenizer) and context 1024 are ModelConfig's defaults.
@@ -97,22 +98,6 @@ def training_budget(name: str) -> TrainingBudget:
     return _BUDGETS[name]
 
 
-def solve_preset_ffn(name: str, structure: str, ratio: float, *, blocks: int | None = None) -> FFNSizes:
-    """R/B of a structure at a parameter ratio for a preset, chosen by the paper's rule.
-
-    BlockDense uses the paper's block count for the size unless ``blocks`` is given.
-    """
-    _check_name(name)
-    shape = _SHAPES[name]
-    d = shape["hidden_size"]
-    f = shape.get("ffn_hidden_size", 4 * d)
-    if structure == "blockdense" and blocks is None:
-        if name not in PAPER_BLOCKDENSE_BLOCKS:
-            raise ValueError(f"preset {name!r} has no paper BlockDense block count; pass blocks explicitly")
-        blocks = PAPER_BLOCKDENSE_BLOCKS[name]
-    return paper_ffn_sizes(structure, d, f, ratio, blocks=blocks)
-
-
 def preset(
     name: str,
     *,
@@ -120,35 +105,76 @@ def preset(
     ratio: float | None = None,
     rank: int | None = None,
     blocks: int | None = None,
+    rank_multiple: int | None = None,
     **overrides: Any,
 ) -> ModelConfig:
-    """A paper model, optionally with a structured FFN.
+    """A paper model, optionally with another FFN structure.
 
     ``preset("xl", structure="lowrank", ratio=0.32)`` gives R=512, the paper's
-    setting; ``rank``/``blocks`` set the sizes directly instead of ``ratio``.
-    ``overrides`` replace other ModelConfig fields (``seq_length=2048``, ...).
-    Without ``structure`` the preset's own FFN is used (dense, or LowRank for
-    the wide models).
+    setting (BlockDense takes the paper's block count for the size unless
+    ``blocks`` is given); see :func:`with_structure` for the other options.
+    ``overrides`` replace ModelConfig fields (``seq_length=2048``, ...) before
+    the sizes are solved.  Without ``structure`` the preset's own FFN is kept
+    (dense, or LowRank for the wide models).
     """
     _check_name(name)
     fields = dict(_SHAPES[name])
     ffn = FFNConfig(**fields.pop("ffn", {}))
-    if structure is None:
-        if ratio is not None or rank is not None or blocks is not None:
-            raise ValueError(f"preset {name!r}: ratio/rank/blocks given without a structure")
-    elif ratio is not None:
-        if rank is not None:
-            raise ValueError(f"preset {name!r}: give either ratio={ratio} or rank={rank}, not both")
-        if structure == "dense":
-            raise ValueError(f"preset {name!r}: ratio={ratio} does not apply to a dense FFN")
-        sizes = solve_preset_ffn(name, structure, ratio, blocks=blocks)
-        ffn = dataclasses.replace(ffn, structure=structure, rank=sizes.rank, blocks=sizes.blocks)
-    else:
-        ffn = dataclasses.replace(ffn, structure=structure, rank=rank, blocks=blocks)
     unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
     if unknown:
         raise ValueError(f"preset {name!r}: unknown ModelConfig fields {sorted(unknown)}")
-    return ModelConfig(**{**fields, **overrides, "ffn": ffn})
+    cfg = ModelConfig(**{**fields, "ffn": ffn, **overrides})
+    if structure is None:
+        if any(v is not None for v in (ratio, rank, blocks, rank_multiple)):
+            raise ValueError(f"preset {name!r}: ratio/rank/blocks/rank_multiple given without a structure")
+        return cfg
+    if structure == "blockdense" and ratio is not None and blocks is None:
+        if name not in PAPER_BLOCKDENSE_BLOCKS:
+            raise ValueError(f"preset {name!r} has no paper BlockDense block count; pass blocks explicitly")
+        blocks = PAPER_BLOCKDENSE_BLOCKS[name]
+    return with_structure(cfg, structure, ratio=ratio, rank=rank, blocks=blocks, rank_multiple=rank_multiple)
+
+
+_SIZE_OPTIONS = {"dense": (), "lowrank": ("rank",), "blockdense": ("rank", "blocks"), "blockshuffle": ("blocks",)}
+
+
+def with_structure(
+    cfg: ModelConfig,
+    structure: str,
+    *,
+    ratio: float | None = None,
+    rank: int | None = None,
+    blocks: int | None = None,
+    rank_multiple: int | None = None,
+) -> ModelConfig:
+    """``cfg`` with its structured FFN layers changed to ``structure``.
+
+    With ``ratio`` the sizes are solved: by the paper's rule (R a multiple of
+    256 where possible) or, with ``rank_multiple``, as the nearest multiple of
+    it.  Otherwise ``rank``/``blocks`` are taken as given.  Which layers stay
+    dense is kept from ``cfg``.
+    """
+    if structure not in _SIZE_OPTIONS:
+        raise ValueError(f"unknown structure {structure!r}; expected one of {', '.join(_SIZE_OPTIONS)}")
+    if ratio is not None:
+        if structure == "dense" or rank is not None:
+            raise ValueError(f"{structure}: ratio={ratio} cannot be combined with rank={rank} or a dense FFN")
+        if rank_multiple is None:
+            solve = paper_ffn_sizes
+        else:
+            solve = functools.partial(solve_ffn_sizes, rank_multiple=rank_multiple)
+        gated = cfg.activation == "swiglu"
+        sizes = solve(structure, cfg.hidden_size, cfg.ffn_hidden_size, ratio, blocks=blocks, gated=gated)
+        rank, blocks = sizes.rank, sizes.blocks
+    elif rank_multiple is not None:
+        raise ValueError(f"{structure}: rank_multiple={rank_multiple} only applies when solving from a ratio")
+    for option, value in (("rank", rank), ("blocks", blocks)):
+        if value is not None and option not in _SIZE_OPTIONS[structure]:
+            raise ValueError(f"{structure}: option {option}={value} does not apply to this structure")
+    ffn = dataclasses.replace(
+        cfg.ffn, structure=structure, rank=rank, blocks=blocks, dense_layers=list(cfg.ffn.dense_layers)
+    )
+    return dataclasses.replace(cfg, ffn=ffn)
 
 
 @dataclass(frozen=True)
@@ -166,14 +192,14 @@ def settings_table() -> list[SettingsRow]:
     """The paper's settings table, regenerated from the ratio solver."""
     rows = []
     for size in PAPER_SIZES:
-        solved = {kind: [solve_preset_ffn(size, kind, r) for r in PAPER_RATIOS] for kind in ("lowrank", "blockdense", "blockshuffle")}  # fmt: skip
+        ffn = {kind: [preset(size, structure=kind, ratio=r).ffn for r in PAPER_RATIOS] for kind in _SIZE_OPTIONS if kind != "dense"}  # fmt: skip
         rows.append(
             SettingsRow(
                 size=size,
-                lowrank_rank=tuple(s.rank for s in solved["lowrank"]),
+                lowrank_rank=tuple(f.rank for f in ffn["lowrank"]),
                 blockdense_blocks=PAPER_BLOCKDENSE_BLOCKS[size],
-                blockdense_rank=tuple(s.rank for s in solved["blockdense"]),
-                blockshuffle_blocks=tuple(s.blocks for s in solved["blockshuffle"]),
+                blockdense_rank=tuple(f.rank for f in ffn["blockdense"]),
+                blockshuffle_blocks=tuple(f.blocks for f in ffn["blockshuffle"]),
             )
         )
     return rows
