@@ -1,0 +1,136 @@
+"""Per-layer ``ModuleSpec``s of the decoder: one spec per layer so that FFNs may differ by layer.
+
+The paper keeps layer 0's FFN dense and structures the others, so the block
+is described as a list of layer specs rather than one spec repeated.  The
+MLP slot always comes from the FFN spec factory; this module only wires the
+attention, the norms and the backend around it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from .. import cpu_compat
+from ..config import ModelConfig
+from .init_streams import init_stream, layer_stream
+from .transformer_config import transformer_engine_available
+
+Backend = Literal["auto", "local", "te"]
+
+# Checkpoint key of a separate norm, made to match Transformer Engine's fused
+# layernorm-linear, so checkpoints move between the local and TE backends.
+_INPUT_NORM_KEYS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
+_PRE_MLP_NORM_KEYS = {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+
+
+def spec_provider(backend: Backend = "auto"):
+    """megatron's spec provider for ``backend``; ``auto`` picks TE when it is importable on a GPU."""
+    if backend not in ("auto", "local", "te"):
+        raise ValueError(f"backend={backend!r}; expected 'auto', 'local' or 'te'")
+    use_te = transformer_engine_available() if backend == "auto" else backend == "te"
+    if use_te:
+        if not transformer_engine_available():
+            raise ValueError("backend='te' needs Transformer Engine and a CUDA device")
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        return TESpecProvider()
+    from megatron.core.models.backends import LocalSpecProvider
+
+    return LocalSpecProvider()
+
+
+def _core_attention(provider) -> type:
+    return cpu_compat.core_attention_class() if cpu_compat.is_active() else provider.core_attention()
+
+
+def _mlp_spec(model_cfg: ModelConfig, layer: int):
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    return ModuleSpec(
+        module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    )
+
+
+_LAYER_CLASS: type | None = None
+
+
+def _layer_class() -> type:
+    """``TransformerLayer`` that initialises inside its own RNG stream (see ``init_streams``)."""
+    global _LAYER_CLASS
+    if _LAYER_CLASS is None:
+        from megatron.core.transformer.transformer_layer import TransformerLayer
+
+        class TransformerLayerWithInitStream(TransformerLayer):
+            def __init__(self, *args, init_stream_id: int, **kwargs) -> None:
+                with init_stream(init_stream_id):
+                    super().__init__(*args, **kwargs)
+
+        _LAYER_CLASS = TransformerLayerWithInitStream
+    return _LAYER_CLASS
+
+
+def layer_spec(model_cfg: ModelConfig, layer: int, provider):
+    """Spec of decoder layer ``layer`` (0-based): pre-LN attention, then the layer's FFN.
+
+    Transformer Engine fuses a norm into the linear that follows it.  That is
+    used for the QKV projection; the pre-MLP norm is fused only when the FFN's
+    fc1 is TE's own layernorm-linear; a structured fc1 gets a separate norm
+    module, otherwise the FFN would silently run without its pre-LN.
+    """
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+    norm = provider.layer_norm()
+    fused_norm_linear = provider.column_parallel_layer_norm_linear() if provider.fuse_layernorm_and_linear() else None
+    mlp = _mlp_spec(model_cfg, layer)
+    mlp_norm_fused = fused_norm_linear is not None and mlp.submodules.linear_fc1 is fused_norm_linear
+    keys_map = {}
+    if fused_norm_linear is None:
+        keys_map.update(_INPUT_NORM_KEYS)
+    if not mlp_norm_fused:
+        keys_map.update(_PRE_MLP_NORM_KEYS)
+    attention = ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=fused_norm_linear or provider.column_parallel_linear(),
+            core_attention=_core_attention(provider),
+            linear_proj=provider.row_parallel_linear(),
+            q_layernorm=IdentityOp,
+            k_layernorm=IdentityOp,
+        ),
+    )
+    return ModuleSpec(
+        module=_layer_class(),
+        params={"init_stream_id": layer_stream(layer)},
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=IdentityOp if fused_norm_linear else norm,
+            self_attention=attention,
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=IdentityOp if mlp_norm_fused else norm,
+            mlp=mlp,
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=keys_map,
+        ),
+    )
+
+
+def decoder_block_spec(model_cfg: ModelConfig, config, backend: Backend = "auto", vp_stage: int | None = None):
+    """The ``TransformerBlockSubmodules`` of this pipeline stage: its slice of the per-layer specs."""
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    provider = spec_provider(backend)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage)
+    specs = [layer_spec(model_cfg, layer, provider) for layer in range(offset, offset + count)]
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=provider.layer_norm())
