@@ -146,6 +146,8 @@ class ShardedOrder:
         self.lanes = lanes
         self.epoch_samples = int(self.shard_sizes.sum())
         self._plan = lru_cache(maxsize=2)(self._make_plan)
+        # One entry per lane a reader may be in the middle of, plus the next epoch's.
+        self._rows = lru_cache(maxsize=2 * lanes)(self._make_row_order)
 
     def locate(self, position: int) -> SampleRef:
         n, lanes = self.epoch_samples, self.lanes
@@ -155,9 +157,9 @@ class ShardedOrder:
         slot = int(np.searchsorted(plan.shard_starts, virtual, side="right")) - 1
         shard = int(plan.shard_order[slot])
         offset = virtual - int(plan.shard_starts[slot])
-        return SampleRef(epoch=epoch, lane=lane, shard=shard, row=int(self.row_order(epoch, shard)[offset]))
+        return SampleRef(epoch=epoch, lane=lane, shard=shard, row=int(self._rows(epoch, shard)[offset]))
 
-    def row_order(self, epoch: int, shard: int) -> np.ndarray:
+    def _make_row_order(self, epoch: int, shard: int) -> np.ndarray:
         """Order in which a shard's rows are read in ``epoch``."""
         return permutation(int(self.shard_sizes[shard]), self.seed, epoch, shard, SAMPLE_ORDER_TAG)
 

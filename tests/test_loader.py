@@ -1,0 +1,211 @@
+"""The prepared-shard loader: one global order whatever the layout, exact resume, full validation pass.
+
+Datasets here are written directly in the shard format (``shard_writer`` +
+manifest), with sample ``i`` of a split holding token ``i`` first, so every
+batch row says which sample it is.  The reference for any parallel layout is
+the single-rank, single-process stream.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_sffn.data.loader import build_train_loader, build_validation_loader
+from megatron_sffn.data.manifest import (
+    Manifest,
+    ManifestError,
+    ShardInfo,
+    SplitInfo,
+    TokenizerInfo,
+    write_manifest_atomic,
+)
+from megatron_sffn.data.shard_writer import shard_name, write_shard_atomic
+
+VOCAB = 50_000
+CONTEXT = 8
+LANES = 8
+
+
+def sample_tokens(index: int, sample_length: int = CONTEXT + 1) -> np.ndarray:
+    """Sample ``index`` of a split: its first token is its index, the rest vary with it."""
+    return (index + np.arange(sample_length) * 1009) % VOCAB
+
+
+def write_dataset(out: Path, train: int = 61, validation: int = 17, per_shard: int = 7) -> Path:
+    """A prepared dataset with ``train``/``validation`` samples, built without ``prepare``."""
+    splits = {}
+    for split, total in (("train", train), ("validation", validation)):
+        shards = []
+        for first in range(0, total, per_shard):
+            rows = np.stack([sample_tokens(i) for i in range(first, min(total, first + per_shard))])
+            path = shard_name(split, len(shards))
+            digest = write_shard_atomic(out / path, rows, first, "uint16")
+            shards.append(ShardInfo(path, len(rows), rows.size, digest))
+        splits[split] = SplitInfo(total, total * (CONTEXT + 1), shards)
+    manifest = Manifest(
+        context_length=CONTEXT,
+        samples_per_shard=per_shard,
+        tokenizer=TokenizerInfo("test-vocab", "hf-json", VOCAB, 0, "0" * 64),
+        splits=splits,
+        sources=[],
+        settings={"validation_fraction": 0.2, "seed": 0},
+        created_by="tests",
+        token_dtype="uint16",
+    )
+    write_manifest_atomic(manifest, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("shards"))
+
+
+def stream_ids(loader, batches: int) -> tuple[list[int], list[bool]]:
+    """Sample ids (first token) and validity of the next ``batches`` batches; stops the workers after."""
+    ids, valid = [], []
+    it = iter(loader)
+    for batch in islice(it, batches):
+        ids += batch["tokens"][:, 0].tolist()
+        valid += (batch["loss_mask"][:, 0] > 0).tolist()
+    it.close()
+    return ids, valid
+
+
+def merge_ranks(per_rank: list[list[int]], start: int = 0) -> list[int]:
+    """The documented merge rule: from a resume point ``start`` on, position g belongs to rank g % R."""
+    ranks, taken = len(per_rank), [0] * len(per_rank)
+    merged = []
+    for g in range(start, start + ranks * min(len(s) for s in per_rank)):
+        merged.append(per_rank[g % ranks][taken[g % ranks]])
+        taken[g % ranks] += 1
+    return merged
+
+
+def reference(dataset: Path, samples: int, seed: int = 1234) -> list[int]:
+    ids, _ = stream_ids(build_train_loader(dataset, micro_batch_size=1, seed=seed, lanes=LANES), samples)
+    return ids
+
+
+def test_batch_format(dataset):
+    loader = build_train_loader(dataset, micro_batch_size=5, lanes=LANES)
+    batch = next(iter(loader))
+    assert batch["attention_mask"] is None
+    assert set(batch) == {"tokens", "labels", "loss_mask", "attention_mask", "position_ids"}
+    for key in ("tokens", "labels", "position_ids"):
+        assert batch[key].dtype == torch.int64 and batch[key].shape == (5, CONTEXT)
+    assert batch["loss_mask"].dtype == torch.float32 and torch.equal(batch["loss_mask"], torch.ones(5, CONTEXT))
+    assert torch.equal(batch["position_ids"], torch.arange(CONTEXT).repeat(5, 1))
+    for row in range(5):
+        full = torch.from_numpy(sample_tokens(int(batch["tokens"][row, 0])))
+        assert torch.equal(batch["tokens"][row], full[:-1]) and torch.equal(batch["labels"][row], full[1:])
+
+
+def test_every_epoch_uses_every_sample_once_and_reshuffles(dataset):
+    n = 61
+    ids = reference(dataset, 3 * n)
+    epochs = [ids[e * n:(e + 1) * n] for e in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(n))
+    assert epochs[0] != list(range(n)), "the order is not shuffled"
+    assert len({tuple(e) for e in epochs}) == 3, "epochs must be reshuffled"
+
+
+def test_same_seed_same_order_other_seed_other_order(dataset):
+    first = reference(dataset, 40)
+    assert reference(dataset, 40) == first
+    assert reference(dataset, 40, seed=99) != first
+
+
+@pytest.mark.parametrize("dp_size, num_workers, micro_batch", [(1, 2, 3), (2, 0, 4), (2, 2, 3), (4, 1, 2), (8, 0, 5)])
+def test_ranks_and_workers_partition_the_single_rank_stream(dataset, dp_size, num_workers, micro_batch):
+    batches = 9  # crosses the 61-sample epoch boundary for every layout
+    per_rank = [
+        stream_ids(build_train_loader(dataset, micro_batch_size=micro_batch, dp_rank=r, dp_size=dp_size,
+                                      num_workers=num_workers, lanes=LANES), batches)[0]
+        for r in range(dp_size)
+    ]
+    merged = merge_ranks(per_rank)
+    assert len(merged) == dp_size * batches * micro_batch
+    assert merged == reference(dataset, len(merged))
+
+
+def test_resume_is_exact_across_rank_and_worker_changes(dataset):
+    """2 ranks -> 1 rank (2 workers) -> 4 ranks, with batch sizes that do not divide the epoch."""
+    expected = reference(dataset, 160)
+    seen: list[int] = []
+
+    def run(dp_size: int, num_workers: int, micro_batch: int, batches: int, state: dict | None) -> dict:
+        loaders = [build_train_loader(dataset, micro_batch_size=micro_batch, dp_rank=r, dp_size=dp_size,
+                                      num_workers=num_workers, lanes=LANES) for r in range(dp_size)]
+        for loader in loaders:
+            if state is not None:
+                loader.load_state_dict(state)
+        start = state["consumed_samples"] if state else 0
+        seen.extend(merge_ranks([stream_ids(loader, batches)[0] for loader in loaders], start))
+        states = [loader.state_dict() for loader in loaders]
+        assert all(s == states[0] for s in states)
+        return states[0]
+
+    state = run(2, 0, 3, 7, None)
+    assert state["consumed_samples"] == 42
+    state = run(1, 2, 5, 9, state)
+    assert state["consumed_samples"] == 87
+    state = run(4, 1, 2, 9, state)
+    assert state["consumed_samples"] == 159
+    assert seen == expected[:159]
+
+
+def test_restart_after_partial_iteration_resumes_at_next_sample(dataset):
+    loader = build_train_loader(dataset, micro_batch_size=4, num_workers=2, lanes=LANES)
+    first, _ = stream_ids(loader, 5)  # the workers have prefetched well beyond these 20 samples
+    again = build_train_loader(dataset, micro_batch_size=4, lanes=LANES)
+    again.load_state_dict(loader.state_dict())
+    rest, _ = stream_ids(again, 5)
+    assert first + rest == reference(dataset, 40)
+
+
+def test_state_from_another_order_is_refused(dataset):
+    state = build_train_loader(dataset, micro_batch_size=2, lanes=LANES).state_dict()
+    with pytest.raises(ValueError, match="'seed' is 1234, this loader has 7"):
+        build_train_loader(dataset, micro_batch_size=2, seed=7, lanes=LANES).load_state_dict(state)
+    with pytest.raises(ValueError, match="'lanes' is 8, this loader has 16"):
+        build_train_loader(dataset, micro_batch_size=2, lanes=16).load_state_dict(state)
+
+
+def test_lanes_must_split_evenly_over_readers(dataset):
+    with pytest.raises(ValueError, match=r"lanes=8 must be a positive multiple of .* 3 x 1 = 3"):
+        build_train_loader(dataset, micro_batch_size=2, dp_size=3, lanes=LANES)
+
+
+def test_trainer_tokenizer_must_match_the_manifest(dataset):
+    identity = {"spec": "other.json", "type": "hf-json", "vocab_size": VOCAB, "eos_id": 0, "sha256": "f" * 64}
+    with pytest.raises(ManifestError, match=r"manifest\.json: tokenizer 'other.json' does not match .*tokenizer\.sha256 is 'f+'"):
+        build_train_loader(dataset, micro_batch_size=2, lanes=LANES, tokenizer=identity)
+    same = {**identity, "sha256": "0" * 64}
+    build_train_loader(dataset, micro_batch_size=2, lanes=LANES, tokenizer=same)
+
+
+@pytest.mark.parametrize("dp_size, num_workers, micro_batch, multiple", [(1, 0, 4, 1), (2, 2, 3, 1), (3, 0, 2, 4)])
+def test_validation_pass_covers_each_sample_once(dataset, dp_size, num_workers, micro_batch, multiple):
+    loaders = [build_validation_loader(dataset, micro_batch_size=micro_batch, dp_rank=r, dp_size=dp_size,
+                                       num_workers=num_workers, batches_multiple_of=multiple) for r in range(dp_size)]
+    lengths = {len(loader) for loader in loaders}
+    assert len(lengths) == 1 and lengths.pop() % multiple == 0
+    real = Counter()
+    for loader in loaders:
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        assert all(b["tokens"].shape == (micro_batch, CONTEXT) for b in batches)
+        for batch in batches:
+            valid = batch["loss_mask"][:, 0] > 0
+            assert torch.all(batch["loss_mask"][~valid] == 0) and torch.all(batch["tokens"][~valid] == 0)
+            real.update(batch["tokens"][valid, 0].tolist())
+    assert real == Counter(range(17))
+    assert list(loaders[0]) and [b["tokens"].tolist() for b in loaders[0]] == [b["tokens"].tolist() for b in loaders[0]]
