@@ -1,0 +1,73 @@
+"""Pretrain a GPT with structured feedforward layers on megatron-core.
+
+    python -m megatron_sffn.train CONFIG.yaml [dotted.key=value ...]
+    torchrun --nproc_per_node 8 -m megatron_sffn.train CONFIG.yaml parallel.tensor_parallel=2
+
+The data-parallel size is what the world size leaves after tensor x pipeline
+parallelism.  Relaunching the same command resumes from the run directory's
+latest checkpoint.  Everything that can be checked without process groups
+(the configuration, the layout against the world size, the dataset against
+the model, a checkpoint to load) is checked first, so a bad launch fails in
+seconds with a message naming the key at fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from .config.loading import load_config
+from .config.train import TrainConfig
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_sffn.train",
+        description="Pretrain a GPT with structured FFNs (run under torchrun for several processes).",
+    )
+    parser.add_argument("config", help="run configuration (YAML)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. training.train_steps=100")
+    return parser.parse_args(argv)
+
+
+def preflight(config: TrainConfig, world_size: int) -> None:
+    """The checks that need no process group, in the order a user would fix them."""
+    from .training.checkpointing import resolve_checkpoint
+    from .training.data_setup import check_dataset
+
+    config.validate_layout(world_size)
+    check_dataset(config)
+    if config.checkpoint.load is not None:
+        resolve_checkpoint(config.checkpoint.load)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        config = load_config(TrainConfig, args.config, args.overrides)
+        preflight(config, world_size)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+    from .training.loop import run_training
+    from .training.nonfinite import NonFiniteTrainingError
+
+    try:
+        run_training(config)
+    except NonFiniteTrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

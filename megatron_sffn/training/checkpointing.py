@@ -1,0 +1,226 @@
+"""Save and restore the complete training state with megatron's ``dist_checkpointing``.
+
+A checkpoint directory (see :mod:`.checkpoint_dirs` for how it becomes
+visible atomically) holds, in megatron's ``torch_dist`` format:
+
+``model``
+    every parameter as a global tensor with its sharding recorded, so it
+    loads at any tensor/pipeline/data-parallel layout;
+``optimizer``
+    AdamW moments (and fp32 master weights in bf16 runs), keyed to the model's
+    global tensors;
+``scheduler``, ``progress``, ``data``
+    the LR schedule, the step / consumed-token counters and the data loader's
+    position: small objects identical on every rank, written once;
+``rng``
+    each rank's generator states (:mod:`.rng`), one object per global rank.
+
+Beside them, ``config.yaml`` is the resolved run configuration, so a
+checkpoint can be evaluated or resumed without its run directory.
+
+What moves between layouts
+--------------------------
+* Model weights: any TP x PP x DP (dense and structured layers describe their
+  sharding to ``dist_checkpointing``).
+* Optimizer state of the plain optimizer (the CPU default): it is keyed by the
+  model's global tensors, so it reshards exactly like the weights; a run can
+  resume at another TP, PP or DP size.
+* Optimizer state of the distributed optimizer (the GPU default) is saved in
+  megatron's ``fully_sharded_model_space`` form, which is also keyed by global
+  tensors and reshards across TP, PP and DP.  Switching between the plain and
+  the distributed optimizer on resume is not supported (different state
+  layouts): load with the same ``parallel.use_distributed_optimizer``.  On the
+  CPU the distributed optimizer cannot save checkpoints at all (megatron needs
+  a GPU fused Adam for its state layout).
+* Data loader position: global, so it continues exactly at any DP size.
+* RNG states: per rank; restored only when world size, TP and PP are
+  unchanged, otherwise re-seeded from ``training.seed`` and the step (a
+  model without dropout draws no random numbers while training, so this
+  changes nothing in the paper's configuration).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from ..config.loading import save_config
+from ..config.train import TrainConfig
+from .checkpoint_dirs import LATEST_FILE, CheckpointDirs, step_dir_name
+from .faults import FaultPlan
+from .rng import capture_rng_state, restore_rng_state
+from .state import TrainProgress
+
+CHECKPOINT_FORMAT = "megatron-sffn/checkpoint-v1"
+CONFIG_FILE = "config.yaml"
+CHECKPOINTS_SUBDIR = "checkpoints"  # inside a run directory
+# Reshardable across TP, PP and DP; megatron's own default for the distributed optimizer.
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+
+
+def current_layout() -> dict[str, int]:
+    from megatron.core import parallel_state
+
+    return {
+        "world_size": dist.get_world_size(),
+        "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
+        "data_parallel": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def _same_rank_layout(saved: dict[str, int]) -> bool:
+    """Whether global rank r now plays the role rank r had when the checkpoint was saved."""
+    now = current_layout()
+    return all(saved.get(k) == now[k] for k in ("world_size", "tensor_parallel", "pipeline_parallel"))
+
+
+def _model_state(model_chunks: list) -> dict[str, Any]:
+    from megatron.core.utils import unwrap_model
+
+    if len(model_chunks) != 1:
+        raise ValueError(f"expected one model chunk per rank (no virtual pipeline stages), got {len(model_chunks)}")
+    return unwrap_model(model_chunks[0]).sharded_state_dict()
+
+
+def _rng_object(state: Any):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject("rng_state", state, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+
+
+def _save_strategy():
+    """torch_dist, with replicated tensors' writes spread over the data-parallel ranks."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    strategy = get_default_save_sharded_strategy("torch_dist")
+    if parallel_state.get_data_parallel_world_size() > 1:
+        strategy = FullyParallelSaveStrategyWrapper(
+            strategy, parallel_state.get_data_parallel_group(with_context_parallel=True)
+        )
+    return strategy
+
+
+def save_checkpoint(
+    dirs: CheckpointDirs,
+    *,
+    config: TrainConfig,
+    model: list,
+    optimizer,
+    scheduler,
+    progress: TrainProgress,
+    data_state: dict[str, Any],
+    faults: FaultPlan | None = None,
+) -> Path:
+    """Collective: every rank calls it at the same step.  Returns the committed directory."""
+    from megatron.core import dist_checkpointing
+
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        dirs.begin(progress.step)
+    dist.barrier()
+    partial = dirs.partial_path(progress.step)
+    model_state = _model_state(model)
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "layout": current_layout(),
+        "model": model_state,
+        "optimizer": optimizer.sharded_state_dict(model_state, metadata=_OPTIMIZER_METADATA),
+        "scheduler": scheduler.state_dict(),
+        "progress": progress.state_dict(),
+        "data": data_state,
+        "rng": _rng_object(capture_rng_state()),
+    }
+    dist_checkpointing.save(state, str(partial), sharded_strategy=_save_strategy())
+    if rank0:
+        save_config(config, partial / CONFIG_FILE)
+    if faults is not None:
+        faults.maybe_pause_in_save(partial)
+    dist.barrier()
+    if rank0:
+        dirs.commit(progress.step)
+        dirs.prune(config.checkpoint.keep_last)
+    dist.barrier()
+    return dirs.root / step_dir_name(progress.step)
+
+
+@dataclass
+class RestoredState:
+    """What a checkpoint gives back beyond the tensors loaded in place."""
+
+    path: Path
+    progress: TrainProgress
+    data_state: dict[str, Any] | None
+    layout: dict[str, int]
+    rng_restored: bool
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from what a user may name: the checkpoint itself, or a run directory
+    (or its ``checkpoints`` directory), meaning the checkpoint its ``latest`` names."""
+    path = Path(path)
+    if (path / "metadata.json").exists():
+        return path
+    for root in (path, path / CHECKPOINTS_SUBDIR):
+        if (root / LATEST_FILE).exists():
+            latest = CheckpointDirs(root).latest()
+            if latest is not None:
+                return latest
+    raise ValueError(
+        f"{path} is neither a checkpoint directory (with metadata.json) nor a run directory with "
+        f"{CHECKPOINTS_SUBDIR}/{LATEST_FILE}"
+    )
+
+
+def read_checkpoint_header(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's small common objects (format, layout, progress, ...), without its tensors."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not (path / "metadata.json").exists():
+        raise ValueError(f"{path} is not a checkpoint directory (no metadata.json written by dist_checkpointing)")
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    if common.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: checkpoint format {common.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    return common
+
+
+def load_checkpoint(path: str | Path, *, model: list, optimizer=None, scheduler=None) -> RestoredState:
+    """Collective: load ``path`` into ``model`` (and ``optimizer``/``scheduler`` when given) in place.
+
+    Without an optimizer only the weights are read, which works from any
+    layout to any other (evaluation, or starting a new run from trained
+    weights).
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.utils import unwrap_model
+
+    path = Path(path)
+    header = read_checkpoint_header(path)
+    restore_rng = optimizer is not None and _same_rank_layout(header["layout"])
+    model_state = _model_state(model)
+    request: dict[str, Any] = {"model": model_state}
+    if optimizer is not None:
+        request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=_OPTIMIZER_METADATA)
+    if restore_rng:
+        request["rng"] = _rng_object(capture_rng_state())
+    loaded = dist_checkpointing.load(request, str(path))
+    unwrap_model(model[0]).load_state_dict(loaded["model"], strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
+    if restore_rng:
+        restore_rng_state(loaded["rng"])
+    return RestoredState(
+        path=path,
+        progress=TrainProgress.from_state_dict(loaded["progress"]),
+        data_state=loaded.get("data"),
+        layout=header["layout"],
+        rng_restored=restore_rng,
+    )

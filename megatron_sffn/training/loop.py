@@ -1,0 +1,291 @@
+"""The pretraining loop: set up a run, resume it, train, evaluate, checkpoint, stop cleanly.
+
+One call of :func:`run_training` is one launch of a run.  A run spans any
+number of launches: each starts from the run directory's latest complete
+checkpoint (``checkpoint.resume``) and continues the same trajectory, because
+everything that decides the next step is restored: weights, optimizer
+moments, LR schedule position, data-stream position, RNG states and the
+trainer's counters.  A launch ends when
+
+* the run reaches its length (``training.train_steps`` or ``train_tokens``):
+  final checkpoint and final evaluation;
+* SIGTERM / SIGUSR1 arrives on any rank (``checkpoint.save_on_signal``): all
+  ranks agree on the step, save, and return;
+* ``training.exit_after_steps`` steps of this launch are done: save and return;
+* ``training.max_consecutive_nonfinite`` steps in a row had a NaN/Inf loss or
+  gradient: :class:`~.nonfinite.NonFiniteTrainingError`, without saving the
+  diverged state.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .. import cpu_compat
+from ..config.loading import save_config, to_dict
+from ..config.train import TrainConfig
+from ..model import initialize_model_parallel, seed_model_parallel
+from .checkpoint_dirs import CheckpointDirs
+from .checkpointing import CHECKPOINTS_SUBDIR, CONFIG_FILE, RestoredState, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .data_setup import RunData, build_run_data
+from .evaluation import EvalResult, evaluate
+from .faults import FaultPlan
+from .metrics import MetricsLogger
+from .model_setup import Numerics, build_model, build_optimizer, install_schedule_hooks, wrap_data_parallel
+from .nonfinite import record_step
+from .schedule import build_lr_scheduler
+from .signals import StopRequest
+from .state import TrainProgress
+from .step import to_device, train_step
+from .trace import StepTrace, tokens_digest
+
+def say(message: str) -> None:
+    """Print once per job (global rank 0)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[train] {message}", flush=True)
+
+
+@dataclass
+class TrainOutcome:
+    progress: TrainProgress
+    stopped_by: str  # "completed", "already-complete", "exit_after_steps" or a signal name
+    checkpoint: Path | None  # the checkpoint written last in this launch
+    final_eval: EvalResult | None
+
+
+def init_distributed(config: TrainConfig, on_gpu: bool) -> None:
+    """Process groups for the run's layout: torchrun's world (or a single process) with the configured backend."""
+    if not dist.is_initialized() and "WORLD_SIZE" in os.environ:
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(config.parallel.resolved_backend(on_gpu))
+    initialize_model_parallel(config.parallel.tensor_parallel, config.parallel.pipeline_parallel)
+
+
+def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    found = []
+    for key in keys:
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key}: checkpoint {a!r}, this run {b!r}")
+    return found
+
+
+def check_same_model(checkpoint: Path, config: TrainConfig) -> None:
+    """A checkpoint of another architecture fails here with the differing keys, not deep in a shape check."""
+    import yaml
+
+    saved = yaml.safe_load((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))["model"]
+    diffs = _differences(saved, to_dict(config.model), "model.")
+    if diffs:
+        raise ValueError(f"{checkpoint} holds a different model than this run's config:\n  " + "\n  ".join(diffs))
+
+
+class Trainer:
+    """The state of one launch: process groups, model, optimizer, data, counters."""
+
+    def __init__(self, config: TrainConfig, faults: FaultPlan) -> None:
+        self.config, self.faults = config, faults
+        self.on_gpu = torch.cuda.is_available()
+        cpu_compat.enable_if_no_cuda()
+        init_distributed(config, self.on_gpu)
+        seed_model_parallel(config.training.seed)
+        from megatron.core import parallel_state
+
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.num_micro_batches = config.num_micro_batches(self.world_size)
+        self.train_steps = config.resolved_train_steps()
+        self.run_dir = Path(config.run_dir)
+        self.dirs = CheckpointDirs(self.run_dir / CHECKPOINTS_SUBDIR)
+        if self.rank == 0:
+            save_config(config, self.run_dir / CONFIG_FILE)
+            for stale in self.dirs.clean_stale():
+                say(f"removed {stale.name}, left behind by an interrupted save")
+        dist.barrier()
+
+        numerics = Numerics.resolve(config, self.on_gpu)
+        self.model = [wrap_data_parallel(build_model(config, numerics), numerics)]
+        install_schedule_hooks(self.model)
+        self.optimizer = build_optimizer(config, numerics, self.model)
+        self.scheduler = build_lr_scheduler(
+            self.optimizer, config.optimizer, self.train_steps, config.resolved_warmup_steps()
+        )
+        self.data: RunData = build_run_data(
+            config,
+            dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=parallel_state.get_data_parallel_world_size(),
+            micro_batches_per_step=self.num_micro_batches,
+        )
+        self.progress = TrainProgress()
+        self.trace = StepTrace(self.rank)
+        device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
+        self.metrics = MetricsLogger.from_config(
+            config, world_size=self.world_size, device=device, enabled=self.rank == self.world_size - 1
+        )
+        self.last_checkpoint: Path | None = None
+
+    # -- start -----------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Resume from this run's latest checkpoint, else initialise weights from ``checkpoint.load``."""
+        cfg = self.config.checkpoint
+        latest = self.dirs.latest()
+        if latest is not None and cfg.resume:
+            check_same_model(latest, self.config)
+            restored = load_checkpoint(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            self._continue_from(restored)
+            return
+        if latest is not None:
+            say(f"checkpoint.resume is false: ignoring {latest} and starting at step 0 (later saves replace it)")
+        if cfg.load is not None:
+            source = resolve_checkpoint(cfg.load)
+            check_same_model(source, self.config)
+            load_checkpoint(source, model=self.model)
+            say(f"initialised the weights from {source} (optimizer, schedule and data start fresh)")
+
+    def _continue_from(self, restored: RestoredState) -> None:
+        self.progress = restored.progress
+        if restored.data_state is not None:
+            self.data.train.load_state_dict(restored.data_state)
+        if not restored.rng_restored:
+            seed_model_parallel(self.config.training.seed + self.progress.step)
+        say(
+            f"resumed from {restored.path} at step {self.progress.step} "
+            f"({self.progress.consumed_tokens:,} tokens consumed)"
+            + ("" if restored.rng_restored else f"; layout changed from {restored.layout}, RNG streams re-seeded")
+        )
+
+    # -- one step ----------------------------------------------------------------
+
+    def _step(self, batches, stop: StopRequest | None):
+        step = self.progress.step + 1
+        micro_batches = [to_device(next(batches)) for _ in range(self.num_micro_batches)]
+        self.scheduler.step(increment=1)
+        learning_rate = self.optimizer.param_groups[0]["lr"]
+        self.faults.maybe_signal(step, self.rank)
+        result = train_step(
+            self.model,
+            self.optimizer,
+            micro_batches,
+            seq_length=self.config.model.seq_length,
+            micro_batch_size=self.config.training.micro_batch_size,
+            stop_flag=stop.flag if stop is not None else 0.0,
+            corrupt_loss=self.faults.corrupt_loss(step),
+        )
+        p = self.progress
+        p.step = step
+        p.consumed_samples += self.config.training.global_batch_size
+        p.consumed_tokens += self.config.tokens_per_step()
+        if self.trace.enabled:
+            self.trace.write(
+                step=step, loss=result.loss, lr=learning_rate, grad_norm=result.grad_norm,
+                skipped=result.nonfinite, tokens_sha256=tokens_digest(micro_batches),
+            )  # fmt: skip
+        if result.nonfinite:
+            say(f"step {step}: non-finite loss or gradient, update skipped")
+        record_step(p, result.nonfinite, self.config.training.max_consecutive_nonfinite)
+        self.metrics.train_step(
+            step, loss=result.loss, learning_rate=learning_rate, consumed_tokens=p.consumed_tokens,
+            skipped_steps=p.skipped_steps, grad_norm=result.grad_norm,
+        )  # fmt: skip
+        return result
+
+    # -- periodic work -----------------------------------------------------------
+
+    def evaluate(self) -> EvalResult:
+        with self.metrics.excluded():
+            result = evaluate(
+                self.model,
+                self.data.validation,
+                seq_length=self.config.model.seq_length,
+                micro_batch_size=self.config.training.micro_batch_size,
+                micro_batches_per_call=self.num_micro_batches,
+                max_batches=self.config.eval.max_batches,
+            )
+        self.metrics.validation(self.progress.step, result.loss)
+        if self.trace.enabled:
+            self.trace.write(eval_step=self.progress.step, val_loss=result.loss, val_tokens=result.tokens)
+        return result
+
+    def save(self) -> Path:
+        with self.metrics.excluded():
+            path = save_checkpoint(
+                self.dirs,
+                config=self.config,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                progress=self.progress,
+                data_state=self.data.global_train_state(),
+                faults=self.faults,
+            )
+        self.last_checkpoint = path
+        say(f"saved checkpoint {path}")
+        return path
+
+    # -- the launch --------------------------------------------------------------
+
+    def run(self) -> TrainOutcome:
+        cfg = self.config
+        if self.progress.step >= self.train_steps:
+            say(f"the run is already complete ({self.progress.step}/{self.train_steps} steps); nothing to do")
+            return TrainOutcome(self.progress, "already-complete", None, None)
+        say(
+            f"training steps {self.progress.step + 1}..{self.train_steps} on {self.world_size} process(es): "
+            f"TP={cfg.parallel.tensor_parallel} PP={cfg.parallel.pipeline_parallel} "
+            f"DP={self.world_size // cfg.parallel.model_parallel_size}, "
+            f"{self.num_micro_batches} micro-batch(es) of {cfg.training.micro_batch_size} per replica per step"
+        )
+        stop = StopRequest().install() if cfg.checkpoint.save_on_signal else None
+        try:
+            stopped_by = self._train_until_stop(stop)
+            final_eval = self.evaluate() if stopped_by == "completed" and cfg.eval.at_end else None
+        finally:
+            if stop is not None:
+                stop.uninstall()
+            self.metrics.close()
+        if stopped_by == "completed":
+            say(f"training complete: {self.progress.step} steps, {self.progress.consumed_tokens:,} tokens")
+        return TrainOutcome(self.progress, stopped_by, self.last_checkpoint, final_eval)
+
+    def _train_until_stop(self, stop: StopRequest | None) -> str:
+        cfg = self.config
+        batches = iter(self.data.train)
+        self.metrics.start(self.progress.step, self.progress.consumed_tokens)
+        steps_this_launch = 0
+        while True:
+            result = self._step(batches, stop)
+            steps_this_launch += 1
+            step = self.progress.step
+            finished = step >= self.train_steps
+            if cfg.eval.interval and step % cfg.eval.interval == 0 and not (finished and cfg.eval.at_end):
+                self.evaluate()
+            exit_now = cfg.training.exit_after_steps is not None and steps_this_launch >= cfg.training.exit_after_steps
+            periodic = cfg.checkpoint.save_interval is not None and step % cfg.checkpoint.save_interval == 0
+            if finished or periodic or result.stop_requested or exit_now:
+                self.save()
+            if finished:
+                return "completed"
+            if result.stop_requested:
+                reason = stop.received.name if stop is not None and stop.received is not None else "signal"
+                say(f"stopped by {reason} after step {step}; relaunch the same command to resume")
+                return reason
+            if exit_now:
+                say(f"training.exit_after_steps={cfg.training.exit_after_steps} reached at step {step}")
+                return "exit_after_steps"
+
+
+def run_training(config: TrainConfig, faults: FaultPlan | None = None) -> TrainOutcome:
+    """One launch of the run described by ``config`` (call under torchrun or as a single process)."""
+    trainer = Trainer(config, faults if faults is not None else FaultPlan.from_env())
+    trainer.restore()
+    return trainer.run()

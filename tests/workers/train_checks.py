@@ -1,0 +1,125 @@
+"""Helpers shared by the trainer's tests: a synthetic prepared dataset, run configs, launching.
+
+The dataset is written with the project's own shard writer and manifest
+(the format the loader reads), filled with token sequences that follow a
+learnable rule, so a few steps visibly lower the loss.  The trainer runs as
+the user runs it: ``python -m megatron_sffn.train`` (one process) or
+``torch.distributed.run`` (several gloo processes), each with a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from megatron_sffn.data.manifest import (
+    Manifest,
+    ShardInfo,
+    SplitInfo,
+    TokenizerInfo,
+    write_manifest_atomic,
+)
+from megatron_sffn.data.shard_writer import shard_name, write_shard_atomic
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VOCAB = 128
+SEQ = 16
+
+
+def write_dataset(out: Path, *, train_samples: int = 192, val_samples: int = 40, per_shard: int = 32,
+                  seq: int = SEQ, vocab: int = VOCAB, seed: int = 0) -> Path:
+    """A prepared dataset of arithmetic sequences ``t[i+1] = (t[i] + stride) mod vocab``."""
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, count in (("train", train_samples), ("validation", val_samples)):
+        start = rng.integers(0, vocab, size=(count, 1))
+        stride = rng.integers(1, 4, size=(count, 1))
+        samples = ((start + stride * np.arange(seq + 1)) % vocab).astype(np.uint16)
+        shards = []
+        for index, first in enumerate(range(0, count, per_shard)):
+            rows = samples[first:first + per_shard]
+            path = shard_name(split, index)
+            digest = write_shard_atomic(out / path, rows, first, "uint16")
+            shards.append(ShardInfo(path=path, samples=len(rows), tokens=rows.size, sha256=digest))
+        splits[split] = SplitInfo(samples=count, tokens=samples.size, shards=shards)
+    manifest = Manifest(
+        context_length=seq,
+        samples_per_shard=per_shard,
+        tokenizer=TokenizerInfo(spec="synthetic", type="hf-json", vocab_size=vocab, eos_id=0, sha256="0" * 64),
+        splits=splits,
+        sources=[],
+        settings={"synthetic": True, "seed": seed},
+        created_by="tests/workers/train_checks.py",
+        token_dtype="uint16",
+    )
+    write_manifest_atomic(manifest, out)
+    return out
+
+
+def run_config(run_dir: Path, data_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A tiny run (4 layers, hidden 64, LowRank FFNs) as a plain mapping; ``sections`` update it."""
+    config: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "model": {
+            "hidden_size": 64, "num_layers": 4, "num_attention_heads": 4, "vocab_size": VOCAB,
+            "seq_length": SEQ, "ffn": {"structure": "lowrank", "rank": 16},
+        },
+        "data": {"path": str(data_dir), "num_workers": 0, "seed": 7},
+        "optimizer": {"lr": 3e-3, "warmup_steps": 2},
+        "training": {"micro_batch_size": 2, "global_batch_size": 8, "train_steps": 6, "seed": 11},
+        "checkpoint": {"save_interval": 100, "keep_last": 2},
+        "logging": {"log_interval": 1, "tensorboard": False, "peak_tflops_per_device": 1.0},
+        "eval": {"interval": None, "at_end": False},
+    }  # fmt: skip
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values}
+    return config
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def train_command(config_path: Path, nproc: int, overrides: list[str] = ()) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "megatron_sffn.train", str(config_path), *overrides]
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "megatron_sffn.train", str(config_path), *overrides,
+    ]  # fmt: skip
+
+
+def train_env(trace_dir: Path | None = None, **faults: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env.setdefault("OMP_NUM_THREADS", "1")
+    for key in [k for k in env if k.startswith("SFFN_FAULT_") or k == "SFFN_STEP_TRACE"]:
+        del env[key]
+    if trace_dir is not None:
+        env["SFFN_STEP_TRACE"] = str(trace_dir)
+    env.update(faults)
+    return env
+
+
+def run_train(config_path: Path, *, nproc: int = 1, overrides: list[str] = (), env: dict[str, str] | None = None,
+              timeout: float = 240.0) -> subprocess.CompletedProcess:
+    """Run the trainer to completion (or failure) and return its exit code and output."""
+    proc = subprocess.Popen(train_command(config_path, nproc, list(overrides)), cwd=REPO_ROOT,
+                            env=env or train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"trainer timed out after {timeout:.0f} s:\n{out[-6000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, None)
