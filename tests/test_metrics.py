@@ -21,6 +21,7 @@ from megatron_sffn.training.metrics import (
     lookup_gpu_peak,
     measure_cpu_matmul_peak,
     peak_memory_bytes,
+    perplexity,
     resolve_peak_flops,
 )
 
@@ -209,7 +210,7 @@ def test_console_line_format():
 
 
 @pytest.mark.parametrize(
-    "value, text", [(950, "950"), (41234, "41.2k"), (999_499, "999k"), (1_500_000, "1.5M"), (2.5e9, "2.5G"), (0.5, "0.5")]
+    "value, text", [(950, "950"), (41234, "41.2k"), (999_499, "999k"), (999_999, "1M"), (2.5e12, "2500G"), (1_500_000, "1.5M"), (2.5e9, "2.5G"), (0.5, "0.5")]
 )
 def test_format_count(value, text):
     assert format_count(value) == text
@@ -255,12 +256,19 @@ def test_gpu_peak_lookup_refuses_what_it_cannot_know():
         lookup_gpu_peak("NVIDIA H100 80GB HBM3", "fp16")
 
 
+def test_perplexity_saturates():
+    assert perplexity(2.0) == pytest.approx(math.exp(2.0))
+    assert perplexity(1000.0) == math.inf
+    assert math.isnan(perplexity(math.nan))
+
+
 def test_cpu_peak_and_memory():
     measured = measure_cpu_matmul_peak(size=128, min_seconds=0.01)
     assert math.isfinite(measured) and measured > 0
     cpu = torch.device("cpu")
     assert resolve_peak_flops(cpu, "fp32", override_tflops=2.0) == PeakFlops(2e12, "logging.peak_tflops_per_device")
     assert "measured fp32 matmul" in resolve_peak_flops(cpu, "fp32").source
+    assert resolve_peak_flops(torch.device("meta"), "fp32") is None
     torch.empty(64 * 1024**2, dtype=torch.uint8).fill_(1)  # touch 64 MiB: the peak resident set must see it
     assert peak_memory_bytes(cpu) > 64 * 1024**2
 

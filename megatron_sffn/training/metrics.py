@@ -145,6 +145,8 @@ def resolve_peak_flops(device: torch.device, precision: str, override_tflops: fl
         return PeakFlops(override_tflops * 1e12, "logging.peak_tflops_per_device")
     if device.type == "cuda":
         return lookup_gpu_peak(torch.cuda.get_device_name(device), precision)
+    if device.type != "cpu":
+        return None
     measured = measure_cpu_matmul_peak()
     return PeakFlops(measured, f"measured fp32 matmul peak of this process on CPU ({torch.get_num_threads()} threads)")
 
@@ -158,12 +160,16 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def format_count(value: float) -> str:
-    """41234 -> '41.2k', 1.5e6 -> '1.50M': three significant figures, readable at a glance."""
+    """41234 -> '41.2k', 1.5e6 -> '1.5M': three significant figures, readable at a glance.
+
+    Rounding comes first so that 999,999 reads '1M', not '1e+03k'.
+    """
+    rounded = float(f"{value:.3g}")
     for threshold, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= threshold:
-            scaled = value / threshold
-            return f"{scaled:.3g}{suffix}" if scaled < 1000 else f"{scaled:.0f}{suffix}"
-    return f"{value:.3g}"
+        if abs(rounded) >= threshold:
+            scaled = rounded / threshold
+            return (f"{scaled:.3g}" if abs(scaled) < 1000 else f"{scaled:.0f}") + suffix
+    return f"{rounded:g}"
 
 
 def format_duration(seconds: float) -> str:
@@ -184,8 +190,8 @@ def format_duration(seconds: float) -> str:
 
 
 def perplexity(loss: float) -> float:
-    """exp(loss), saturating to inf instead of raising for a diverged loss."""
-    return math.exp(loss) if loss < 709.0 else math.inf
+    """exp(loss), saturating to inf instead of raising for a diverged loss (NaN stays NaN)."""
+    return math.inf if loss > 709.0 else math.exp(loss)
 
 
 @dataclass(frozen=True)
