@@ -121,7 +121,7 @@ def build_config(args: argparse.Namespace) -> ModelConfig:
     return cfg if args.structure is None else with_structure(cfg, args.structure, **sizes)
 
 
-def run_tokens(args: argparse.Namespace, cfg: ModelConfig) -> tuple[int | None, int | None]:
+def run_tokens(args: argparse.Namespace, cfg: ModelConfig) -> tuple[int, int] | tuple[None, None]:
     """(tokens, steps) of the run: from --tokens/--steps, else a preset's paper budget, else unknown."""
     batch_tokens = args.global_batch * cfg.seq_length
     if args.steps:
@@ -139,6 +139,7 @@ def model_report(cfg: ModelConfig, tokens: int | None, steps: int | None) -> dic
     params = count_parameters(cfg)
     forward = forward_flops_per_token(cfg)
     dense = dense_counterpart(cfg)
+    dense_params = count_parameters(dense)
     structured = cfg.ffn.structure != "dense"
     report: dict[str, Any] = {
         "config": dataclasses.asdict(cfg),
@@ -150,8 +151,8 @@ def model_report(cfg: ModelConfig, tokens: int | None, steps: int | None) -> dic
         "forward_flops_per_token": {**dataclasses.asdict(forward), "total": forward.total},
         "training_flops_per_token": training_flops_per_token(cfg),
         "vs_dense": {
-            "parameters": params.total / count_parameters(dense).total,
-            "ffn_weights": params.ffn_weights / count_parameters(dense).ffn_weights,
+            "parameters": params.total / dense_params.total,
+            "ffn_weights": params.ffn_weights / dense_params.ffn_weights,
             "training_flops": training_flops_per_token(cfg) / training_flops_per_token(dense),
         },
     }
@@ -164,12 +165,15 @@ def _millions(n: float) -> str:
     return f"{n / 1e6:,.1f}M"
 
 
-def _describe_ffn(cfg: ModelConfig) -> str:
+def _describe_ffn(cfg: ModelConfig, layer_ratio: float) -> str:
     ffn = cfg.ffn
     if ffn.structure == "dense":
         return "dense FFN"
     sizes = ", ".join(f"{k}={v}" for k, v in (("R", ffn.rank), ("B", ffn.blocks)) if v is not None)
-    return f"{ffn.structure} FFN ({sizes}; layers {ffn.dense_layers} dense)"
+    return (
+        f"{ffn.structure} FFN ({sizes}; layers {ffn.dense_layers} dense): "
+        f"each structured FFN has {layer_ratio:.2%} of the dense FFN's weights"
+    )
 
 
 def format_model(name: str, cfg: ModelConfig, report: dict[str, Any]) -> str:
@@ -181,7 +185,7 @@ def format_model(name: str, cfg: ModelConfig, report: dict[str, Any]) -> str:
         f"{name}: d={cfg.hidden_size}, f={cfg.ffn_hidden_size}, {cfg.num_layers} layers, heads {heads}, "
         f"vocab {cfg.vocab_size}, context {cfg.seq_length}, {cfg.activation}, "
         f"{'tied' if cfg.tie_embeddings else 'untied'} embeddings",
-        f"{_describe_ffn(cfg)}: each structured FFN has {report['ffn_layer_ratio']:.2%} of the dense FFN's weights",
+        _describe_ffn(cfg, report["ffn_layer_ratio"]),
         "",
         f"{'parameters':<34}{p['total']:>18,}  {_millions(p['total'])}",
     ]
@@ -199,8 +203,7 @@ def format_model(name: str, cfg: ModelConfig, report: dict[str, Any]) -> str:
         )
     run = report.get("run")
     if run:
-        steps = f" ({run['steps']:,} steps)" if run["steps"] is not None else ""
-        lines.append(f"{'training tokens':<34}{run['tokens']:>18,}{steps}")
+        lines.append(f"{'training tokens':<34}{run['tokens']:>18,} ({run['steps']:,} steps)")
         lines.append(f"{'training FLOPs':<34}{run['training_flops']:>18.3e}")
     return "\n".join(lines)
 
@@ -274,6 +277,7 @@ def format_settings(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Print the requested reports; exit status 1 when --table1 no longer matches the paper (usable as a CI check)."""
     parser = _parser()
     args = parser.parse_args(argv)
     reports: dict[str, Any] = {}

@@ -332,7 +332,8 @@ def test_gqa_reduces_only_kv_projections():
     gqa = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=8, num_query_groups=2)
     saved = count_parameters(mha).attention - count_parameters(gqa).attention
     assert saved == 2 * 2 * (64 * (64 - 16) + (64 - 16))  # layers x (k, v) x (weights + biases) of 6 of 8 heads
-    flops_saved = forward_flops_per_token(mha).attention_projections - forward_flops_per_token(gqa).attention_projections
+    flops = {name: forward_flops_per_token(cfg).attention_projections for name, cfg in (("mha", mha), ("gqa", gqa))}
+    flops_saved = flops["mha"] - flops["gqa"]
     assert flops_saved == 2 * 2 * 2 * 64 * (64 - 16)
 
 
@@ -381,7 +382,9 @@ def test_dense_counts_match_megatron_gpt_model():
         dict(hidden_size=48, num_layers=2, num_attention_heads=6, num_query_groups=3, vocab_size=77,
              seq_length=16, activation="swiglu"),
     ]  # fmt: skip
-    run = launch("tests.test_accounting", ["megatron_gpt_numels"], nproc=1, kwargs={"megatron_gpt_numels": {"configs": configs}})
+    run = launch(
+        "tests.test_accounting", ["megatron_gpt_numels"], nproc=1, kwargs={"megatron_gpt_numels": {"configs": configs}}
+    )
     built = run.results[0]["megatron_gpt_numels"]
     for fields, numels in zip(configs, built):
         params = count_parameters(ModelConfig(**fields))
@@ -441,7 +444,8 @@ def test_mfu_uses_the_structured_count():
         3 * forward_flops_per_token(dense).total * tokens_per_second / peak
     )
     # Same throughput, fewer FLOPs per token: MFU falls by exactly the FLOP ratio (1.29e20 / 2.10e20 in Table 1).
-    ratio = model_flops_utilization(lowrank, tokens_per_second, peak) / model_flops_utilization(dense, tokens_per_second, peak)  # fmt: skip
+    mfu = {name: model_flops_utilization(cfg, tokens_per_second, peak) for name, cfg in (("dense", dense), ("lr", lowrank))}
+    ratio = mfu["lr"] / mfu["dense"]
     assert ratio == pytest.approx(training_flops_per_token(lowrank) / training_flops_per_token(dense))
     assert 0.60 < ratio < 0.63
     with pytest.raises(ValueError, match="peak_flops_per_second=0"):

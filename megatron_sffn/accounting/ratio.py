@@ -81,7 +81,9 @@ def solve_ffn_sizes(
     if d <= 0 or f <= 0:
         raise ValueError(f"{kind}: d={d} and f={f} must be positive")
     if rank_multiple is not None and (kind == "blockshuffle" or rank_multiple <= 0):
-        raise ValueError(f"{kind}: rank_multiple={rank_multiple} is invalid (positive, and only for lowrank/blockdense)")
+        raise ValueError(
+            f"{kind}: rank_multiple={rank_multiple} is invalid (it must be positive, and only lowrank/blockdense take it)"
+        )
     if kind == "lowrank" and blocks is not None:
         raise ValueError(f"lowrank: blocks={blocks} does not apply to this structure")
 
