@@ -140,7 +140,7 @@ def save_checkpoint(
     if rank0:
         save_config(config, partial / CONFIG_FILE)
     if faults is not None:
-        faults.maybe_pause_in_save(partial)
+        faults.maybe_pause_in_save(progress.step, partial)
     dist.barrier()
     if rank0:
         dirs.commit(progress.step)

@@ -14,9 +14,9 @@ of the variables set nothing changes.
     global rank 0 sends itself the signal (default SIGTERM) at the end of that
     step; the other ranks learn of it only through the trainer's reduction,
     as on a cluster where not every process is signalled at the same instant.
-``SFFN_FAULT_PAUSE_IN_SAVE=30``
-    every rank sleeps this many seconds after its checkpoint shards are
-    written and before the checkpoint is committed, announcing
+``SFFN_FAULT_PAUSE_IN_SAVE=4:30``
+    in the save of step 4, every rank sleeps 30 seconds after its checkpoint
+    files are written and before the checkpoint is committed, announcing
     ``SAVE-PAUSED <dir>`` on stderr, so a test can SIGKILL it mid-save.
 """
 
@@ -39,7 +39,7 @@ def _parse_int(name: str, text: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"environment variable {name}={os.environ.get(name)!r}: {text!r} is not an integer") from None
+        raise ValueError(f"environment variable {name}: {text!r} is not an integer step") from None
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class FaultPlan:
     nonfinite_steps: frozenset[int] = field(default_factory=frozenset)
     signal_at_step: int | None = None
     signal_kind: signal.Signals = signal.SIGTERM
+    pause_in_save_step: int | None = None
     pause_in_save_s: float = 0.0
 
     @classmethod
@@ -64,12 +65,18 @@ class FaultPlan:
                     kind = signal.Signals[name]
                 except KeyError:
                     raise ValueError(f"environment variable {ENV_SIGNAL_AT_STEP}={spec!r}: unknown signal {name!r}") from None
+        pause_step, pause_s = None, 0.0
         pause = env.get(ENV_PAUSE_IN_SAVE, "").strip()
-        try:
-            pause_s = float(pause) if pause else 0.0
-        except ValueError:
-            raise ValueError(f"environment variable {ENV_PAUSE_IN_SAVE}={pause!r} is not a number of seconds") from None
-        return cls(nonfinite, signal_at, kind, pause_s)
+        if pause:
+            step_text, _, seconds = pause.partition(":")
+            pause_step = _parse_int(ENV_PAUSE_IN_SAVE, step_text)
+            try:
+                pause_s = float(seconds)
+            except ValueError:
+                raise ValueError(
+                    f"environment variable {ENV_PAUSE_IN_SAVE}={pause!r}: expected STEP:SECONDS"
+                ) from None
+        return cls(nonfinite, signal_at, kind, pause_step, pause_s)
 
     def corrupt_loss(self, step: int) -> bool:
         return step in self.nonfinite_steps
@@ -78,7 +85,7 @@ class FaultPlan:
         if step == self.signal_at_step and global_rank == 0:
             os.kill(os.getpid(), self.signal_kind)
 
-    def maybe_pause_in_save(self, partial_dir: Path) -> None:
-        if self.pause_in_save_s > 0:
+    def maybe_pause_in_save(self, step: int, partial_dir: Path) -> None:
+        if step == self.pause_in_save_step:
             print(f"{SAVE_PAUSED_MARKER} {partial_dir}", file=sys.stderr, flush=True)
             time.sleep(self.pause_in_save_s)

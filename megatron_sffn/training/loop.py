@@ -38,6 +38,7 @@ from .faults import FaultPlan
 from .metrics import MetricsLogger
 from .model_setup import Numerics, build_model, build_optimizer, install_schedule_hooks, wrap_data_parallel
 from .nonfinite import record_step
+from .norms import params_l2_norm
 from .schedule import build_lr_scheduler
 from .signals import StopRequest
 from .state import TrainProgress
@@ -185,9 +186,11 @@ class Trainer:
         p.step = step
         p.consumed_samples += self.config.training.global_batch_size
         p.consumed_tokens += self.config.tokens_per_step()
+        reporting = step % self.config.logging.log_interval == 0 or step == self.train_steps
+        params_norm = params_l2_norm(self.model) if reporting or self.trace.enabled else None
         if self.trace.enabled:
             self.trace.write(
-                step=step, loss=result.loss, lr=learning_rate, grad_norm=result.grad_norm,
+                step=step, loss=result.loss, lr=learning_rate, grad_norm=result.grad_norm, params_norm=params_norm,
                 skipped=result.nonfinite, tokens_sha256=tokens_digest(micro_batches),
             )  # fmt: skip
         if result.nonfinite:
@@ -195,7 +198,7 @@ class Trainer:
         record_step(p, result.nonfinite, self.config.training.max_consecutive_nonfinite)
         self.metrics.train_step(
             step, loss=result.loss, learning_rate=learning_rate, consumed_tokens=p.consumed_tokens,
-            skipped_steps=p.skipped_steps, grad_norm=result.grad_norm,
+            skipped_steps=p.skipped_steps, grad_norm=result.grad_norm, params_norm=params_norm,
         )  # fmt: skip
         return result
 

@@ -5,8 +5,8 @@ a resumed run with an uninterrupted one, or two parallel layouts, needs the
 exact loss of every step and a fingerprint of the data each rank consumed.
 Set ``SFFN_STEP_TRACE=<dir>`` and each rank appends one JSON line per step
 to ``<dir>/rank<global rank>.jsonl``: step, loss (as ``repr`` of a float,
-which round-trips exactly), learning rate, gradient norm, whether the
-update was skipped, and the SHA-256 of the token ids this rank trained on.
+which round-trips exactly), learning rate, gradient and parameter norms, whether
+the update was skipped, and the SHA-256 of the token ids this rank trained on.
 Evaluations add ``{"eval_step": ..., "val_loss": ...}`` lines.
 """
 
@@ -59,7 +59,7 @@ def read_trace(path: str | os.PathLike) -> list[dict[str, Any]]:
         for line in fh:
             record = json.loads(line)
             for key, value in record.items():
-                if isinstance(value, str) and key in ("loss", "lr", "grad_norm", "val_loss"):
+                if isinstance(value, str) and key in ("loss", "lr", "grad_norm", "params_norm", "val_loss"):
                     record[key] = float(value)
             records.append(record)
     return records
