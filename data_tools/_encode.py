@@ -40,6 +40,7 @@ class _BatchEncoder:
 
 def _init_worker(spec: str, eos_token: str | None, validation_fraction: float, seed: int) -> None:
     global _worker
+    single_threaded_tokenizers()
     _worker = _BatchEncoder(load_tokenizer(spec, eos_token), validation_fraction, seed)
 
 
@@ -49,13 +50,12 @@ def _encode_in_worker(texts: list[str]) -> list[Encoded]:
 
 
 def single_threaded_tokenizers() -> None:
-    """Keep HF tokenizers from spawning its own thread pool.
+    """Keep HF tokenizers in this process from running its own thread pool.
 
     Parallelism then comes only from ``--workers`` processes, so the option means
     what it says and worker processes do not oversubscribe the cores.
     """
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    os.environ.setdefault("RAYON_NUM_THREADS", "1")
 
 
 def encode_batches(

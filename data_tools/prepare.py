@@ -85,7 +85,6 @@ class PrepareResult:
 def prepare(sources: list[SourceFile], options: PrepareOptions, progress: bool = True) -> PrepareResult:
     """Build (or finish, or confirm) the dataset in ``options.out``."""
     start = time.perf_counter()
-    single_threaded_tokenizers()
     tokenizer = load_tokenizer(options.tokenizer, options.eos_token)
     identity = tokenizer.identity()
     settings = {
@@ -263,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="documents sent to a worker at a time")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    single_threaded_tokenizers()
     options = PrepareOptions(
         tokenizer=args.tokenizer,
         out=args.out,
