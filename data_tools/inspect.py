@@ -14,7 +14,6 @@ non-zero whenever anything failed.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -70,6 +69,10 @@ def _tokenizer(spec: str | None, manifest: Manifest) -> Tokenizer:
     return tokenizer
 
 
+def _print_bad(url: str, reason: str) -> None:
+    print(f"inspect: bad shard: {reason}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_tools.inspect", description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", type=Path, help="dataset directory or its manifest.json")
@@ -79,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-bad", action="store_true", help="with --verify: report all bad shards instead of stopping")
     parser.add_argument("--tokenizer", help="tokenizer to decode with / verify against (default for --decode: the manifest's)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="inspect: %(message)s")  # one line per skipped shard
     try:
         manifest = load_manifest(args.dataset)
         print(describe(manifest))
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             print(text)
         if args.verify:
             identity = _tokenizer(args.tokenizer, manifest).identity() if args.tokenizer else None
-            report = verify_dataset(manifest, skip_bad=args.skip_bad, tokenizer_identity=identity)
+            report = verify_dataset(manifest, skip_bad=args.skip_bad, tokenizer_identity=identity, on_bad=_print_bad)
             verdict = "OK" if report.ok else f"FAILED: {len(report.bad)} bad shards"
             print(f"verify: {report.shards_ok} shards, {report.samples_ok:,} samples intact; {verdict}")
             return 0 if report.ok else 1

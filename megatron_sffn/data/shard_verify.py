@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -35,12 +35,17 @@ class VerifyReport:
 
 
 def iter_checked_shards(
-    manifest: Manifest, split: str, skip_bad: bool = False, report: VerifyReport | None = None
+    manifest: Manifest,
+    split: str,
+    skip_bad: bool = False,
+    report: VerifyReport | None = None,
+    on_bad: Callable[[str, str], None] | None = None,
 ) -> Iterator[tuple[ShardSpec, np.ndarray]]:
     """Yield ``(shard, samples)`` for each intact shard of ``split`` in manifest order.
 
-    A bad shard raises ``ShardError`` unless ``skip_bad``; then it is logged,
-    recorded in ``report`` and passed over.
+    A bad shard raises ``ShardError`` unless ``skip_bad``; then it is recorded
+    in ``report``, announced through ``on_bad(url, reason)`` (default: a logged
+    warning) and passed over.
     """
     report = report if report is not None else VerifyReport()
     fmt = SampleFormat.of(manifest)
@@ -50,8 +55,8 @@ def iter_checked_shards(
         except ShardError as exc:
             if not skip_bad:
                 raise
-            log.warning("skipping bad shard: %s", exc)
             report.bad.append((spec.url, str(exc)))
+            (on_bad or _log_bad)(spec.url, str(exc))
             continue
         report.shards_ok += 1
         report.samples_ok += len(samples)
@@ -63,12 +68,17 @@ def verify_dataset(
     splits: tuple[str, ...] = SPLITS,
     skip_bad: bool = False,
     tokenizer_identity: dict[str, Any] | None = None,
+    on_bad: Callable[[str, str], None] | None = None,
 ) -> VerifyReport:
     """Check every shard of ``splits``, and first that the given tokenizer is the manifest's."""
     if tokenizer_identity is not None:
         manifest.check_tokenizer(tokenizer_identity)
     report = VerifyReport()
     for split in splits:
-        for _ in iter_checked_shards(manifest, split, skip_bad, report):
+        for _ in iter_checked_shards(manifest, split, skip_bad, report, on_bad):
             pass
     return report
+
+
+def _log_bad(url: str, reason: str) -> None:
+    log.warning("skipping bad shard %s: %s", url, reason)

@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 from megatron_sffn.data.manifest import TOKEN_DTYPES, TOKEN_FIELDS, sample_key
 
@@ -31,6 +30,9 @@ def shard_name(split: str, index: int) -> str:
 
 def encode_shard(samples: np.ndarray, first_index: int, token_dtype: str) -> bytes:
     """Tar bytes holding one ``<key>.tokens.u16``/``.u32`` member per row of ``samples``."""
+    # Imported here: webdataset pulls in torch, which tokenizer worker processes never need.
+    import webdataset as wds
+
     dtype = TOKEN_DTYPES[token_dtype]
     if samples.size and (samples.min() < 0 or samples.max() > np.iinfo(dtype).max):
         raise ValueError(f"token ids span [{samples.min()}, {samples.max()}], which does not fit {token_dtype}")
