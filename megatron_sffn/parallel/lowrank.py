@@ -1,0 +1,65 @@
+"""LowRank ``y = U (V x)`` split over a tensor-parallel group.
+
+fc1 (d -> f): ``U1`` rows are split by hidden unit; ``V1`` is token-split
+(each rank applies it to 1/tp of the tokens, then the R-vectors are
+all-gathered) or replicated.  fc2 (f -> d): ``V2`` columns are split by
+hidden unit, giving partial R-vectors; ``U2`` is token-split (reduce-scatter
+the R-vectors along tokens, apply U2 to the rank's tokens, all-gather d) or
+replicated (all-reduce the R-vectors, full U2).  See :mod:`.plan` for the
+costs; with R <= d/2 the token-split pair is exact in FLOPs and sends
+2R + d elements per token each way, no more than the dense FFN's 2d.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.functional import linear
+
+from . import comm
+from .base import REPLICATED, SHARDED, TOKEN_SPLIT, FactorSpec, TPStructuredLinear
+
+
+class LowRankFC1(TPStructuredLinear):
+    """Up-projection; output: this rank's hidden units."""
+
+    kind, role = "lowrank", "fc1"
+
+    def _factor_specs(self) -> dict[str, FactorSpec]:
+        r, d = self.shape.rank, self.input_size
+        v = TOKEN_SPLIT if self.strategy.fc1_in == "split" else REPLICATED
+        return {"v": FactorSpec((r, d), v), "u": FactorSpec((self.output_size, r), SHARDED, 0, strided=True)}
+
+    def _full_from_pure(self, pure) -> dict[str, torch.Tensor]:
+        return {"v": pure.v, "u": pure.u}
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.tp_group
+        if self.strategy.fc1_in == "split":
+            x_slice = comm.split_tokens(self._pad_tokens(x), group)
+            h = comm.gather_tokens(linear(x_slice, self._token_split(self.v)), group, partial_grad=True)
+            h = h[: x.shape[0]]
+        else:
+            h = comm.copy_to_region(linear(x, self.v), group)
+        return linear(h, self.u)
+
+
+class LowRankFC2(TPStructuredLinear):
+    """Down-projection; input: this rank's hidden units, output: complete on every rank."""
+
+    kind, role = "lowrank", "fc2"
+
+    def _factor_specs(self) -> dict[str, FactorSpec]:
+        r, d = self.shape.rank, self.output_size
+        u = TOKEN_SPLIT if self.strategy.fc2_out == "token" else REPLICATED
+        return {"v": FactorSpec((r, self.input_size), SHARDED, 1), "u": FactorSpec((d, r), u)}
+
+    def _full_from_pure(self, pure) -> dict[str, torch.Tensor]:
+        return {"v": pure.v, "u": pure.u}
+
+    def _project(self, a: torch.Tensor) -> torch.Tensor:
+        group = self.tp_group
+        h_partial = linear(a, self.v)
+        if self.strategy.fc2_out == "token":
+            h_slice = comm.reduce_scatter_tokens(self._pad_tokens(h_partial), group)
+            return self._gather_output_tokens(linear(h_slice, self._token_split(self.u)), a.shape[0])
+        return linear(comm.reduce_from_region(h_partial, group), self.u)

@@ -1,0 +1,68 @@
+"""The one place that wires FFN linears into megatron's ``MLP`` spec.
+
+megatron-core 0.18+ changes the MLP slot's callable signature; keeping the
+integration here means an upgrade touches this file only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import ModelConfig
+from .blockdense import BlockDenseFC1, BlockDenseFC2
+from .blockshuffle import BlockShuffleFC1, BlockShuffleFC2
+from .lowrank import LowRankFC1, LowRankFC2
+
+STRUCTURED_LINEARS = {
+    "lowrank": (LowRankFC1, LowRankFC2),
+    "blockdense": (BlockDenseFC1, BlockDenseFC2),
+    "blockshuffle": (BlockShuffleFC1, BlockShuffleFC2),
+}
+
+
+def mlp_spec(model_cfg: ModelConfig, layer_number: int, *, tp_strategy: str = "auto", provider: Any = None):
+    """``ModuleSpec`` of the MLP of layer ``layer_number`` (0-based).
+
+    Structured layers get this package's fc1/fc2 with the FFN's options as
+    ``params``; dense layers get megatron's column/row parallel linears.
+    ``tp_strategy`` overrides the automatic choice of :mod:`.plan` (e.g.
+    ``"replicated/reduce"``).
+
+    ``provider`` (a megatron backend spec provider, e.g. Transformer Engine's)
+    supplies the dense layers' linears; when it fuses the pre-MLP norm into
+    fc1, only dense layers get that fused fc1.  A structured fc1 never carries
+    the norm, so :func:`pre_mlp_norm_fused` is False for it and the layer
+    must keep a separate ``pre_mlp_layernorm`` module.
+    """
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if not model_cfg.ffn.is_structured(layer_number):
+        fc1, fc2 = _dense_linears(provider)
+        return ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2))
+    ffn = model_cfg.ffn
+    fc1, fc2 = STRUCTURED_LINEARS[ffn.structure]
+    params = {"rank": ffn.rank, "blocks": ffn.blocks, "init": ffn.init, "std": model_cfg.init_std,
+              "tp_strategy": tp_strategy}  # fmt: skip
+    return ModuleSpec(
+        module=MLP,
+        submodules=MLPSubmodules(
+            linear_fc1=ModuleSpec(module=fc1, params=params), linear_fc2=ModuleSpec(module=fc2, params=params)
+        ),
+    )
+
+
+def pre_mlp_norm_fused(spec) -> bool:
+    """Whether the MLP's fc1 applies the pre-MLP norm itself (Transformer Engine's layernorm-linear)."""
+    fc1 = spec.submodules.linear_fc1
+    module = getattr(fc1, "module", fc1)
+    return "LayerNorm" in getattr(module, "__name__", "")
+
+
+def _dense_linears(provider: Any) -> tuple[Any, Any]:
+    if provider is None:
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        return ColumnParallelLinear, RowParallelLinear
+    fc1 = provider.column_parallel_layer_norm_linear() if provider.fuse_layernorm_and_linear() else None
+    return fc1 or provider.column_parallel_linear(), provider.row_parallel_linear()
