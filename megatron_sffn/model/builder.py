@@ -16,6 +16,7 @@ def build_gpt_model(
     config=None,
     backend: Backend = "auto",
     vp_stage: int | None = None,
+    tp_strategy: str = "auto",
 ):
     """This rank's part of the GPT (its pipeline stage, its tensor-parallel shard).
 
@@ -25,6 +26,8 @@ def build_gpt_model(
     ``model_cfg.tie_embeddings`` is False.  ``config`` defaults to
     :func:`transformer_config` of ``model_cfg``; parallel_state must be
     initialised (see :func:`initialize_model_parallel`) and seeded first.
+    ``tp_strategy`` overrides the automatic tensor-parallel plan of the
+    structured FFNs (``megatron_sffn.parallel.plan``).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -33,7 +36,7 @@ def build_gpt_model(
     config = config or transformer_config(model_cfg)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=decoder_block_spec(model_cfg, config, backend, vp_stage),
+        transformer_layer_spec=decoder_block_spec(model_cfg, config, backend, vp_stage, tp_strategy),
         vocab_size=model_cfg.vocab_size,
         max_sequence_length=model_cfg.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

@@ -43,16 +43,6 @@ def _core_attention(provider) -> type:
     return cpu_compat.core_attention_class() if cpu_compat.is_active() else provider.core_attention()
 
 
-def _mlp_spec(model_cfg: ModelConfig, layer: int):
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.mlp import MLP, MLPSubmodules
-    from megatron.core.transformer.spec_utils import ModuleSpec
-
-    return ModuleSpec(
-        module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
-    )
-
-
 _LAYER_CLASS: type | None = None
 
 
@@ -71,13 +61,15 @@ def _layer_class() -> type:
     return _LAYER_CLASS
 
 
-def layer_spec(model_cfg: ModelConfig, layer: int, provider):
+def layer_spec(model_cfg: ModelConfig, layer: int, provider, tp_strategy: str = "auto"):
     """Spec of decoder layer ``layer`` (0-based): pre-LN attention, then the layer's FFN.
 
     Transformer Engine fuses a norm into the linear that follows it.  That is
     used for the QKV projection; the pre-MLP norm is fused only when the FFN's
     fc1 is TE's own layernorm-linear; a structured fc1 gets a separate norm
     module, otherwise the FFN would silently run without its pre-LN.
+    ``tp_strategy`` overrides the automatic tensor-parallel plan of structured
+    FFNs (see ``megatron_sffn.parallel.plan``).
     """
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
     from megatron.core.transformer.enums import AttnMaskType
@@ -86,10 +78,12 @@ def layer_spec(model_cfg: ModelConfig, layer: int, provider):
     from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
+    from ..parallel.mlp_spec import mlp_spec, pre_mlp_norm_fused
+
     norm = provider.layer_norm()
     fused_norm_linear = provider.column_parallel_layer_norm_linear() if provider.fuse_layernorm_and_linear() else None
-    mlp = _mlp_spec(model_cfg, layer)
-    mlp_norm_fused = fused_norm_linear is not None and mlp.submodules.linear_fc1 is fused_norm_linear
+    mlp = mlp_spec(model_cfg, layer, tp_strategy=tp_strategy, provider=provider)
+    mlp_norm_fused = pre_mlp_norm_fused(mlp)
     keys_map = {}
     if fused_norm_linear is None:
         keys_map.update(_INPUT_NORM_KEYS)
@@ -121,7 +115,13 @@ def layer_spec(model_cfg: ModelConfig, layer: int, provider):
     )
 
 
-def decoder_block_spec(model_cfg: ModelConfig, config, backend: Backend = "auto", vp_stage: int | None = None):
+def decoder_block_spec(
+    model_cfg: ModelConfig,
+    config,
+    backend: Backend = "auto",
+    vp_stage: int | None = None,
+    tp_strategy: str = "auto",
+):
     """The ``TransformerBlockSubmodules`` of this pipeline stage: its slice of the per-layer specs."""
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
@@ -132,5 +132,5 @@ def decoder_block_spec(model_cfg: ModelConfig, config, backend: Backend = "auto"
     provider = spec_provider(backend)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
-    specs = [layer_spec(model_cfg, layer, provider) for layer in range(offset, offset + count)]
+    specs = [layer_spec(model_cfg, layer, provider, tp_strategy) for layer in range(offset, offset + count)]
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=provider.layer_norm())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 
@@ -10,15 +11,13 @@ from ..config import ModelConfig
 from .init_streams import EMBEDDING_STREAM, NormalInStream
 
 
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def transformer_engine_available() -> bool:
     """Transformer Engine is usable only when it imports and a GPU is present."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return torch.cuda.is_available() and _importable("transformer_engine")
 
 
 def _activation(model_cfg: ModelConfig):
@@ -43,13 +42,14 @@ def transformer_config(
       embeddings draw from their own RNG stream (see ``init_streams``);
     * pre-LN LayerNorm with bias, biases on every linear, no dropout;
     * ``fused_kernels`` (default: when CUDA is present) turns on the fusions
-      whose unfused maths is identical: masked softmax, bias-dropout-add,
-      bias-SwiGLU, and RoPE when Transformer Engine provides it.  Bias-GELU
+      whose unfused maths is identical and whose kernels are installed:
+      bias-dropout-add and bias-SwiGLU (TorchScript), masked softmax (Apex's
+      ``scaled_masked_softmax_cuda``) and RoPE (Transformer Engine).  Bias-GELU
       stays unfused: megatron fuses only exact ``F.gelu`` and computes it with
       the tanh formula, so the same config would switch between erf and tanh
       GELU with the fusion flag; the paper's tanh GELU is passed explicitly.
       Persistent layer norm and gradient-accumulation fusion need Apex/TE
-      kernels and stay off.  On the CPU none of these kernels exist;
+      kernels and stay off.  On the CPU none of these kernels exist.
     * ``use_cpu_initialization`` draws every full weight on the CPU from the
       seed before slicing, so a given seed yields the same model at any TP size
       (what makes TP=2-vs-TP=1 comparisons and TP-independent restarts exact);
@@ -77,7 +77,7 @@ def transformer_config(
         kv_channels=model_cfg.kv_channels,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        pipeline_dtype=params_dtype,
+        pipeline_dtype=torch.bfloat16 if bf16 else params_dtype,  # dtype of activations between stages
         params_dtype=params_dtype,
         bf16=bf16,
         normalization="LayerNorm",
@@ -96,7 +96,7 @@ def transformer_config(
         attention_softmax_in_fp32=True,
         use_cpu_initialization=use_cpu_initialization,
         bias_activation_fusion=fused and model_cfg.activation == "swiglu",
-        masked_softmax_fusion=fused,
+        masked_softmax_fusion=fused and _importable("scaled_masked_softmax_cuda"),
         bias_dropout_fusion=fused,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,

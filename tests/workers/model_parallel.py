@@ -41,7 +41,13 @@ def tiny_config(structure: str = "dense", **overrides: Any) -> ModelConfig:
 # building and training
 
 
-def _model_and_optimizer(cfg: ModelConfig, tp: int, pp: int, seed: int):
+def _data_parallel_reduction_only(model_chunks, *args, **kwargs) -> None:
+    """What a loop without ``finalize_model_grads`` does: DP all-reduce, no embedding/TP reductions."""
+    for chunk in model_chunks:
+        chunk.finish_grad_sync()
+
+
+def _model_and_optimizer(cfg: ModelConfig, tp: int, pp: int, seed: int, finalize: bool = True):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -53,7 +59,7 @@ def _model_and_optimizer(cfg: ModelConfig, tp: int, pp: int, seed: int):
         ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False),
         module=build_gpt_model(cfg, config=config),
     )
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = finalize_model_grads if finalize else _data_parallel_reduction_only
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.1, clip_grad=1.0, params_dtype=torch.float32),
         [model],
@@ -119,12 +125,12 @@ def _train_step(model, optimizer, cfg: ModelConfig, step: int) -> tuple[float | 
     return loss.item() / parallel_state.get_data_parallel_world_size(), float(grad_norm)
 
 
-def _train(cfg: ModelConfig, tp: int, pp: int, steps: int = STEPS, seed: int = SEED) -> dict[str, Any]:
-    """Train ``steps`` steps; record losses, grad norms, the first step's full gradients and final weights."""
-    model, optimizer = _model_and_optimizer(cfg, tp, pp, seed)
+def _train(cfg: ModelConfig, tp: int, pp: int, finalize: bool = True) -> dict[str, Any]:
+    """Train ``STEPS`` steps; record losses, grad norms, the first step's full gradients and final weights."""
+    model, optimizer = _model_and_optimizer(cfg, tp, pp, SEED, finalize)
     losses, norms = [], []
     grads, grad_dup = None, None
-    for step in range(steps):
+    for step in range(STEPS):
         loss, norm = _train_step(model, optimizer, cfg, step)
         losses.append(loss)
         norms.append(norm)
@@ -259,6 +265,12 @@ def layout_training(layouts: list[tuple[str, int, int]]) -> dict[str, Any]:
     return out
 
 
+def control_without_finalize(layout: tuple[str, int, int]) -> dict[str, Any]:
+    """A layout trained without ``finalize_model_grads``: shows the comparisons can see that bug."""
+    structure, tp, pp = layout
+    return _train(tiny_config(structure), tp, pp, finalize=False)
+
+
 def _checkpoint_dir(name: str):
     path = scratch_dir() / name
     if dist.get_rank() == 0:
@@ -324,3 +336,112 @@ def build_error(structure: str, tp: int, **sizes: int) -> str:
     except ValueError as err:
         return str(err)
     raise AssertionError(f"{structure} {sizes} built at tensor_parallel={tp} without an error")
+
+
+# ---------------------------------------------------------------------------
+# single-process checks (run with nproc=1 so megatron's global state stays out of pytest)
+
+
+def _describe(model) -> dict[str, Any]:
+    """What the single-process tests assert on, as plain data."""
+    layers = model.decoder.layers
+    dense_weights = {
+        "embedding": model.embedding.word_embeddings.weight,
+        "layer0.qkv": layers[0].self_attention.linear_qkv.weight,
+        "layer0.proj": layers[0].self_attention.linear_proj.weight,
+        "layer0.fc1": layers[0].mlp.linear_fc1.weight,
+        "layer0.fc2": layers[0].mlp.linear_fc2.weight,
+    }
+    return {
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "fc1_classes": [type(layer.mlp.linear_fc1).__name__ for layer in layers],
+        "fc2_classes": [type(layer.mlp.linear_fc2).__name__ for layer in layers],
+        "std": {name: w.detach().std().item() for name, w in dense_weights.items()},
+        "mean": {name: w.detach().mean().item() for name, w in dense_weights.items()},
+        "bias_abs_max": max(
+            p.detach().abs().max().item() for n, p in model.named_parameters() if n.endswith("bias") and "norm" not in n
+        ),
+        "norm_weights": sorted(
+            {p.detach().unique().tolist()[0] for n, p in model.named_parameters() if "norm.weight" in n}
+        ),
+        "has_output_weight": model.output_layer.weight is not None,
+        "shares_embedding": model.shared_embedding_or_output_weight() is model.embedding.word_embeddings.weight,
+        "pre_mlp_norms": [type(layer.pre_mlp_layernorm).__name__ for layer in layers],
+        "core_attention": type(layers[0].self_attention.core_attention).__name__,
+    }
+
+
+def model_properties(configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Build each named config (``structure`` plus ModelConfig overrides) at TP=1 and describe it."""
+    out = {}
+    for name, spec in configs.items():
+        spec = dict(spec)
+        initialize_model_parallel(1, 1)
+        seed_model_parallel(SEED)
+        out[name] = _describe(build_gpt_model(tiny_config(spec.pop("structure"), **spec)))
+    return out
+
+
+def core_attention_matches_reference() -> dict[str, float]:
+    """SDPA core attention vs. a plain softmax(QKᵀ/√d)V with GQA and megatron's own DotProductAttention."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_sffn.cpu_compat import core_attention_class
+
+    initialize_model_parallel(1, 1)
+    seed_model_parallel(SEED)
+    cfg = tiny_config()
+    config = transformer_config(cfg)
+    sq, b, heads, groups, dim = cfg.seq_length, 2, cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(sq, b, heads, dim, generator=gen)
+    k = torch.randn(sq, b, groups, dim, generator=gen)
+    v = torch.randn(sq, b, groups, dim, generator=gen)
+    causal = torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+    padding = torch.zeros(b, 1, sq, sq, dtype=torch.bool)
+    padding[1, ..., -3:] = True  # second sequence: last three keys are padding
+    padded_causal = padding | causal
+
+    def reference(mask: torch.Tensor) -> torch.Tensor:
+        kk = k.repeat_interleave(heads // groups, dim=2)
+        vv = v.repeat_interleave(heads // groups, dim=2)
+        scores = torch.einsum("sbhd,tbhd->bhst", q, kk) / dim**0.5
+        probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
+        return torch.einsum("bhst,tbhd->sbhd", probs, vv).reshape(sq, b, heads * dim)
+
+    sdpa = core_attention_class()(config, 1, AttnMaskType.causal, "self")
+    megatron_attention = DotProductAttention(config, 1, AttnMaskType.causal, "self")
+    return {
+        "causal_vs_reference": (sdpa(q, k, v, None) - reference(causal)).abs().max().item(),
+        "masked_vs_reference": (sdpa(q, k, v, padded_causal) - reference(padded_causal)).abs().max().item(),
+        "masked_vs_megatron": (sdpa(q, k, v, padded_causal) - megatron_attention(q, k, v, padded_causal))
+        .abs()
+        .max()
+        .item(),
+    }
+
+
+def rng_tracker_behaviour() -> dict[str, Any]:
+    """megatron's RNG tracker API on the CPU stand-in: named streams that fork and restore."""
+    from megatron.core import tensor_parallel
+
+    initialize_model_parallel(1, 1)
+    seed_model_parallel(SEED)
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    before = torch.get_rng_state()
+    with tracker.fork():
+        first = torch.rand(4)
+    restored = torch.equal(before, torch.get_rng_state())
+    with tracker.fork():
+        second = torch.rand(4)
+    seed_model_parallel(SEED)
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        replay = torch.rand(4)
+    return {
+        "restores_outer_state": restored,
+        "stream_advances": not torch.equal(first, second),
+        "reseed_replays": torch.equal(first, replay),
+        "differs_from_default": not torch.equal(first, torch.rand(4)),
+        "streams": sorted(tracker.get_states()),
+    }
