@@ -27,7 +27,7 @@ from .sharded import ShardSource
 from .streaming import StreamLayout, TrainStream
 from .tar_shards import SampleFormat, split_shards
 from .tokenizer import Tokenizer, load_tokenizer
-from .validation import ValidationLoader
+from .validation import ShardRows, ValidationLoader
 
 DEFAULT_LANES = 64
 # Rows a worker sends per message: ~64k tokens amortises the inter-process cost.
@@ -107,7 +107,7 @@ def build_validation_loader(
     manifest = open_dataset(dataset, tokenizer)
     shards = split_shards(manifest, "validation", shard_url_template, verify_checksums)
     layout = StreamLayout(micro_batch_size, dp_rank, dp_size, num_workers, prefetch_factor, pin_memory)
-    return ValidationLoader(shards, SampleFormat.of(manifest), layout, skip_bad_shards, batches_multiple_of)
+    return ValidationLoader(ShardRows(shards, SampleFormat.of(manifest), skip_bad_shards), layout, batches_multiple_of)
 
 
 def _fingerprint(manifest: Manifest) -> str:

@@ -187,7 +187,10 @@ def _take(pending: deque[Chunk], rows: int) -> Chunk:
 
 @dataclass
 class LoaderStats:
-    """Per-rank counters of what the loader had to mask; saved in the loader state."""
+    """Counters of what the loader had to mask, saved in the loader state.
+
+    Each rank counts what it reads; ``merge_states`` sums the ranks' counters.
+    """
 
     masked_samples: int = 0  # stand-in rows handed to the trainer
     bad_shard_reads: int = 0  # failed shard reads (a shard can be read by several lanes)
@@ -293,7 +296,10 @@ class TrainStream:
         self.source.check_resume(consumed, lane_state)
         self.consumed_samples = consumed
         self._lane_state = lane_state
-        self.stats = LoaderStats.from_dict(state["stats"])
+        # Saved counters may be a sum over ranks (merge_states): only rank 0 carries
+        # them on, so that summing the ranks' counters again counts each event once.
+        saved = LoaderStats.from_dict(state["stats"])
+        self.stats = saved if self.layout.dp_rank == 0 else LoaderStats(bad_shards=saved.bad_shards)
 
 
 def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """One deterministic pass over the held-out split, each sample exactly once across ranks.
 
-The split, in manifest order, is cut into ``dp_size * max(workers, 1)``
+The split, in its stored order, is cut into ``dp_size * max(workers, 1)``
 contiguous parts of near-equal size; worker ``w`` of rank ``r`` reads part
 ``r * workers + w`` (so every shard is read by at most two readers) and
 yields it as micro-batches.  Every part yields the same number of batches,
@@ -15,7 +15,7 @@ batches are appended until the count divides evenly.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -28,37 +28,33 @@ from .streaming import Chunk, LoaderStats, StreamLayout, rebatch, worker_rounds
 from .tar_shards import SampleFormat, ShardSpec
 
 
-class _PartDataset(IterableDataset):
-    """Runs in each worker: the micro-batches of its part of the split, padded to ``batches`` batches."""
+class SplitRows(Protocol):
+    """Random access to a held-out split by ranges of rows."""
 
-    def __init__(self, shards: list[ShardSpec], fmt: SampleFormat, layout: StreamLayout, batches: int,
-                 skip_bad_shards: bool) -> None:
-        self.shards, self.fmt, self.layout, self.batches = shards, fmt, layout, batches
-        self.skip_bad_shards = skip_bad_shards
+    samples: int
+    sample_length: int
 
-    def __iter__(self) -> Iterator[Chunk]:
-        lay = self.layout
-        info = get_worker_info()
-        workers = max(lay.num_workers, 1)
-        total = sum(s.samples for s in self.shards)
-        begin, end = balanced_ranges(total, lay.dp_size * workers)[lay.dp_rank * workers + (info.id if info else 0)]
-        size = lay.micro_batch_size
-        produced = 0
-        for rows in rebatch(self._pieces(begin, end), size):
-            produced += 1
-            yield rows if len(rows) == size else Chunk.concat([rows, _padding(size - len(rows), self.fmt.sample_length)])
-        for _ in range(produced, self.batches):
-            yield _padding(size, self.fmt.sample_length)
+    def pieces(self, begin: int, end: int) -> Iterator[Chunk]:
+        """Rows ``[begin, end)`` in order, in one or more chunks."""
+        ...
 
-    def _pieces(self, begin: int, end: int) -> Iterator[Chunk]:
-        """Split rows ``[begin, end)`` shard by shard; a skipped bad shard gives masked rows."""
+
+class ShardRows:
+    """A prepared split; a skipped bad shard gives masked rows (reported in the chunk's events)."""
+
+    def __init__(self, shards: list[ShardSpec], fmt: SampleFormat, skip_bad_shards: bool) -> None:
+        self.shards, self.fmt, self.skip_bad_shards = shards, fmt, skip_bad_shards
+        self.samples = sum(s.samples for s in shards)
+        self.sample_length = fmt.sample_length
+
+    def pieces(self, begin: int, end: int) -> Iterator[Chunk]:
         for spec in self.shards:
             lo, hi = max(begin, spec.first_index), min(end, spec.first_index + spec.samples)
             if lo >= hi:
                 continue
             data, event = read_or_report(spec, self.fmt, self.skip_bad_shards)
             if data is None:
-                piece = _padding(hi - lo, self.fmt.sample_length)
+                piece = padding(hi - lo, self.sample_length)
                 piece.events.append(event)
                 yield piece
             else:
@@ -66,21 +62,53 @@ class _PartDataset(IterableDataset):
                 yield Chunk(rows, torch.ones(hi - lo, dtype=torch.bool), [], [], [])
 
 
-def _padding(rows: int, sample_length: int) -> Chunk:
+class ArrayRows:
+    """A held-out split already in memory as a ``(samples, sample_length)`` array."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self.rows = rows
+        self.samples, self.sample_length = rows.shape
+
+    def pieces(self, begin: int, end: int) -> Iterator[Chunk]:
+        if end > begin:
+            yield Chunk(torch.from_numpy(self.rows[begin:end].astype(np.int32)), torch.ones(end - begin, dtype=torch.bool),
+                        [], [], [])
+
+
+def padding(rows: int, sample_length: int) -> Chunk:
     """Masked all-zero rows that keep batch shapes equal on every rank."""
     return Chunk(torch.zeros((rows, sample_length), dtype=torch.int32), torch.zeros(rows, dtype=torch.bool), [], [], [])
+
+
+class _PartDataset(IterableDataset):
+    """Runs in each worker: the micro-batches of its part of the split, padded to ``batches`` batches."""
+
+    def __init__(self, split: SplitRows, layout: StreamLayout, batches: int) -> None:
+        self.split, self.layout, self.batches = split, layout, batches
+
+    def __iter__(self) -> Iterator[Chunk]:
+        lay = self.layout
+        info = get_worker_info()
+        workers = max(lay.num_workers, 1)
+        parts = balanced_ranges(self.split.samples, lay.dp_size * workers)
+        begin, end = parts[lay.dp_rank * workers + (info.id if info else 0)]
+        size, length = lay.micro_batch_size, self.split.sample_length
+        produced = 0
+        for rows in rebatch(self.split.pieces(begin, end), size):
+            produced += 1
+            yield rows if len(rows) == size else Chunk.concat([rows, padding(size - len(rows), length)])
+        for _ in range(produced, self.batches):
+            yield padding(size, length)
 
 
 class ValidationLoader:
     """The held-out pass of one data-parallel rank; iterate it once per evaluation."""
 
-    def __init__(self, shards: list[ShardSpec], fmt: SampleFormat, layout: StreamLayout,
-                 skip_bad_shards: bool = False, batches_multiple_of: int = 1) -> None:
+    def __init__(self, split: SplitRows, layout: StreamLayout, batches_multiple_of: int = 1) -> None:
         if batches_multiple_of <= 0:
             raise ValueError(f"batches_multiple_of={batches_multiple_of} must be positive")
-        self.shards, self.fmt, self.layout = shards, fmt, layout
-        self.skip_bad_shards = skip_bad_shards
-        self.samples = sum(s.samples for s in shards)
+        self.split, self.layout = split, layout
+        self.samples = split.samples
         self.stats = LoaderStats()
         parts = layout.dp_size * max(layout.num_workers, 1)
         self._part_batches = math.ceil(math.ceil(self.samples / parts) / layout.micro_batch_size)
@@ -93,15 +121,15 @@ class ValidationLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         lay = self.layout
-        dataset = _PartDataset(self.shards, self.fmt, lay, self._part_batches, self.skip_bad_shards)
         produced = 0
         if self._part_batches:
+            dataset = _PartDataset(self.split, lay, self._part_batches)
             for group in worker_rounds(dataset, lay.num_workers, lay.prefetch_factor):
                 for chunk in group:
                     produced += 1
                     yield self._batch(chunk)
         for _ in range(self._batches - produced):
-            yield self._batch(_padding(lay.micro_batch_size, self.fmt.sample_length))
+            yield self._batch(padding(lay.micro_batch_size, self.split.sample_length))
 
     def _batch(self, chunk: Chunk) -> dict[str, Any]:
         self.stats.record(chunk.events)
