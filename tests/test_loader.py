@@ -209,3 +209,11 @@ def test_validation_pass_covers_each_sample_once(dataset, dp_size, num_workers, 
             real.update(batch["tokens"][valid, 0].tolist())
     assert real == Counter(range(17))
     assert list(loaders[0]) and [b["tokens"].tolist() for b in loaders[0]] == [b["tokens"].tolist() for b in loaders[0]]
+
+
+@pytest.mark.parametrize("template", ["pipe:cat {root}/{{path}}", "file://{root}/{{path}}"])
+def test_shards_stream_from_urls_and_pipes(dataset, template):
+    loader = build_train_loader(dataset, micro_batch_size=4, lanes=LANES, num_workers=1,
+                                shard_url_template=template.format(root=dataset))
+    ids, _ = stream_ids(loader, 20)
+    assert ids == reference(dataset, 80)

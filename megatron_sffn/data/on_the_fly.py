@@ -48,6 +48,7 @@ import json
 import math
 import os
 from collections import deque
+from itertools import islice
 from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
 
@@ -176,8 +177,7 @@ class TextSource:
         window = count // window_size
         while True:
             batch = [next(samples) for _ in range(window_size)]
-            ends = [cursor for _, cursor in batch]
-            window_end = ends[-1]
+            window_end = batch[-1][1]
             order = permutation(window_size, self.seed, lane, window, WINDOW_ORDER_TAG)
             for i in order[skip:]:
                 count += 1
@@ -256,7 +256,10 @@ def _advance(spans: deque[tuple[Cursor, int]], tokens: int) -> Cursor:
 
 def text_settings(files: list[str] | list[SourceFile], tokenizer: str, context_length: int, **options: Any) -> TextSettings:
     """``TextSettings`` for paths, globs or directories (expanded and sorted as ``prepare`` does)."""
-    sources = [f for f in files if isinstance(f, SourceFile)] or expand_inputs([str(f) for f in files])
+    if all(isinstance(f, SourceFile) for f in files):
+        sources = list(files)
+    else:
+        sources = expand_inputs([str(f) for f in files])
     return TextSettings(tuple(sources), str(tokenizer), context_length, **options)
 
 
@@ -322,7 +325,7 @@ def held_out_samples(settings: TextSettings) -> np.ndarray:
     tokenizer = _tokenizer(settings)
     packer = TokenPacker(settings.sample_length, tokenizer.eos_id)
     texts = (doc.text for doc in iter_documents(list(settings.files), settings.text_key) if settings.is_held_out(doc.text))
-    while batch := [text for _, text in zip(range(settings.batch_documents), texts)]:
+    while batch := list(islice(texts, settings.batch_documents)):
         for ids in tokenizer.encode_batch(batch):
             packer.add_document(ids)
     samples, _ = packer.take_all()

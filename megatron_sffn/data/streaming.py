@@ -289,23 +289,23 @@ class TrainStream:
                     f"loader state key {key!r} is {state.get(key)!r}, this loader has {value!r}; "
                     f"resuming under another data order would repeat and skip samples"
                 )
-        consumed = state["consumed_samples"]
+        consumed = state.get("consumed_samples")
         if not isinstance(consumed, int) or consumed < 0:
             raise ValueError(f"loader state key 'consumed_samples' is {consumed!r}, expected an integer >= 0")
-        lane_state = {int(lane): cursor for lane, cursor in state["lane_state"].items()}
+        lane_state = {int(lane): cursor for lane, cursor in state.get("lane_state", {}).items()}
         self.source.check_resume(consumed, lane_state)
         self.consumed_samples = consumed
         self._lane_state = lane_state
         # Saved counters may be a sum over ranks (merge_states): only rank 0 carries
         # them on, so that summing the ranks' counters again counts each event once.
-        saved = LoaderStats.from_dict(state["stats"])
+        saved = LoaderStats.from_dict(state.get("stats", LoaderStats().to_dict()))
         self.stats = saved if self.layout.dp_rank == 0 else LoaderStats(bad_shards=saved.bad_shards)
 
 
 def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     """Combine the states of all ranks into one that any rank count can load.
 
-    Prepared-shard states are identical on every rank; text-source states
+    Prepared-shard positions are the same on every rank; text-source states
     each hold only their own lanes' cursors, so resuming at another dp size
     needs all of them.  Counters are summed over ranks.
     """
