@@ -90,7 +90,7 @@ class CudaToCpuMode(TorchFunctionMode):
 
 def _cpu_rng_tracker_class() -> type:
     """Subclass megatron's tracker so ``isinstance`` checks in megatron keep working."""
-    from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+    from megatron.core.tensor_parallel.random import _MODEL_PARALLEL_RNG_TRACKER_NAME, CudaRNGStatesTracker
 
     class CpuRNGStatesTracker(CudaRNGStatesTracker):
         """Named RNG streams (data-parallel, model-parallel, expert) held as CPU generator states."""
@@ -108,7 +108,7 @@ def _cpu_rng_tracker_class() -> type:
             self.states_[name] = torch.Generator().manual_seed(seed).get_state()
 
         @contextlib.contextmanager
-        def fork(self, name: str = "model-parallel-rng") -> Iterator[None]:
+        def fork(self, name: str = _MODEL_PARALLEL_RNG_TRACKER_NAME) -> Iterator[None]:
             if name not in self.states_:
                 raise KeyError(f"RNG state {name!r} is not tracked; call model_parallel_cuda_manual_seed first")
             outer = torch.get_rng_state()
