@@ -85,6 +85,7 @@ class PrepareResult:
 def prepare(sources: list[SourceFile], options: PrepareOptions, progress: bool = True) -> PrepareResult:
     """Build (or finish, or confirm) the dataset in ``options.out``."""
     start = time.perf_counter()
+    _check_options(options)
     tokenizer = load_tokenizer(options.tokenizer, options.eos_token)
     identity = tokenizer.identity()
     settings = {
@@ -95,78 +96,39 @@ def prepare(sources: list[SourceFile], options: PrepareOptions, progress: bool =
         "text_key": options.text_key,
         "eos_token": options.eos_token,
     }
-    _check_options(options)
     source_ids = [file_identity(s.path) for s in sources]
     out = options.out
-
+    store = StateStore(out)
     if (out / MANIFEST_NAME).is_file():
-        return PrepareResult(_confirm_finished(out, settings, source_ids, identity), True, 0, 0, time.perf_counter() - start)
+        manifest = _confirm_finished(out, settings, source_ids, identity)
+        store.clear()  # left behind only if the run stopped right after writing the manifest
+        return PrepareResult(manifest, True, 0, 0, time.perf_counter() - start)
     if next(iter_documents(sources, options.text_key), None) is None:
         raise ValueError(f"the corpus is empty: {', '.join(s.path for s in sources)} hold no documents")
 
     fingerprint = hashlib.sha256(
         json.dumps({"settings": settings, "sources": source_ids, "tokenizer": identity}, sort_keys=True).encode()
     ).hexdigest()
-    dtype_name = token_dtype_for_vocab(tokenizer.vocab_size)
-    sample_length = options.context_length + 1
-    store = StateStore(out)
-    loaded = store.load(fingerprint)
-    if loaded is None:
-        state = PrepareState(fingerprint, 0, {name: SplitProgress() for name in SPLITS})
-        pending = {name: np.zeros(0, dtype=np.int64) for name in SPLITS}
-        store.save(state, pending)
-    else:
-        state, pending = loaded
-    _reconcile_shards(out, state)
-    packers = {name: TokenPacker(sample_length, tokenizer.eos_id, pending[name]) for name in SPLITS}
-
-    def write_shard(split: str, samples: np.ndarray) -> None:
-        progress_ = state.splits[split]
-        rel = shard_name(split, len(progress_.shards))
-        digest = write_shard_atomic(out / rel, samples, progress_.samples, dtype_name)
-        progress_.shards.append(ShardInfo(rel, len(samples), samples.size, digest))
-
-    docs = itertools.islice(iter_documents(sources, options.text_key), state.documents_done, None)
+    writer = _SplitWriter(out, store, fingerprint, options, tokenizer.eos_id, token_dtype_for_vocab(tokenizer.vocab_size))
+    docs = itertools.islice(iter_documents(sources, options.text_key), writer.state.documents_done, None)
     batches = _batched((doc.text for doc in docs), options.batch_documents)
     encoded = encode_batches(batches, tokenizer, options.eos_token, options.validation_fraction, options.seed, options.workers)
-    pause = float(os.environ.get(PAUSE_ENV, "0"))
     run_docs = run_tokens = 0
-    bar = tqdm(total=known_document_count(sources), initial=state.documents_done, unit="doc", desc="prepare",
+    bar = tqdm(total=known_document_count(sources), initial=writer.state.documents_done, unit="doc", desc="prepare",
                file=sys.stderr, disable=not progress, dynamic_ncols=True)
     with bar:
         for batch in encoded:
             for to_validation, ids in batch:
-                split = "validation" if to_validation else "train"
-                packers[split].add_document(ids)
-                state.splits[split].documents += 1
-                state.splits[split].document_tokens += len(ids) + 1
-                state.documents_done += 1
-                run_tokens += len(ids) + 1
-                completed = False
-                while (samples := packers[split].take(options.samples_per_shard)) is not None:
-                    write_shard(split, samples)
-                    completed = True
-                if completed:
-                    store.save(state, {name: p.pending() for name, p in packers.items()})
-                    time.sleep(pause)
+                run_tokens += writer.add("validation" if to_validation else "train", ids)
             run_docs += len(batch)
             bar.update(len(batch))
-            elapsed = max(bar.format_dict["elapsed"], 1e-9)
-            bar.set_postfix_str(f"{run_tokens / elapsed:,.0f} tok/s", refresh=False)
+            bar.set_postfix_str(f"{run_tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s", refresh=False)
+    tails = writer.finish()
 
-    tails = {}
-    for split, packer in packers.items():
-        samples, tails[split] = packer.take_all()
-        if len(samples):
-            write_shard(split, samples)
-    if not state.splits["train"].shards:
-        raise ValueError(
-            f"the corpus gives the train split {state.splits['train'].document_tokens} tokens, "
-            f"fewer than one sample of context_length + 1 = {sample_length}; use more text or a shorter context"
-        )
+    state, sample_length = writer.state, options.context_length + 1
     manifest = Manifest(
         context_length=options.context_length,
-        token_dtype=dtype_name,
+        token_dtype=writer.dtype_name,
         samples_per_shard=options.samples_per_shard,
         tokenizer=TokenizerInfo(**identity),
         splits={
@@ -183,6 +145,65 @@ def prepare(sources: list[SourceFile], options: PrepareOptions, progress: bool =
     write_manifest_atomic(manifest, out)
     store.clear()
     return PrepareResult(load_manifest(out), False, run_docs, run_tokens, time.perf_counter() - start)
+
+
+class _SplitWriter:
+    """Packs each split's documents, writes every full shard, and checkpoints after each.
+
+    Starts from the last checkpoint in ``store`` when there is one.
+    """
+
+    def __init__(self, out: Path, store: StateStore, fingerprint: str, options: PrepareOptions, eos_id: int,
+                 dtype_name: str) -> None:
+        self.out, self.store, self.dtype_name = out, store, dtype_name
+        self.samples_per_shard = options.samples_per_shard
+        self.pause = float(os.environ.get(PAUSE_ENV, "0"))
+        loaded = store.load(fingerprint)
+        if loaded is None:
+            self.state = PrepareState(fingerprint, 0, {name: SplitProgress() for name in SPLITS})
+            pending = {name: np.zeros(0, dtype=np.int64) for name in SPLITS}
+            store.save(self.state, pending)
+        else:
+            self.state, pending = loaded
+        _reconcile_shards(out, self.state)
+        self.packers = {name: TokenPacker(options.context_length + 1, eos_id, pending[name]) for name in SPLITS}
+
+    def add(self, split: str, ids: np.ndarray) -> int:
+        """Append one document (EOS added) to ``split``; returns its token count including EOS."""
+        packer, progress = self.packers[split], self.state.splits[split]
+        packer.add_document(ids)
+        progress.documents += 1
+        progress.document_tokens += len(ids) + 1
+        self.state.documents_done += 1
+        completed = False
+        while (samples := packer.take(self.samples_per_shard)) is not None:
+            self._write_shard(split, samples)
+            completed = True
+        if completed:
+            self.store.save(self.state, {name: p.pending() for name, p in self.packers.items()})
+            time.sleep(self.pause)
+        return len(ids) + 1
+
+    def finish(self) -> dict[str, int]:
+        """Write each split's last, partial shard; returns the trailing tokens per split that fill no sample."""
+        tails = {}
+        for split, packer in self.packers.items():
+            samples, tails[split] = packer.take_all()
+            if len(samples):
+                self._write_shard(split, samples)
+        train = self.state.splits["train"]
+        if not train.shards:
+            raise ValueError(
+                f"the corpus gives the train split {train.document_tokens} tokens, fewer than one sample of "
+                f"context_length + 1 = {self.packers['train'].sample_length}; use more text or a shorter context"
+            )
+        return tails
+
+    def _write_shard(self, split: str, samples: np.ndarray) -> None:
+        progress = self.state.splits[split]
+        rel = shard_name(split, len(progress.shards))
+        digest = write_shard_atomic(self.out / rel, samples, progress.samples, self.dtype_name)
+        progress.shards.append(ShardInfo(rel, len(samples), samples.size, digest))
 
 
 def _check_options(options: PrepareOptions) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Iterable
+from typing import Sequence
 
 import numpy as np
 
@@ -54,10 +54,9 @@ class TokenPacker:
     def pending_tokens(self) -> int:
         return self._size
 
-    def add_document(self, ids: Iterable[int]) -> None:
+    def add_document(self, ids: Sequence[int] | np.ndarray) -> None:
         """Append a document's token ids followed by EOS."""
-        arr = np.fromiter(ids, dtype=np.int64)
-        self._append(np.append(arr, self.eos_id))
+        self._append(np.append(np.asarray(ids, dtype=np.int64), self.eos_id))
 
     def pending(self) -> np.ndarray:
         """All tokens not yet taken, as one array (used to checkpoint)."""

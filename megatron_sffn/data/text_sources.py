@@ -104,7 +104,14 @@ def iter_parquet(path: str, text_column: str = PARQUET_TEXT_COLUMN, batch_rows: 
         raise SourceError(f"{path}: column {text_column!r} has type {text_type}, expected a string column")
     meta_columns = [c for c in PARQUET_METADATA_COLUMNS if c in schema.names]
     row = 0
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=[text_column, *meta_columns]):
+    batches = pf.iter_batches(batch_size=batch_rows, columns=[text_column, *meta_columns])
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as exc:
+            raise SourceError(f"{path}: unreadable parquet data after row {row} ({exc})") from exc
+        if batch is None:
+            break
         columns = batch.to_pydict()
         for i, text in enumerate(columns[text_column]):
             if text is None:
