@@ -5,7 +5,7 @@ from .blockshuffle import BlockShuffleFC1, BlockShuffleFC2
 from .comm import ShapeOnlyGroup, record_traffic
 from .grads import average_token_split_grads
 from .lowrank import LowRankFC1, LowRankFC2
-from .mlp_spec import STRUCTURED_LINEARS, mlp_spec, pre_mlp_norm_fused
+from .mlp_spec import STRUCTURED_LINEARS, mlp_spec
 from .plan import FFNShape, RankCost, TPStrategy, choose_strategy, rank_cost
 
 __all__ = [
@@ -23,7 +23,6 @@ __all__ = [
     "average_token_split_grads",
     "choose_strategy",
     "mlp_spec",
-    "pre_mlp_norm_fused",
     "rank_cost",
     "record_traffic",
 ]

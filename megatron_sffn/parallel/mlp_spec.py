@@ -30,9 +30,10 @@ def mlp_spec(model_cfg: ModelConfig, layer_number: int, *, tp_strategy: str = "a
 
     ``provider`` (a megatron backend spec provider, e.g. Transformer Engine's)
     supplies the dense layers' linears; when it fuses the pre-MLP norm into
-    fc1, only dense layers get that fused fc1.  A structured fc1 never carries
-    the norm, so :func:`pre_mlp_norm_fused` is False for it and the layer
-    must keep a separate ``pre_mlp_layernorm`` module.
+    fc1 (``provider.column_parallel_layer_norm_linear()``), dense layers get
+    that fused fc1.  A structured fc1 never applies the norm: a layer whose
+    fc1 is not the provider's fused linear must keep a separate
+    ``pre_mlp_layernorm`` module, or its FFN silently runs without pre-LN.
     """
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
@@ -50,13 +51,6 @@ def mlp_spec(model_cfg: ModelConfig, layer_number: int, *, tp_strategy: str = "a
             linear_fc1=ModuleSpec(module=fc1, params=params), linear_fc2=ModuleSpec(module=fc2, params=params)
         ),
     )
-
-
-def pre_mlp_norm_fused(spec) -> bool:
-    """Whether the MLP's fc1 applies the pre-MLP norm itself (Transformer Engine's layernorm-linear)."""
-    fc1 = spec.submodules.linear_fc1
-    module = getattr(fc1, "module", fc1)
-    return "LayerNorm" in getattr(module, "__name__", "")
 
 
 def _dense_linears(provider: Any) -> tuple[Any, Any]:

@@ -267,34 +267,47 @@ def _scratch() -> str:
 
 
 def checkpoint_reshard() -> dict[str, dict[str, float]]:
-    """Save an MLP at TP=2 and load it at TP=1 (other seed, maybe other strategy), then TP=1 -> TP=2.
+    """Save MLPs at TP=2 and load them at TP=1 (other seed, maybe other strategy), then TP=1 -> TP=2.
 
     Returns per case the relative output difference after loading (must be ~0)
     and before loading (must not be: the loading MLP started from other weights).
-    dist_checkpointing synchronises CUDA while saving, hence the CPU adaptation.
+    Three layouts in sequence (TP=2 save, TP=1 load and save, TP=2 load) keep
+    the process-group set-ups to three.  dist_checkpointing synchronises CUDA
+    while saving, hence the CPU adaptation.
     """
     from megatron_sffn import cpu_compat
 
     cpu_compat.enable_if_no_cuda()
     x, _ = inputs((3, 2))
-    results: dict[str, dict[str, float]] = {}
-    for index, (saved, loaded) in enumerate(RESHARD_CASES):
-        out = {}
-        for direction, (save_tp, load_tp) in {"tp2->tp1": (2, 1), "tp1->tp2": (1, 2)}.items():
-            directory = os.path.join(_scratch(), f"{index}-{direction}")
-            _init(save_tp)
-            source = build_mlp(saved, None, seed=SEED)
+    expected: dict[tuple[int, str], torch.Tensor] = {}
+    results: dict[str, dict[str, float]] = {f"{s.name} -> {l.strategy}": {} for s, l in RESHARD_CASES}
+
+    def save_all(tp: int) -> None:
+        for index, (saved, loaded) in enumerate(RESHARD_CASES):
+            case = saved if tp == 2 else loaded
+            source = build_mlp(case, None, seed=SEED + tp)
             with torch.no_grad():
-                expected = _output(source, x)
-            _save(source, directory)
-            _init(load_tp)
-            target = build_mlp(loaded, None, seed=SEED + 1)
+                expected[index, f"tp{tp}"] = _output(source, x)
+            _save(source, os.path.join(_scratch(), f"{index}-tp{tp}"))
+
+    def load_all(tp: int, saved_tp: int) -> None:
+        for index, (saved, loaded) in enumerate(RESHARD_CASES):
+            case = loaded if tp == 1 else saved
+            target = build_mlp(case, None, seed=SEED + 10)
+            reference = expected[index, f"tp{saved_tp}"]
             with torch.no_grad():
                 before = _output(target, x)
-                _load(target, directory)
+                _load(target, os.path.join(_scratch(), f"{index}-tp{saved_tp}"))
                 after = _output(target, x)
-            out[f"{direction}:after"] = _relative_error(after, expected)
-            out[f"{direction}:before"] = _relative_error(before, expected)
-        results[f"{saved.name} -> {loaded.strategy}"] = out
-    return results
+            entry = results[f"{saved.name} -> {loaded.strategy}"]
+            entry[f"tp{saved_tp}->tp{tp}:after"] = _relative_error(after, reference)
+            entry[f"tp{saved_tp}->tp{tp}:before"] = _relative_error(before, reference)
 
+    _init(2)
+    save_all(2)
+    _init(1)
+    load_all(1, saved_tp=2)
+    save_all(1)
+    _init(2)
+    load_all(2, saved_tp=1)
+    return results
