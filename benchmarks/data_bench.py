@@ -1,7 +1,7 @@
 """Data pipeline throughput: ``prepare`` against bare tokenization, and the loaders.
 
     python benchmarks/data_bench.py                      # embedded corpus (data/corpus) if present
-    python benchmarks/data_bench.py --json results.json --seconds 10
+    python benchmarks/data_bench.py --json results.json --rounds 5
 
 (a) ``prepare`` with one tokenizer worker against bare HF ``tokenizers``
     ``encode_batch`` over the same documents (already in memory, same batch
@@ -9,10 +9,18 @@
     the EOS each document gets), so *overhead* = bare rate / prepare rate - 1
     is the share of time ``prepare`` spends beyond tokenizing: reading
     parquet, the split hash, packing, writing and hashing shards, progress.
-(b) The training loader over the shards (b) just written, per DataLoader
-    worker (0 = in the training process, counted as one worker), timed after
-    the first batch so that worker start-up is excluded, over ``--seconds``.
-(c) The on-the-fly loader over the raw corpus, per worker, the same way.
+    The two are timed alternately ``--repeats`` times and the medians
+    compared, so load from other processes hits both alike.
+(b) The training loader over the shards that (a) wrote, per DataLoader
+    worker (0 = in the training process, counted as one worker).
+(c) The on-the-fly loader over the raw corpus, per worker.
+
+Loaders produce in lumps (a lane reads a whole shard, or tokenizes a whole
+shuffle window, when it first needs one), so (b) and (c) are timed in steady
+state over whole *rounds*: ``lanes x samples_per_shard`` samples for shards,
+``lanes x shuffle_window`` for text.  The clock starts when the first batch
+of round 2 arrives (start-up and the first lump excluded) and stops when the
+first batch of round ``2 + --rounds`` arrives.
 
 Without ``data/corpus`` a synthetic corpus of random words is generated
 (and, without ``data/tokenizer.json``, a tokenizer trained on it), so the
@@ -26,6 +34,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -100,57 +110,82 @@ def resolve_inputs(args: argparse.Namespace, scratch: Path) -> tuple[list[Source
     return sources, tokenizer, origin
 
 
-def bench_bare_tokenizer(sources: list[SourceFile], tokenizer: str, text_key: str | None) -> Row:
+def bare_tokenizer_seconds(texts: list[str], tokenizer: str) -> tuple[int, float]:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(tokenizer)
     tok.encode_special_tokens = True  # as prepare's tokenizer does
-    texts = [doc.text for doc in iter_documents(sources, text_key)]
-    print(f"[data_bench] (a) bare tokenizers over {len(texts)} documents", file=sys.stderr)
     tokens = 0
     start = time.perf_counter()
     for i in range(0, len(texts), BATCH_DOCUMENTS):
         batch = tok.encode_batch(texts[i:i + BATCH_DOCUMENTS], add_special_tokens=False)
         tokens += sum(len(e.ids) + 1 for e in batch)  # + EOS, as prepare counts
-    return Row("a", "bare tokenizers encode_batch", 1, tokens, time.perf_counter() - start)
+    return tokens, time.perf_counter() - start
 
 
-def bench_prepare(sources: list[SourceFile], tokenizer: str, out: Path, args: argparse.Namespace) -> Row:
-    print("[data_bench] (a) prepare, 1 tokenizer worker", file=sys.stderr)
+def prepare_seconds(sources: list[SourceFile], tokenizer: str, out: Path, args: argparse.Namespace) -> tuple[int, float]:
     options = PrepareOptions(tokenizer=tokenizer, out=out, context_length=args.context_length,
-                             text_key=args.text_key, workers=1, batch_documents=BATCH_DOCUMENTS)
+                             samples_per_shard=args.samples_per_shard, text_key=args.text_key, workers=1,
+                             batch_documents=BATCH_DOCUMENTS)
     result = prepare(sources, options, progress=True)
-    return Row("a", "data_tools.prepare", 1, result.tokens, result.seconds)
+    return result.tokens, result.seconds
 
 
-def time_batches(loader, seconds: float) -> tuple[int, float]:
-    """Tokens delivered and time taken, from the first batch (excluded) for at least ``seconds``."""
+def bench_prepare(sources: list[SourceFile], tokenizer: str, scratch: Path, args: argparse.Namespace) -> list[Row]:
+    """Bare tokenization and prepare, alternately; leaves the last prepared dataset in ``scratch/shards``."""
+    texts = [doc.text for doc in iter_documents(sources, args.text_key)]
+    bare, prepared = [], []
+    for i in range(args.repeats):
+        print(f"[data_bench] (a) round {i + 1}/{args.repeats}: bare tokenizers over {len(texts)} documents",
+              file=sys.stderr)
+        bare.append(bare_tokenizer_seconds(texts, tokenizer))
+        print(f"[data_bench] (a) round {i + 1}/{args.repeats}: prepare, 1 tokenizer worker", file=sys.stderr)
+        out = scratch / "shards"
+        if out.exists():
+            shutil.rmtree(out)
+        prepared.append(prepare_seconds(sources, tokenizer, out, args))
+    return [Row("a", "bare tokenizers encode_batch", 1, bare[0][0], statistics.median(s for _, s in bare)),
+            Row("a", "data_tools.prepare", 1, prepared[0][0], statistics.median(s for _, s in prepared))]
+
+
+def time_rounds(loader, round_samples: int, rounds: int, micro_batch: int) -> tuple[int, float]:
+    """Tokens and seconds between the first batches of round 2 and of round ``2 + rounds``."""
+    if round_samples % micro_batch:
+        raise ValueError(f"a round of {round_samples} samples is not a whole number of {micro_batch}-sample batches")
     batches = iter(loader)
-    next(batches)
-    tokens = 0
-    start = time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
-        tokens += next(batches)["tokens"].numel()
+    consumed = tokens = 0
+    start = 0.0
+    while consumed < (rounds + 1) * round_samples:
+        batch = next(batches)
+        if consumed == round_samples:
+            start = time.perf_counter()
+        if consumed >= round_samples:
+            tokens += batch["tokens"].numel()
+        consumed += micro_batch
+    next(batches)  # the first batch of the following round closes the measured span
+    elapsed = time.perf_counter() - start
     batches.close()
     return tokens, elapsed
 
 
 def bench_loaders(dataset: Path, sources: list[SourceFile], tokenizer: str, args: argparse.Namespace) -> list[Row]:
-    from megatron_sffn.data.on_the_fly import build_text_train_loader
+    from megatron_sffn.data.on_the_fly import DEFAULT_SHUFFLE_WINDOW, build_text_train_loader
 
     rows = []
     for workers in args.workers:
-        print(f"[data_bench] (b) shard loader, {workers} workers, {args.seconds:.0f} s", file=sys.stderr)
+        print(f"[data_bench] (b) shard loader, {workers} workers", file=sys.stderr)
         loader = build_train_loader(dataset, micro_batch_size=args.micro_batch_size, num_workers=workers,
                                     lanes=args.lanes)
-        rows.append(Row("b", "shard loader", workers, *time_batches(loader, args.seconds)))
+        measured = time_rounds(loader, args.lanes * args.samples_per_shard, args.rounds, args.micro_batch_size)
+        rows.append(Row("b", "shard loader", workers, *measured))
     for workers in args.workers:
-        print(f"[data_bench] (c) on-the-fly loader, {workers} workers, {args.seconds:.0f} s", file=sys.stderr)
+        print(f"[data_bench] (c) on-the-fly loader, {workers} workers", file=sys.stderr)
         loader = build_text_train_loader([s.path for s in sources], tokenizer=tokenizer,
                                          context_length=args.context_length, text_key=args.text_key,
                                          micro_batch_size=args.micro_batch_size, num_workers=workers,
                                          lanes=args.lanes)
-        rows.append(Row("c", "on-the-fly loader", workers, *time_batches(loader, args.seconds)))
+        measured = time_rounds(loader, args.lanes * DEFAULT_SHUFFLE_WINDOW, args.rounds, args.micro_batch_size)
+        rows.append(Row("c", "on-the-fly loader", workers, *measured))
     return rows
 
 
@@ -186,22 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context-length", type=int, default=1024)
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--lanes", type=int, default=8)
+    parser.add_argument("--samples-per-shard", type=int, default=256)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader worker counts to time")
-    parser.add_argument("--seconds", type=float, default=5.0, help="timed duration of each loader case")
+    parser.add_argument("--rounds", type=int, default=3, help="steady-state rounds timed per loader case")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of bare tokenization and prepare")
     parser.add_argument("--synthetic-documents", type=int, default=2000)
-    parser.add_argument("--skip-prepare", action="store_true", help="time only the loaders (prepare still runs once)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="data_bench-") as tmp:
         scratch = Path(tmp)
         sources, tokenizer, origin = resolve_inputs(args, scratch)
-        rows = []
-        if not args.skip_prepare:
-            rows.append(bench_bare_tokenizer(sources, tokenizer, args.text_key))
-        prepared = bench_prepare(sources, tokenizer, scratch / "shards", args)
-        if not args.skip_prepare:
-            rows.append(prepared)
+        rows = bench_prepare(sources, tokenizer, scratch, args)
         rows += bench_loaders(scratch / "shards", sources, tokenizer, args)
         summary = report(rows, origin, args)
     if args.json:

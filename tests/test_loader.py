@@ -8,6 +8,7 @@ the single-rank, single-process stream.
 
 from __future__ import annotations
 
+import pickle
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -25,6 +26,7 @@ from megatron_sffn.data.manifest import (
     TokenizerInfo,
     write_manifest_atomic,
 )
+from megatron_sffn.data.order import reader_slot
 from megatron_sffn.data.shard_writer import shard_name, write_shard_atomic
 
 VOCAB = 50_000
@@ -217,3 +219,12 @@ def test_shards_stream_from_urls_and_pipes(dataset, template):
                                 shard_url_template=template.format(root=dataset))
     ids, _ = stream_ids(loader, 20)
     assert ids == reference(dataset, 80)
+
+
+def test_readers_survive_pickling_for_spawned_workers(dataset):
+    """Spawn/forkserver start methods pickle the reader; the copy must read the same positions."""
+    loader = build_train_loader(dataset, micro_batch_size=1, lanes=LANES)
+    copy = pickle.loads(pickle.dumps(loader.source))
+    slot = reader_slot(5, 1, 2, 0, 1)
+    original = [row.tokens.tolist() for row in islice(loader.source.rows(slot, {}), 30)]
+    assert [row.tokens.tolist() for row in islice(copy.rows(slot, {}), 30)] == original

@@ -145,9 +145,20 @@ class ShardedOrder:
         self.seed = seed
         self.lanes = lanes
         self.epoch_samples = int(self.shard_sizes.sum())
+        self._make_caches()
+
+    def _make_caches(self) -> None:
         self._plan = lru_cache(maxsize=2)(self._make_plan)
         # One entry per lane a reader may be in the middle of, plus the next epoch's.
-        self._rows = lru_cache(maxsize=2 * lanes)(self._make_row_order)
+        self._rows = lru_cache(maxsize=2 * self.lanes)(self._make_row_order)
+
+    def __getstate__(self) -> dict:
+        """Caches stay behind when the order is sent to a spawned loader worker."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_plan", "_rows")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._make_caches()
 
     def locate(self, position: int) -> SampleRef:
         n, lanes = self.epoch_samples, self.lanes
