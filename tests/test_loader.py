@@ -26,7 +26,7 @@ from megatron_sffn.data.manifest import (
     TokenizerInfo,
     write_manifest_atomic,
 )
-from megatron_sffn.data.order import reader_slot
+from megatron_sffn.data.order import ShardedOrder, reader_slot
 from megatron_sffn.data.shard_writer import shard_name, write_shard_atomic
 
 VOCAB = 50_000
@@ -228,3 +228,19 @@ def test_readers_survive_pickling_for_spawned_workers(dataset):
     slot = reader_slot(5, 1, 2, 0, 1)
     original = [row.tokens.tolist() for row in islice(loader.source.rows(slot, {}), 30)]
     assert [row.tokens.tolist() for row in islice(copy.rows(slot, {}), 30)] == original
+
+
+@pytest.mark.parametrize("shards, lanes", [(40, 8), (2, 8), (9, 8)])
+def test_lanes_read_contiguous_segments_so_ranks_read_few_shards(shards, lanes):
+    """Each lane reads a contiguous run of the epoch's shards: a shard is read twice only where
+    two lanes' segments meet, and a rank reads only its own lanes' shards."""
+    sizes = [7] * (shards - 1) + [4]
+    order = ShardedOrder(sizes, seed=3, lanes=lanes)
+    n = order.epoch_samples
+    for epoch in range(2):
+        touched = [set() for _ in range(lanes)]
+        for g in range(epoch * n, (epoch + 1) * n):
+            touched[g % lanes].add(order.locate(g).shard)
+        assert sum(len(t) for t in touched) <= shards + lanes - 1
+        rank0_of_4 = set().union(*touched[0::4])
+        assert len(rank0_of_4) <= (lanes // 4) * (shards // lanes + 2)
