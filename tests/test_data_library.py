@@ -7,6 +7,7 @@ tokenizer trained on it, so no test depends on files or network access.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import tarfile
 from pathlib import Path
@@ -75,8 +76,6 @@ def test_trained_tokenizer_round_trips_text_and_reports_its_identity(tokenizer_p
     assert identity["type"] == "hf-json" and identity["spec"] == str(tokenizer_path)
     assert identity["vocab_size"] == tok.vocab_size == 400
     assert tok.decode([tok.eos_id]) == "<|endoftext|>"
-    import hashlib
-
     assert identity["sha256"] == hashlib.sha256(tokenizer_path.read_bytes()).hexdigest()
 
 
@@ -100,6 +99,36 @@ def test_tokenizer_spec_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
     with pytest.raises(TokenizerUnavailableError, match="'gpt2' is not in the local cache"):
         load_tokenizer("gpt2")
+
+
+def test_sentencepiece_style_tokenizer_json_uses_its_end_of_sequence_token(tmp_path: Path) -> None:
+    """LLaMA-format files (Metaspace pre-tokenizer, ``</s>``) load from their directory and add no BOS."""
+    from tokenizers import SentencePieceBPETokenizer
+
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator(tiny_documents(50), vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    sp.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path)
+    assert tok.eos_id == 2 and tok.identity()["spec"] == str(tmp_path)
+    ids = tok.encode_batch(["the model trains"])[0]
+    assert 1 not in ids and tok.decode(ids) == "the model trains"
+
+
+def test_tiktoken_encoding_is_wrapped_and_hashed_by_definition(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tiktoken
+
+    def toy(special: int) -> tiktoken.Encoding:
+        ranks = {bytes([i]): i for i in range(256)}
+        return tiktoken.Encoding("toy", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={"<|endoftext|>": special})
+
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: toy(256))
+    tok = load_tokenizer("gpt2")
+    assert (tok.type, tok.vocab_size, tok.eos_id) == ("tiktoken", 257, 256)
+    ids = tok.encode_batch(["hi <|endoftext|>"])[0]
+    assert 256 not in ids and tok.decode(ids) == "hi <|endoftext|>"
+    same = load_tokenizer("gpt2").sha256
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: toy(300))
+    assert same == tok.sha256 != load_tokenizer("gpt2").sha256
 
 
 # ---------------------------------------------------------------- text sources
@@ -344,8 +373,6 @@ def test_sample_of_wrong_length_is_named(tmp_path: Path) -> None:
     data = encode_shard(np.zeros((3, 5), dtype=np.int64), 0, "uint16")  # 5 tokens, expected 6
     (tmp_path / shard.path).write_bytes(data)
     # Give the manifest the new hash so the length check, not the hash, is what catches it.
-    import hashlib
-
     raw = json.loads((tmp_path / "manifest.json").read_text())
     raw["splits"]["validation"]["shards"][0]["sha256"] = hashlib.sha256(data).hexdigest()
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
