@@ -1,10 +1,15 @@
 """The run's data: this rank's training stream and validation pass, and their checks against the model.
 
+Two sources, one contract: a prepared dataset (``data.path``, webdataset
+shards plus manifest) or raw parquet/JSONL/text files tokenized in the
+loader (``data.raw``, held-out documents chosen by document hash as
+``data_tools.prepare`` would).  Both give a resumable ``TrainStream`` whose
+order depends only on the data, ``data.seed`` and ``data.lanes``.
+
 Every rank of a pipeline replica (all its TP ranks and PP stages) reads the
 same data-parallel share of each global batch.  Only the first and last
 stages use it, but reading it everywhere keeps every rank's loader at the
-same position, so any rank's state is the run's state; the cost is a few
-kilobytes of token ids per micro-batch.
+same position; the cost is a few kilobytes of token ids per micro-batch.
 """
 
 from __future__ import annotations
@@ -15,22 +20,33 @@ from typing import Any
 from ..config.train import TrainConfig
 from ..data.loader import build_train_loader, build_validation_loader, open_dataset
 from ..data.manifest import Manifest
+from ..data.on_the_fly import build_text_train_loader, build_text_validation_loader
 from ..data.streaming import TrainStream, merge_states
+from ..data.text_sources import expand_inputs
+from ..data.tokenizer import load_tokenizer
 from ..data.validation import ValidationLoader
 
 
-def check_dataset(config: TrainConfig) -> Manifest:
-    """Open the prepared dataset and check it fits the model; cheap, so it runs before any heavy set-up.
+def _check_vocab(config: TrainConfig, vocab_size: int, where: str) -> None:
+    if vocab_size > config.model.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({vocab_size} ids, {where}); token ids would index past the embedding"
+        )
 
-    The manifest's context length must equal ``model.seq_length`` (samples
-    are packed to it) and every token id must be a row of the embedding.
+
+def check_dataset(config: TrainConfig) -> Manifest | None:
+    """Open the data source and check it fits the model; cheap, so it runs before any heavy set-up.
+
+    A prepared dataset's context length must equal ``model.seq_length``
+    (samples are packed to it); every token id must be a row of the embedding.
+    Returns the manifest of a prepared dataset (None for raw files).
     """
     data = config.data
-    if data.path is None:
-        raise ValueError(
-            f"data.raw={data.raw!r}: on-the-fly tokenization is not wired into the trainer; "
-            f"prepare the files with data_tools.prepare and set data.path to the output directory"
-        )
+    if data.raw is not None:
+        expand_inputs(data.raw)
+        _check_vocab(config, load_tokenizer(data.tokenizer).vocab_size, f"data.tokenizer={data.tokenizer}")
+        return None
     manifest = open_dataset(data.path, data.tokenizer)
     if manifest.context_length != config.model.seq_length:
         raise ValueError(
@@ -38,11 +54,7 @@ def check_dataset(config: TrainConfig) -> Manifest:
             f"context_length={manifest.context_length}; set model.seq_length={manifest.context_length} "
             f"or prepare the data again"
         )
-    if manifest.tokenizer.vocab_size > config.model.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={config.model.vocab_size} is smaller than the dataset tokenizer's vocabulary "
-            f"({manifest.tokenizer.vocab_size} ids, {data.path}); token ids would index past the embedding"
-        )
+    _check_vocab(config, manifest.tokenizer.vocab_size, f"dataset {data.path}")
     return manifest
 
 
@@ -54,8 +66,9 @@ class RunData:
     def global_train_state(self) -> dict[str, Any]:
         """The training stream's position merged over the data-parallel ranks (collective).
 
-        A prepared dataset's state is the same on every rank; streams that
-        keep per-rank cursors need all of them to resume at another DP size.
+        A prepared dataset's state is the same on every rank; a raw-text
+        stream keeps per-lane cursors on the rank owning the lane, and all of
+        them are needed to resume at another data-parallel size.
         """
         import torch.distributed as dist
         from megatron.core import parallel_state
@@ -69,33 +82,32 @@ class RunData:
 def build_validation(config: TrainConfig, *, dp_rank: int, dp_size: int, micro_batches_per_step: int,
                      manifest: Manifest | None = None) -> ValidationLoader:
     """This rank's validation pass, padded to whole groups of ``micro_batches_per_step`` (pipeline calls)."""
-    data = config.data
+    data, micro = config.data, config.training.micro_batch_size
+    if data.raw is not None:
+        return build_text_validation_loader(
+            data.raw, tokenizer=data.tokenizer, context_length=config.model.seq_length, micro_batch_size=micro,
+            dp_rank=dp_rank, dp_size=dp_size, batches_multiple_of=micro_batches_per_step,
+        )  # fmt: skip
     return build_validation_loader(
-        manifest or check_dataset(config),
-        micro_batch_size=config.training.micro_batch_size,
-        dp_rank=dp_rank,
-        dp_size=dp_size,
-        num_workers=data.num_workers,
-        skip_bad_shards=data.skip_bad_shards,
-        batches_multiple_of=micro_batches_per_step,
-        shard_url_template=data.shard_url_template,
-    )
+        manifest or check_dataset(config), micro_batch_size=micro, dp_rank=dp_rank, dp_size=dp_size,
+        num_workers=data.num_workers, skip_bad_shards=data.skip_bad_shards,
+        batches_multiple_of=micro_batches_per_step, shard_url_template=data.shard_url_template,
+    )  # fmt: skip
 
 
 def build_run_data(config: TrainConfig, *, dp_rank: int, dp_size: int, micro_batches_per_step: int) -> RunData:
-    data = config.data
+    data, micro = config.data, config.training.micro_batch_size
     manifest = check_dataset(config)
-    train = build_train_loader(
-        manifest,
-        micro_batch_size=config.training.micro_batch_size,
-        dp_rank=dp_rank,
-        dp_size=dp_size,
-        num_workers=data.num_workers,
-        seed=data.seed,
-        lanes=data.lanes,
-        skip_bad_shards=data.skip_bad_shards,
-        shard_url_template=data.shard_url_template,
-    )
+    common = dict(micro_batch_size=micro, dp_rank=dp_rank, dp_size=dp_size, num_workers=data.num_workers,
+                  seed=data.seed, lanes=data.lanes)  # fmt: skip
+    if data.raw is not None:
+        train = build_text_train_loader(
+            data.raw, tokenizer=data.tokenizer, context_length=config.model.seq_length, **common
+        )
+    else:
+        train = build_train_loader(
+            manifest, skip_bad_shards=data.skip_bad_shards, shard_url_template=data.shard_url_template, **common
+        )
     validation = build_validation(
         config, dp_rank=dp_rank, dp_size=dp_size, micro_batches_per_step=micro_batches_per_step, manifest=manifest
     )
