@@ -29,7 +29,6 @@ documented figures cannot drift from the code.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from dataclasses import dataclass
 from fractions import Fraction

@@ -301,3 +301,20 @@ def test_unsupported_megatron_options_are_named():
         fc1(HIDDEN, FFN_HIDDEN, config=config, rank=8, gather_output=True, tp_group=ShapeOnlyGroup(0, 1))
     with pytest.raises(ValueError, match="sequence_parallel=True"):
         _build(case, 2, sequence_parallel=True, tensor_model_parallel_size=2)
+
+
+# -- the documented xl table ---------------------------------------------------------------------
+
+
+def test_documented_xl_table_is_the_plan():
+    """docs/tensor-parallel.md's table equals the closed-form plan (the benchmark checks the modules against it)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tp_per_rank.py"
+    spec = importlib.util.spec_from_file_location("tp_per_rank", path)
+    bench = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(bench)
+    rows = [bench.planned(setting, tp) for setting in bench.SETTINGS for tp in bench.TP_SIZES]
+    assert bench.check_against_docs(rows) == []
