@@ -53,7 +53,12 @@ class FactorSpec:
 
 
 class TPStructuredLinear(MegatronModule):
-    """Base of the fc1/fc2 classes; ``kind`` is the structure, ``role`` is "fc1" or "fc2"."""
+    """Base of the fc1/fc2 classes; ``kind`` is the structure, ``role`` is "fc1" or "fc2".
+
+    ``init_method`` and ``tp_comm_buffer_name`` belong to megatron's contract
+    and are accepted unused (structures initialise themselves; there are no
+    communication buffers to register).  ``tp_group`` may also be a
+    :class:`~.comm.ShapeOnlyGroup` to build one rank of a larger group alone."""
 
     kind: str = ""
     role: str = ""
