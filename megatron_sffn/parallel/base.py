@@ -58,7 +58,8 @@ class TPStructuredLinear(MegatronModule):
     ``init_method`` and ``tp_comm_buffer_name`` belong to megatron's contract
     and are accepted unused (structures initialise themselves; there are no
     communication buffers to register).  ``tp_group`` may also be a
-    :class:`~.comm.ShapeOnlyGroup` to build one rank of a larger group alone."""
+    :class:`~.comm.ShapeOnlyGroup` to build one rank of a larger group alone.
+    """
 
     kind: str = ""
     role: str = ""
