@@ -222,7 +222,8 @@ class BlockShuffle(StructuredLinear):
 
     def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = monarch_matmul(x, self.w1, self.w2, self.interleave_output)
-        return out if bias is None else out + bias
+        # In the product's dtype, as F.linear adds its bias under autocast.
+        return out if bias is None else out + bias.to(out.dtype)
 
     def to_dense(self) -> torch.Tensor:
         blocks, middle, _ = self.w1.shape
