@@ -12,9 +12,9 @@ structured formula of "Building on Efficient Foundations" (Wei et al.,
 NeurIPS 2024) — the FLOPs the structured model actually needs — against the
 device peak: the datasheet on a GPU, or on the CPU the fp32 matmul
 throughput measured in the same process (CPU "MFU" is relative to achieved
-matmul speed).  Dense and structured run in the same process one after the
-other, so their ratio is comparable even on a loaded machine; the absolute
-figures are not.
+matmul speed).  Dense and structured run in the same process, alternating step by
+step, so their ratio is comparable even on a loaded machine; the absolute
+figures (and the CPU peak, measured once at start) are not.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class CaseResult:
     seq_length: int
     tokens_per_step: int
     seconds_per_step: float
+    cpu_seconds_per_step: float  # process CPU time (all threads): robust to other processes' load
     tokens_per_s: float
     tflops: float
     mfu: float
@@ -83,46 +84,66 @@ def random_batches(config: TrainConfig, count: int, generator: torch.Generator) 
     return batches
 
 
-def measure(size: str, structure: str, config: TrainConfig, warmup: int, steps: int, peak_flops: float) -> CaseResult:
-    from megatron_sffn.accounting.model import training_flops_per_token
-    from megatron_sffn.model import initialize_model_parallel, seed_model_parallel
-    from megatron_sffn.training.model_setup import (
-        Numerics, build_model, build_optimizer, install_schedule_hooks, wrap_data_parallel,
-    )  # fmt: skip
-    from megatron_sffn.training.schedule import build_lr_scheduler
-    from megatron_sffn.training.step import to_device, train_step
+class Case:
+    """One model with its DDP wrapper, optimizer and schedule, built as the trainer builds them."""
 
-    initialize_model_parallel(1, 1)
-    seed_model_parallel(config.training.seed)
-    numerics = Numerics.resolve(config, torch.cuda.is_available())
-    model = [wrap_data_parallel(build_model(config, numerics), numerics)]
-    install_schedule_hooks(model)
-    optimizer = build_optimizer(config, numerics, model)
-    scheduler = build_lr_scheduler(optimizer, config.optimizer, config.resolved_train_steps(), 0)
-    params = sum(p.numel() for p in model[0].parameters())
-    generator = torch.Generator().manual_seed(0)
-    times = []
+    def __init__(self, size: str, structure: str, config: TrainConfig) -> None:
+        from megatron_sffn.model import seed_model_parallel
+        from megatron_sffn.training.model_setup import (
+            Numerics, build_model, build_optimizer, install_schedule_hooks, wrap_data_parallel,
+        )  # fmt: skip
+        from megatron_sffn.training.schedule import build_lr_scheduler
+
+        self.size, self.structure, self.config = size, structure, config
+        seed_model_parallel(config.training.seed)
+        numerics = Numerics.resolve(config, torch.cuda.is_available())
+        self.model = [wrap_data_parallel(build_model(config, numerics), numerics)]
+        install_schedule_hooks(self.model)
+        self.optimizer = build_optimizer(config, numerics, self.model)
+        self.scheduler = build_lr_scheduler(self.optimizer, config.optimizer, config.resolved_train_steps(), 0)
+        self.generator = torch.Generator().manual_seed(0)
+        self.times: list[float] = []
+        self.cpu_times: list[float] = []
+
+    def step(self) -> tuple[float, float, float]:
+        """One optimizer step; returns (wall seconds, process CPU seconds, loss)."""
+        from megatron_sffn.training.step import to_device, train_step
+
+        batches = [to_device(b) for b in random_batches(self.config, 1, self.generator)]
+        self.scheduler.step(increment=1)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        result = train_step(self.model, self.optimizer, batches, seq_length=self.config.model.seq_length,
+                            micro_batch_size=self.config.training.micro_batch_size, stop_flag=0.0)  # fmt: skip
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, time.process_time() - cpu_start, result.loss
+
+    def result(self, peak_flops: float) -> CaseResult:
+        from megatron_sffn.accounting.model import training_flops_per_token
+
+        seconds = statistics.median(self.times)
+        tokens = self.config.tokens_per_step()
+        flops_per_token = training_flops_per_token(self.config.model)
+        flops = flops_per_token * tokens / seconds
+        params = sum(p.numel() for p in self.model[0].parameters())
+        return CaseResult(self.size, self.structure, params, self.config.model.seq_length, tokens, seconds,
+                          statistics.median(self.cpu_times), tokens / seconds, flops / 1e12, flops / peak_flops,
+                          flops_per_token)  # fmt: skip
+
+
+def measure_size(size: str, cases: list[Case], warmup: int, steps: int) -> None:
+    """Alternate the cases step by step, so a change in machine load hits dense and structured alike."""
     for i in range(warmup + steps):
-        batches = [to_device(b) for b in random_batches(config, 1, generator)]
-        scheduler.step(increment=1)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = train_step(model, optimizer, batches, seq_length=config.model.seq_length,
-                            micro_batch_size=config.training.micro_batch_size, stop_flag=0.0)  # fmt: skip
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
         phase = "warm-up" if i < warmup else "timed"
-        log(f"  {size}/{structure}: step {i + 1}/{warmup + steps} ({phase}) {elapsed:.2f} s, loss {result.loss:.3f}")
-        if i >= warmup:
-            times.append(elapsed)
-    seconds = statistics.median(times)
-    tokens = config.tokens_per_step()
-    flops_per_token = training_flops_per_token(config.model)
-    flops = flops_per_token * tokens / seconds
-    return CaseResult(size, structure, params, config.model.seq_length, tokens, seconds, tokens / seconds,
-                      flops / 1e12, flops / peak_flops, flops_per_token)  # fmt: skip
+        for case in cases:
+            seconds, cpu_seconds, loss = case.step()
+            log(f"  {size}/{case.structure}: step {i + 1}/{warmup + steps} ({phase}) {seconds:.2f} s "
+                f"({cpu_seconds:.2f} CPU-s), loss {loss:.3f}")
+            if i >= warmup:
+                case.times.append(seconds)
+                case.cpu_times.append(cpu_seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,19 +169,30 @@ def main(argv: list[str] | None = None) -> int:
     if peak is None:
         parser.error("unknown device peak: this GPU is not in the datasheet table")
     log(f"device peak: {peak.flops_per_second / 1e12:.3f} TFLOP/s ({peak.source})")
+    from megatron_sffn.model import initialize_model_parallel
+
+    initialize_model_parallel(1, 1)
     results = []
     for size in args.sizes:
         dense_path, structured_path, micro, seq = SIZES[size]
-        for structure, path in (("dense", dense_path), ("lowrank32", structured_path)):
-            config = case_config(path, args.micro_batch or micro, args.seq_length or seq)
-            results.append(measure(size, structure, config, args.warmup, args.steps, peak.flops_per_second))
+        cases = [
+            Case(size, structure, case_config(path, args.micro_batch or micro, args.seq_length or seq))
+            for structure, path in (("dense", dense_path), ("lowrank32", structured_path))
+        ]
+        measure_size(size, cases, args.warmup, args.steps)
+        results += [case.result(peak.flops_per_second) for case in cases]
+        del cases
 
-    print(f"{'size':<5} {'FFN':<10} {'params':>9} {'seq':>5} {'s/step':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>7} {'speed-up':>9}")
+    print(f"{'size':<5} {'FFN':<10} {'params':>9} {'seq':>5} {'s/step':>8} {'CPU-s/step':>10} {'tok/s':>9} "
+          f"{'TFLOP/s':>8} {'MFU':>7} {'speed-up':>9} {'(CPU time)':>10} {'FLOP ratio':>10}")
     dense = {r.size: r for r in results if r.structure == "dense"}
     for r in results:
-        speedup = r.tokens_per_s / dense[r.size].tokens_per_s
+        base = dense[r.size]
         print(f"{r.size:<5} {r.structure:<10} {r.params / 1e6:>8.2f}M {r.seq_length:>5} {r.seconds_per_step:>8.3f} "
-              f"{r.tokens_per_s:>9.0f} {r.tflops:>8.4f} {100 * r.mfu:>6.1f}% {speedup:>8.2f}x")  # fmt: skip
+              f"{r.cpu_seconds_per_step:>10.3f} {r.tokens_per_s:>9.0f} {r.tflops:>8.4f} {100 * r.mfu:>6.1f}% "
+              f"{base.seconds_per_step / r.seconds_per_step:>8.2f}x "
+              f"{base.cpu_seconds_per_step / r.cpu_seconds_per_step:>9.2f}x "
+              f"{base.flops_per_token / r.flops_per_token:>9.2f}x")  # fmt: skip
     if args.json:
         from megatron_sffn.training.checkpoint_dirs import write_text_atomic
 
