@@ -58,6 +58,17 @@ def test_inconsistent_launch_fails_before_setup(tmp_path, dataset, monkeypatch, 
     assert not run_dir.exists()
 
 
+def test_empty_validation_split_is_reported_when_evaluations_are_asked_for(tmp_path, monkeypatch, capsys):
+    data = write_dataset(tmp_path / "data", train_samples=64, val_samples=0)
+    config = write_config(tmp_path / "run.yaml", run_config(tmp_path / "run", data, eval={"at_end": True}))
+    monkeypatch.setattr(loop, "run_training", _never_called)
+    assert train.main([str(config)]) == 2
+    assert "empty validation split" in capsys.readouterr().err
+    calls = []
+    monkeypatch.setattr(loop, "run_training", lambda cfg: calls.append(cfg))
+    assert train.main([str(config), "eval.at_end=false"]) == 0 and calls
+
+
 def test_consistent_launch_reaches_the_loop(tmp_path, dataset, monkeypatch):
     """The same harness lets a valid config through, so the cases above fail for their own reason."""
     calls = []

@@ -55,6 +55,13 @@ def check_dataset(config: TrainConfig) -> Manifest | None:
             f"or prepare the data again"
         )
     _check_vocab(config, manifest.tokenizer.vocab_size, f"dataset {data.path}")
+    evaluates = config.eval.interval is not None or config.eval.at_end
+    if evaluates and manifest.split("validation").samples == 0:
+        raise ValueError(
+            f"the dataset {data.path} has an empty validation split, but eval.interval={config.eval.interval} / "
+            f"eval.at_end={config.eval.at_end} ask for evaluations; set eval.interval=null and eval.at_end=false "
+            f"or prepare the data with a validation fraction"
+        )
     return manifest
 
 

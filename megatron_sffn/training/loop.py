@@ -151,6 +151,7 @@ class Trainer:
             source = resolve_checkpoint(cfg.load)
             check_same_model(source, self.config)
             load_checkpoint(source, model=self.model)
+            self.optimizer.reload_model_params()  # bf16 runs: refresh the fp32 master copy from the loaded weights
             say(f"initialised the weights from {source} (optimizer, schedule and data start fresh)")
 
     def _continue_from(self, restored: RestoredState) -> None:
