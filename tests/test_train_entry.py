@@ -45,7 +45,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("overrides,world_size,fragments", CASES, ids=[c[0][0] for c in CASES])
-def test_inconsistent_launch_fails_before_setup(tmp_path, dataset, monkeypatch, capsys, overrides, world_size, fragments):
+def test_inconsistent_launch_fails_before_setup(
+    tmp_path, dataset, monkeypatch, capsys, overrides, world_size, fragments
+):
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "run.yaml", run_config(run_dir, dataset))
     monkeypatch.setenv("WORLD_SIZE", str(world_size))

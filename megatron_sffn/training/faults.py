@@ -64,7 +64,9 @@ class FaultPlan:
                 try:
                     kind = signal.Signals[name]
                 except KeyError:
-                    raise ValueError(f"environment variable {ENV_SIGNAL_AT_STEP}={spec!r}: unknown signal {name!r}") from None
+                    raise ValueError(
+                        f"environment variable {ENV_SIGNAL_AT_STEP}={spec!r}: unknown signal {name!r}"
+                    ) from None
         pause_step, pause_s = None, 0.0
         pause = env.get(ENV_PAUSE_IN_SAVE, "").strip()
         if pause:

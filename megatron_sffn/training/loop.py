@@ -31,7 +31,14 @@ from ..config.loading import save_config, to_dict
 from ..config.train import TrainConfig
 from ..model import initialize_model_parallel, seed_model_parallel
 from .checkpoint_dirs import CheckpointDirs
-from .checkpointing import CHECKPOINTS_SUBDIR, CONFIG_FILE, RestoredState, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpointing import (
+    CHECKPOINTS_SUBDIR,
+    CONFIG_FILE,
+    RestoredState,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .data_setup import RunData, build_run_data
 from .evaluation import EvalResult, evaluate
 from .faults import FaultPlan
@@ -44,6 +51,7 @@ from .signals import StopRequest
 from .state import TrainProgress
 from .step import to_device, train_step
 from .trace import StepTrace, tokens_digest
+
 
 def say(message: str) -> None:
     """Print once per job (global rank 0)."""
