@@ -17,6 +17,9 @@ class FFNConfig:
     ``dense_layers`` lists the (0-based) layers whose FFN stays dense; the paper
     keeps layer 0 dense.  ``init`` None means the structure's paper default
     (normal for dense, svd for lowrank, ortho for block structures).
+    ``tp_strategy`` picks how structured factors split over tensor-parallel
+    ranks (``docs/tensor-parallel.md``); ``"auto"`` takes the cheapest plan
+    whose communication does not exceed a dense FFN's.
     """
 
     structure: str = "dense"
@@ -24,6 +27,7 @@ class FFNConfig:
     blocks: int | None = None
     dense_layers: list[int] = field(default_factory=lambda: [0])
     init: str | None = None
+    tp_strategy: str = "auto"
 
     def is_structured(self, layer: int) -> bool:
         return self.structure != "dense" and layer not in self.dense_layers

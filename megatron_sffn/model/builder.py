@@ -16,7 +16,6 @@ def build_gpt_model(
     config=None,
     backend: Backend = "auto",
     vp_stage: int | None = None,
-    tp_strategy: str = "auto",
 ):
     """This rank's part of the GPT (its pipeline stage, its tensor-parallel shard).
 
@@ -26,8 +25,8 @@ def build_gpt_model(
     ``model_cfg.tie_embeddings`` is False.  ``config`` defaults to
     :func:`transformer_config` of ``model_cfg``; parallel_state must be
     initialised (see :func:`initialize_model_parallel`) and seeded first.
-    ``tp_strategy`` overrides the automatic tensor-parallel plan of the
-    structured FFNs (``megatron_sffn.parallel.plan``).
+    The structured FFNs' tensor-parallel plan comes from
+    ``model_cfg.ffn.tp_strategy`` (see ``megatron_sffn.parallel.plan``).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -36,7 +35,7 @@ def build_gpt_model(
     config = config or transformer_config(model_cfg)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=decoder_block_spec(model_cfg, config, backend, vp_stage, tp_strategy),
+        transformer_layer_spec=decoder_block_spec(model_cfg, config, backend, vp_stage),
         vocab_size=model_cfg.vocab_size,
         max_sequence_length=model_cfg.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

@@ -61,15 +61,13 @@ def _layer_class() -> type:
     return _LAYER_CLASS
 
 
-def layer_spec(model_cfg: ModelConfig, layer: int, provider, tp_strategy: str = "auto"):
+def layer_spec(model_cfg: ModelConfig, layer: int, provider):
     """Spec of decoder layer ``layer`` (0-based): pre-LN attention, then the layer's FFN.
 
     Transformer Engine fuses a norm into the linear that follows it.  That is
     used for the QKV projection; the pre-MLP norm is fused only when the FFN's
     fc1 is TE's own layernorm-linear; a structured fc1 gets a separate norm
     module, otherwise the FFN would silently run without its pre-LN.
-    ``tp_strategy`` overrides the automatic tensor-parallel plan of structured
-    FFNs (see ``megatron_sffn.parallel.plan``).
     """
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
     from megatron.core.transformer.enums import AttnMaskType
@@ -78,12 +76,13 @@ def layer_spec(model_cfg: ModelConfig, layer: int, provider, tp_strategy: str = 
     from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-    from ..parallel.mlp_spec import mlp_spec, pre_mlp_norm_fused
+    from ..parallel.mlp_spec import mlp_spec
 
     norm = provider.layer_norm()
     fused_norm_linear = provider.column_parallel_layer_norm_linear() if provider.fuse_layernorm_and_linear() else None
-    mlp = mlp_spec(model_cfg, layer, tp_strategy=tp_strategy, provider=provider)
-    mlp_norm_fused = pre_mlp_norm_fused(mlp)
+    mlp = mlp_spec(model_cfg, layer, provider=provider)
+    # The pre-MLP norm is fused only when fc1 is exactly the provider's layernorm-linear.
+    mlp_norm_fused = fused_norm_linear is not None and mlp.submodules.linear_fc1 is fused_norm_linear
     keys_map = {}
     if fused_norm_linear is None:
         keys_map.update(_INPUT_NORM_KEYS)
@@ -120,7 +119,6 @@ def decoder_block_spec(
     config,
     backend: Backend = "auto",
     vp_stage: int | None = None,
-    tp_strategy: str = "auto",
 ):
     """The ``TransformerBlockSubmodules`` of this pipeline stage: its slice of the per-layer specs."""
     from megatron.core.transformer.transformer_block import (
@@ -132,5 +130,5 @@ def decoder_block_spec(
     provider = spec_provider(backend)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
-    specs = [layer_spec(model_cfg, layer, provider, tp_strategy) for layer in range(offset, offset + count)]
+    specs = [layer_spec(model_cfg, layer, provider) for layer in range(offset, offset + count)]
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=provider.layer_norm())

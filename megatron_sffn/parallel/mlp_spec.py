@@ -20,12 +20,13 @@ STRUCTURED_LINEARS = {
 }
 
 
-def mlp_spec(model_cfg: ModelConfig, layer_number: int, *, tp_strategy: str = "auto", provider: Any = None):
+def mlp_spec(model_cfg: ModelConfig, layer_number: int, *, tp_strategy: str | None = None, provider: Any = None):
     """``ModuleSpec`` of the MLP of layer ``layer_number`` (0-based).
 
     Structured layers get this package's fc1/fc2 with the FFN's options as
     ``params``; dense layers get megatron's column/row parallel linears.
-    ``tp_strategy`` overrides the automatic choice of :mod:`.plan` (e.g.
+    The tensor-parallel plan is ``model_cfg.ffn.tp_strategy`` (``"auto"``: the
+    choice of :mod:`.plan`); ``tp_strategy`` overrides it (e.g.
     ``"replicated/reduce"``).
 
     ``provider`` (a megatron backend spec provider, e.g. Transformer Engine's)
@@ -44,7 +45,7 @@ def mlp_spec(model_cfg: ModelConfig, layer_number: int, *, tp_strategy: str = "a
     ffn = model_cfg.ffn
     fc1, fc2 = STRUCTURED_LINEARS[ffn.structure]
     params = {"rank": ffn.rank, "blocks": ffn.blocks, "init": ffn.init, "std": model_cfg.init_std,
-              "tp_strategy": tp_strategy}  # fmt: skip
+              "tp_strategy": tp_strategy or ffn.tp_strategy}  # fmt: skip
     return ModuleSpec(
         module=MLP,
         submodules=MLPSubmodules(
