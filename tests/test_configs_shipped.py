@@ -86,6 +86,13 @@ def test_run_config_loads_and_fits_a_launch(path):
     cfg.validate_layout(world_size=2)
 
 
+@pytest.mark.parametrize("path", sorted((CONFIGS / "paper").glob("*.yaml")), ids=lambda p: p.stem)
+def test_paper_run_shards_over_tp2_pp2(path):
+    """Every paper run fits a TP=2 x PP=2 layout (the structured FFNs included) on 8 devices."""
+    cfg = load_config(TrainConfig, path, ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"])
+    cfg.validate_layout(world_size=8)
+
+
 @pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.name)
 def test_model_config_holds_only_a_model(path):
     data = load_yaml_mapping(path)

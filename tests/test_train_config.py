@@ -122,11 +122,21 @@ def test_every_data_reader_owns_whole_lanes():
         ),
         (
             {"model": {**BASE["model"], "ffn": {"structure": "blockshuffle", "blocks": 2}}, "parallel": {"tensor_parallel": 4}},
-            "model.ffn.blocks=2 is not divisible by parallel.tensor_parallel=4",
+            "model.ffn (structure=blockshuffle, rank=None, blocks=2, tp_strategy=auto) cannot be split over "
+            "parallel.tensor_parallel=4: blockshuffle: blocks=2 is not divisible by tensor_model_parallel_size=4",
         ),
         (
             {"model": {**BASE["model"], "ffn": {"structure": "blockdense", "blocks": 2, "rank": 32}}, "parallel": {"tensor_parallel": 4}},
-            "model.ffn.blocks=2 is not divisible by parallel.tensor_parallel=4",
+            "parallel.tensor_parallel=4: blockdense: blocks=2 is not divisible by tensor_model_parallel_size=4",
+        ),
+        (
+            {"model": {**BASE["model"], "ffn": {"structure": "blockshuffle", "blocks": 16}}, "parallel": {"tensor_parallel": 2}},
+            "blocks**2 divides hidden_size; got hidden_size=64, blocks=16",
+        ),
+        (
+            {"model": {**BASE["model"], "ffn": {"structure": "lowrank", "rank": 16, "tp_strategy": "sideways"}},
+             "parallel": {"tensor_parallel": 2}},
+            "lowrank: tp_strategy='sideways'; expected 'auto' or one of",
         ),
         ({"parallel": {"tensor_parallel": 0}}, "tensor_parallel=0 must be positive"),
         ({"parallel": {"backend": "mpi"}}, "run.yaml:parallel.backend: 'mpi' is not one of"),

@@ -296,8 +296,9 @@ class TrainConfig:
     def _validate_tensor_parallel(self) -> None:
         """Every tensor split across TP ranks must split evenly.
 
-        Block-diagonal factors are split by whole blocks, so the block count
-        must divide; a BlockDense rank then divides too (R is a multiple of B).
+        The structured FFN's rules (whole blocks per rank, BlockShuffle's
+        shuffle layout, an explicit ``tp_strategy``) are those of the sharding
+        code itself, asked here so that the config cannot drift from it.
         """
         model, tp = self.model, self.parallel.tensor_parallel
         sizes = {
@@ -305,10 +306,24 @@ class TrainConfig:
             "model.num_query_groups": model.num_query_groups,
             "model.ffn_hidden_size": model.ffn_hidden_size,
         }
-        if model.ffn.structure in ("blockdense", "blockshuffle"):
-            sizes["model.ffn.blocks"] = model.ffn.blocks
         for key, value in sizes.items():
             _require(value % tp == 0, f"{key}={value} is not divisible by parallel.tensor_parallel={tp}")
+        ffn = model.ffn
+        if tp == 1 or ffn.structure == "dense":
+            return
+        # Imported here: the sharding package loads megatron-core, which only a tensor-parallel run needs.
+        from ..parallel.plan import FFNShape, choose_strategy, require_shardable
+
+        shape = FFNShape(ffn.structure, model.hidden_size, model.ffn_hidden_size, ffn.rank, ffn.blocks,
+                         gated=model.activation == "swiglu")  # fmt: skip
+        try:
+            require_shardable(shape, tp)
+            choose_strategy(shape, tp, ffn.tp_strategy)
+        except ValueError as exc:
+            raise ValueError(
+                f"model.ffn (structure={ffn.structure}, rank={ffn.rank}, blocks={ffn.blocks}, "
+                f"tp_strategy={ffn.tp_strategy}) cannot be split over parallel.tensor_parallel={tp}: {exc}"
+            ) from exc
 
     def tokens_per_step(self) -> int:
         return self.training.global_batch_size * self.model.seq_length
