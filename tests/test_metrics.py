@@ -210,7 +210,9 @@ def test_console_line_format():
 
 
 @pytest.mark.parametrize(
-    "value, text", [(950, "950"), (41234, "41.2k"), (999_499, "999k"), (999_999, "1M"), (2.5e12, "2500G"), (1_500_000, "1.5M"), (2.5e9, "2.5G"), (0.5, "0.5")]
+    "value, text",
+    [(950, "950"), (41234, "41.2k"), (999_499, "999k"), (999_999, "1M"), (1_500_000, "1.5M"), (2.5e9, "2.5G"),
+     (2.5e12, "2500G"), (0.5, "0.5")],  # fmt: skip
 )
 def test_format_count(value, text):
     assert format_count(value) == text

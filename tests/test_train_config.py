@@ -107,7 +107,8 @@ def test_every_data_reader_owns_whole_lanes():
             "recompute_granularity='selective' takes no recompute_method",
         ),
         (
-            {"training": {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 3}, "parallel": {"pipeline_parallel": 2}},
+            {"training": {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 3},
+             "parallel": {"pipeline_parallel": 2}},  # fmt: skip
             "training.recompute_num_layers=3 exceeds the 2 layers per pipeline stage",
         ),
         ({"parallel": {"pipeline_parallel": 3}}, "model.num_layers=4 is not divisible by parallel.pipeline_parallel=3"),

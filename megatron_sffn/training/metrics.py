@@ -117,7 +117,9 @@ def lookup_gpu_peak(device_name: str, precision: str) -> PeakFlops | None:
     return None
 
 
-def measure_cpu_matmul_peak(size: int = 1024, min_seconds: float = 0.3, clock: Callable[[], float] = time.perf_counter) -> float:
+def measure_cpu_matmul_peak(
+    size: int = 1024, min_seconds: float = 0.5, clock: Callable[[], float] = time.perf_counter
+) -> float:
     """Best fp32 matmul FLOP/s this process reaches with its intra-op threads.
 
     Best-of-several rather than mean: the question is what the CPU can do,
@@ -271,7 +273,9 @@ class MetricsLogger:
         print_fn: Callable[[str], None] = functools.partial(print, flush=True),
     ) -> None:
         if world_size <= 0 or log_interval <= 0 or train_steps <= 0:
-            raise ValueError(f"world_size={world_size}, log_interval={log_interval}, train_steps={train_steps} must be positive")
+            raise ValueError(
+                f"world_size={world_size}, log_interval={log_interval}, train_steps={train_steps} must be positive"
+            )
         self.enabled = enabled
         self.train_steps = train_steps
         self.world_size = world_size
