@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,7 +71,7 @@ def _losses(trace: Path, rank: int) -> list[float]:
 def dp2_reference(tmp_path_factory, dataset) -> Path:
     """Uninterrupted run on two data-parallel ranks."""
     trace, _ = _trained(tmp_path_factory.mktemp("dp2"), dataset, "ref", nproc=2,
-                        training={"train_steps": STEPS})  # fmt: skip
+                        training={"train_steps": STEPS}, logging={"tensorboard": True, "log_interval": 2})  # fmt: skip
     return trace
 
 
@@ -89,15 +90,41 @@ def test_reference_run_learns(dp2_reference):
     assert all(ranks[0][s]["tokens_sha256"] != ranks[1][s]["tokens_sha256"] for s in ranks[0])  # disjoint shares
 
 
-def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, dataset, dp2_reference):
-    sections = {"training": {"train_steps": STEPS}}
-    trace, out = _trained(tmp_path, dataset, "run", nproc=2, env_faults={"SFFN_FAULT_SIGNAL_AT_STEP": "4"}, **sections)
-    assert "stopped by SIGTERM after step 4" in out
-    assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_0000004"
-    first = _steps(trace)
-    assert sorted(first) == [1, 2, 3, 4]
+def test_reference_run_writes_tensorboard_scalars(dp2_reference):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    trace, out = _trained(tmp_path, dataset, "run", nproc=2, **sections)
+    events = EventAccumulator(str(dp2_reference.parent / "ref" / "tensorboard"))
+    events.Reload()
+    losses = _losses(dp2_reference, 0)
+    logged = {e.step: e.value for e in events.Scalars("train/lm_loss")}
+    assert sorted(logged) == [2, 4, 6, 8]
+    for step, value in logged.items():  # the mean over the log interval's steps
+        assert value == pytest.approx((losses[step - 2] + losses[step - 1]) / 2, rel=1e-6)
+    assert [e.step for e in events.Scalars("train/consumed_tokens")] == [2, 4, 6, 8]
+    assert events.Scalars("train/consumed_tokens")[-1].value == STEPS * 8 * 16
+    assert len(events.Scalars("train/params_norm")) == 4
+
+
+@pytest.fixture(scope="module")
+def stopped_at_step_4(tmp_path_factory, dataset) -> Path:
+    """A DP=2 run that rank 0's SIGTERM stopped after step 4: its run directory and trace, kept pristine."""
+    tmp = tmp_path_factory.mktemp("stopped")
+    trace, out = _trained(tmp, dataset, "run", nproc=2, env_faults={"SFFN_FAULT_SIGNAL_AT_STEP": "4"},
+                          training={"train_steps": STEPS})  # fmt: skip
+    assert "stopped by SIGTERM after step 4" in out
+    assert (tmp / "run/checkpoints/latest").read_text().strip() == "step_0000004"
+    assert sorted(_steps(trace)) == [1, 2, 3, 4]
+    return tmp
+
+
+def _resume_copy(stopped: Path, tmp_path: Path, dataset: Path, overrides: tuple[str, ...] = ()) -> tuple[Path, str]:
+    shutil.copytree(stopped / "run", tmp_path / "run")
+    shutil.copytree(stopped / "run.trace", tmp_path / "run.trace")
+    return _trained(tmp_path, dataset, "run", nproc=2, overrides=overrides, training={"train_steps": STEPS})
+
+
+def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, dataset, dp2_reference, stopped_at_step_4):
+    trace, out = _resume_copy(stopped_at_step_4, tmp_path, dataset)
     assert "resumed from" in out and "at step 4" in out and "training complete" in out
     for rank in (0, 1):
         resumed, reference = _steps(trace, rank), _steps(dp2_reference, rank)
@@ -106,6 +133,15 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, dataset, dp2_ref
             assert abs(resumed[step]["loss"] - reference[step]["loss"]) <= 1e-6, (rank, step)
             assert resumed[step]["lr"] == reference[step]["lr"]
             assert resumed[step]["tokens_sha256"] == reference[step]["tokens_sha256"], (rank, step)
+
+
+def test_resume_at_another_layout_continues_the_run(tmp_path, dataset, dp2_reference, stopped_at_step_4):
+    """DP=2 checkpoint resumed at TP=2 x DP=1: weights, optimizer moments and data position all reshard."""
+    trace, out = _resume_copy(stopped_at_step_4, tmp_path, dataset, ("parallel.tensor_parallel=2",))
+    assert "at step 4" in out and "RNG streams re-seeded" in out
+    resumed, reference = _steps(trace, 1), _steps(dp2_reference, 0)
+    for step in range(5, STEPS + 1):
+        assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5, abs=1e-5), step
 
 
 @pytest.mark.parametrize("layout", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"])
