@@ -7,6 +7,8 @@ Examples::
         --structure blockdense --ratio 0.32 --blocks 4 --tokens 1e9
     python -m megatron_sffn.flops --table1      # Table 1 of the paper, ours beside published
     python -m megatron_sffn.flops --settings    # the paper's R/B settings, from the solver
+    python -m megatron_sffn.flops --model s --structure lowrank --ratio 0.32 --sgt same_flops
+                                                # self-guided training at the dense model's FLOPs
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ from .accounting.model import (
 )
 from .accounting.paper import reproduce_table1
 from .accounting.ratio import ffn_param_ratio
+from .accounting.sgt import MODES as SGT_MODES
+from .accounting.sgt import sgt_run_flops, sgt_steps
 from .config.model import FFNConfig, ModelConfig
 from .config.presets import PRESETS, preset, settings_table, training_budget, with_structure
 from .structured.counts import STRUCTURES
+from .structured.guided import SCHEDULES
 
 _SHAPE_FLAGS = ("hidden_size", "num_layers", "heads", "kv_heads", "head_dim", "ffn_hidden_size")
 
@@ -80,6 +85,16 @@ def _parser() -> argparse.ArgumentParser:
     length.add_argument("--tokens", type=_count)
     length.add_argument("--steps", type=_count)
     run.add_argument("--global-batch", type=_count, default=512, help="sequences per step (with --steps)")
+
+    sgt = p.add_argument_group("self-guided training (steps and FLOPs including the dense guides)")
+    sgt.add_argument("--sgt", choices=SGT_MODES, help="same_flops: S + g steps at the dense model's FLOPs; "
+                     "fixed_steps: S steps plus the guides' compute")  # fmt: skip
+    sgt.add_argument("--sgt-ratio", type=float, help="g / S in same_flops mode (default: solved to match dense FLOPs)")
+    sgt.add_argument("--guided-fraction", type=float,
+                     help="guided steps T as a fraction of all steps (default: 0.5 in fixed_steps, T = g in same_flops)")
+    sgt.add_argument("--sgt-schedule", choices=SCHEDULES, default="cosine", help="alpha schedule (default cosine)")
+    sgt.add_argument("--sgt-every-step", action="store_true",
+                     help="run the guides on every guided step instead of with probability alpha")
     return p
 
 
@@ -159,6 +174,38 @@ def model_report(cfg: ModelConfig, tokens: int | None, steps: int | None) -> dic
     if tokens is not None:
         report["run"] = {"tokens": tokens, "steps": steps, "training_flops": training_run_flops(cfg, tokens).total}
     return report
+
+
+def sgt_report(args: argparse.Namespace, cfg: ModelConfig, steps: int | None) -> dict[str, Any]:
+    """Step counts and FLOPs of self-guided training of ``cfg`` over a base run of ``steps``."""
+    if steps is None:
+        raise ValueError("--sgt needs a run length: --steps, --tokens or a --model preset's budget")
+    stochastic = not args.sgt_every_step
+    plan = sgt_steps(cfg, steps, mode=args.sgt, ratio=args.sgt_ratio, guided_fraction=args.guided_fraction,
+                     stochastic=stochastic)  # fmt: skip
+    flops = sgt_run_flops(cfg, plan, args.global_batch * cfg.seq_length, schedule=args.sgt_schedule,
+                          stochastic=stochastic)  # fmt: skip
+    return {
+        "mode": args.sgt, "schedule": args.sgt_schedule, "stochastic": stochastic,
+        "ratio": plan.extra_steps / plan.base_steps, "base_steps": plan.base_steps, "extra_steps": plan.extra_steps,
+        "total_steps": plan.total_steps, "guided_steps": plan.guided_steps,
+        "expected_guide_steps": flops.expected_guide_steps, "model_flops": flops.model, "guide_flops": flops.guides,
+        "training_flops": flops.total, "dense_training_flops": flops.dense, "vs_dense": flops.vs_dense,
+    }  # fmt: skip
+
+
+def format_sgt(report: dict[str, Any]) -> str:
+    ratio = f" (ratio g/S = {report['ratio']:.4f})" if report["mode"] == "same_flops" else ""
+    variant = "with probability alpha" if report["stochastic"] else "on every guided step"
+    return "\n".join([
+        f"self-guided training, {report['mode']}{ratio}",
+        f"{'steps S + g':<34}{report['base_steps']:>10,} + {report['extra_steps']:,} = {report['total_steps']:,}",
+        f"{'guided steps T':<34}{report['guided_steps']:>10,} ({report['schedule']} alpha, dense branch {variant}: "
+        f"{report['expected_guide_steps']:,.1f} expected steps of dense FFN compute)",
+        f"{'training FLOPs (model + guides)':<34}{report['training_flops']:>18.4e}",
+        f"{'dense model, S steps':<34}{report['dense_training_flops']:>18.4e}  "
+        f"(SGT uses {report['vs_dense']:.2%} of it)",
+    ])  # fmt: skip
 
 
 def _millions(n: float) -> str:
@@ -297,6 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         tokens, steps = run_tokens(args, cfg)
         reports["model"] = model_report(cfg, tokens, steps)
         texts.append(format_model(args.model or "model", cfg, reports["model"]))
+        if args.sgt is not None:
+            try:
+                reports["sgt"] = sgt_report(args, cfg, steps)
+            except ValueError as err:
+                parser.error(str(err))
+            texts.append(format_sgt(reports["sgt"]))
     print(json.dumps(reports, indent=2) if args.json else "\n\n".join(texts))
     table1_ok = all(r["matches"] for r in reports.get("table1", {}).get("rows", []))
     return 0 if table1_ok else 1

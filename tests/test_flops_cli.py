@@ -119,9 +119,35 @@ def test_tokens_accepts_scientific_notation(capsys):
     assert report["run"]["tokens"] == 6_700_000_000 and report["run"]["steps"] == 12_779
 
 
+def test_sgt_same_flops_prints_the_steps_that_match_dense_flops(capsys):
+    report = run_json(capsys, "--model", "m", "--structure", "lowrank", "--ratio", "0.32", "--sgt", "same_flops")["sgt"]
+    assert report["ratio"] == pytest.approx(0.38, abs=0.005)  # the paper's ratio for m at 32%
+    assert report["base_steps"] == 12_779
+    assert report["total_steps"] == report["base_steps"] + report["extra_steps"]
+    assert report["guided_steps"] == report["extra_steps"]
+    assert report["expected_guide_steps"] == pytest.approx((report["guided_steps"] + 1) / 2)
+    assert report["vs_dense"] == pytest.approx(1.0, abs=2e-4)
+    code, out = run(capsys, "--model", "s", "--structure", "lowrank", "--ratio", "0.32", "--sgt", "same_flops",
+                    "--sgt-ratio", "0.30")  # fmt: skip
+    assert code == 0
+    assert "4,196 + 1,259 = 5,455" in out and "(ratio g/S = 0.3000)" in out
+
+
+def test_sgt_fixed_steps_with_explicit_steps(capsys):
+    report = run_json(capsys, "--hidden-size", "64", "--num-layers", "3", "--heads", "4", "--structure", "lowrank",
+                      "--rank", "16", "--steps", "100", "--sgt", "fixed_steps", "--sgt-every-step")["sgt"]  # fmt: skip
+    assert (report["total_steps"], report["guided_steps"], report["expected_guide_steps"]) == (100, 50, 50.0)
+    assert report["guide_flops"] == 3 * 50 * 512 * 1024 * 2 * 2 * (2 * 64 * 256)  # 2 structured layers
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
+        (["--model", "s", "--structure", "lowrank", "--ratio", "0.32", "--sgt", "fixed_steps", "--sgt-ratio", "0.3"],
+         "sgt.ratio=0.3 applies to sgt.mode='same_flops' only"),
+        (["--hidden-size", "64", "--num-layers", "2", "--heads", "4", "--structure", "lowrank", "--rank", "8",
+          "--sgt", "same_flops"], "--sgt needs a run length"),
+        (["--model", "s", "--sgt", "same_flops"], "needs structured FFNs"),
         (["--model", "xl", "--hidden-size", "512"], "--model xl fixes the shapes; drop --hidden-size"),
         (["--hidden-size", "512", "--heads", "8"], "missing --num-layers"),
         (["--model", "s", "--ratio", "0.3"], "need --structure"),

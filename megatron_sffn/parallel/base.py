@@ -32,6 +32,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..structured import build_linear
 from . import comm, grads
+from .guide import GuideMixin
 from .layout import TPLayout, padded_tokens, shard_ranges, take_rows
 from .plan import FFNShape, TPStrategy, choose_strategy, require_shardable
 
@@ -52,7 +53,7 @@ class FactorSpec:
     strided: bool = False
 
 
-class TPStructuredLinear(MegatronModule):
+class TPStructuredLinear(GuideMixin, MegatronModule):
     """Base of the fc1/fc2 classes; ``kind`` is the structure, ``role`` is "fc1" or "fc2".
 
     ``init_method`` and ``tp_comm_buffer_name`` belong to megatron's contract
@@ -116,6 +117,7 @@ class TPStructuredLinear(MegatronModule):
             source = full[factor] if full is not None else torch.empty(spec.shape)
             self._add_factor(factor, spec, source.to(config.params_dtype))
         self._add_bias(bias, config.params_dtype)
+        self._init_guide()
         # Checkpoints written by modules that carry no _extra_state still load.
         self._register_load_state_dict_pre_hook(
             lambda state_dict, prefix, *args, **kwargs: state_dict.setdefault(f"{prefix}_extra_state")
@@ -177,7 +179,8 @@ class TPStructuredLinear(MegatronModule):
     # -- compute ---------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         lead = x.shape[:-1]
-        out = self._project(x.reshape(-1, x.shape[-1]))
+        x = x.reshape(-1, x.shape[-1])
+        out = self._guided(x, self._project(x))
         out = out.reshape(*lead, out.shape[-1])
         if self.skip_bias_add or self.bias is None:
             return out, self.bias if self.skip_bias_add else None
@@ -216,16 +219,20 @@ class TPStructuredLinear(MegatronModule):
         axes = {name: spec.axis for name, spec in self._factors.items() if spec.placement == SHARDED}
         if self.role == "fc1":
             axes["bias"] = 0
+        if self.guide is not None:
+            axes["guide"] = self.guide_split()[0]
         state = self.state_dict(prefix="", keep_vars=True)
         sharded = make_sharded_tensors_for_checkpoint(
             state, prefix, axes, sharded_offsets, tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"]
         )
         if self.shape.stride > 1:
             singleton = metadata.get("singleton_local_shards", False)
-            for name, spec in self._factors.items():
-                if spec.strided:
-                    key = f"{prefix}{name}"
-                    sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets, singleton)
+            strided = [name for name, spec in self._factors.items() if spec.strided]
+            if self.guide is not None and self.role == "fc1":
+                strided.append("guide")
+            for name in strided:
+                key = f"{prefix}{name}"
+                sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets, singleton)
         return sharded
 
     def set_extra_state(self, state: Any) -> None:

@@ -1,0 +1,237 @@
+"""Self-guided training in one process: schedules, draws, the pure guided layer, FLOP accounting.
+
+References are independent of the code under test: α values worked out by
+hand, the guide checked against ``to_dense()`` of the structured layer and
+the mixture against a plain dense product, the same-FLOPs ratios against the
+ones published in "Building on Efficient Foundations" (Wei et al., 2024).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_sffn.accounting.sgt import sgt_run_flops, sgt_steps, same_flops_ratio
+from megatron_sffn.config.presets import preset, training_budget
+from megatron_sffn.structured import build_linear
+from megatron_sffn.structured.guided import (
+    GuidedLinear,
+    drawn_alpha,
+    expected_guide_steps,
+    guide_alpha,
+    guide_draw,
+    mix_guided,
+)
+
+# -- schedules --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "step, cosine, linear",
+    [(0, 1.0, 1.0), (1, 0.5 * (1 + math.cos(math.pi / 8)), 0.875), (2, 0.5 * (1 + math.sqrt(0.5)), 0.75),
+     (4, 0.5, 0.5), (6, 0.5 * (1 - math.sqrt(0.5)), 0.25), (7, 0.5 * (1 - math.cos(math.pi / 8)), 0.125),
+     (8, 0.0, 0.0), (20, 0.0, 0.0)],
+)  # fmt: skip
+def test_alpha_schedules_at_chosen_steps(step, cosine, linear):
+    assert guide_alpha(step, 8, "cosine") == pytest.approx(cosine, abs=1e-15)
+    assert guide_alpha(step, 8, "linear") == pytest.approx(linear, abs=1e-15)
+
+
+def test_no_guided_phase_means_alpha_zero_and_bad_input_is_named():
+    assert guide_alpha(0, 0) == 0.0
+    with pytest.raises(ValueError, match="unknown SGT schedule 'exp'"):
+        guide_alpha(1, 8, "exp")
+    with pytest.raises(ValueError, match="step=-1"):
+        guide_alpha(-1, 8)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_expected_guide_steps_is_half_the_guided_phase(schedule):
+    for steps in (1, 2, 7, 50, 333):
+        assert expected_guide_steps(steps, schedule) == pytest.approx((steps + 1) / 2, rel=1e-12)
+        assert expected_guide_steps(steps, schedule, stochastic=False) == steps
+
+
+# -- draws ---------------------------------------------------------------------------
+
+
+def test_draws_are_pure_functions_of_their_counters():
+    first = [guide_draw(11, step, mb, layer) for step in range(3) for mb in range(4) for layer in range(5)]
+    again = [guide_draw(11, step, mb, layer) for step in range(3) for mb in range(4) for layer in range(5)]
+    assert first == again
+    assert len(set(first)) == len(first)  # every counter changes the number
+    assert all(0.0 <= u < 1.0 for u in first)
+    assert guide_draw(12, 0, 0, 0) != guide_draw(11, 0, 0, 0)
+    with pytest.raises(ValueError, match="micro_batch=-1"):
+        guide_draw(1, 1, -1, 1)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.3, 0.5, 0.8, 0.97])
+def test_use_rate_of_the_cost_saving_variant_tracks_alpha(alpha):
+    draws = 6000  # 200 steps x 6 micro-batches x 5 linears
+    used = sum(drawn_alpha(alpha, 3, step, mb, layer) == alpha
+               for step in range(1, 201) for mb in range(6) for layer in range(2, 7))  # fmt: skip
+    sigma = math.sqrt(alpha * (1 - alpha) / draws)
+    assert abs(used / draws - alpha) < 4 * sigma
+
+
+def test_drawn_alpha_edges():
+    assert drawn_alpha(0.0, 1, 1, 0, 2) == 0.0
+    assert all(drawn_alpha(0.2, 1, s, 0, 2, stochastic=False) == 0.2 for s in range(1, 50))
+    assert all(drawn_alpha(1.0, 1, s, 0, 2) == 1.0 for s in range(1, 50))  # u < 1 always
+
+
+# -- the pure guided layer ------------------------------------------------------------
+
+LAYERS = [
+    ("lowrank", 24, 40, dict(rank=6)),
+    ("lowrank", 40, 24, dict(rank=6)),
+    ("blockdense", 24, 40, dict(rank=8, blocks=4)),
+    ("blockdense", 40, 24, dict(rank=8, blocks=4)),
+    ("blockshuffle", 16, 32, dict(blocks=4)),
+    ("blockshuffle", 32, 16, dict(blocks=4)),
+    ("blockshuffle", 16, 32, dict(blocks=2, interleave_output=False)),
+]
+
+
+def _guided(kind, n, m, sizes, skip_bias_add=False) -> GuidedLinear:
+    torch.manual_seed(0)
+    layer = build_linear(kind, n, m, skip_bias_add=skip_bias_add, **sizes)
+    with torch.no_grad():
+        layer.bias.normal_()  # a non-zero bias, so that a lost bias shows
+    return GuidedLinear(layer)
+
+
+@pytest.mark.parametrize("kind, n, m, sizes", LAYERS, ids=lambda v: str(v))
+def test_guide_starts_as_the_dense_equivalent_and_alpha_one_is_the_guide(kind, n, m, sizes):
+    guided = _guided(kind, n, m, sizes)
+    dense = guided.structured.to_dense().detach()
+    assert torch.equal(guided.guide.detach(), dense)
+    x = torch.randn(3, 5, n)
+    guided.guide_alpha = 1.0
+    reference = x @ dense.T + guided.structured.bias
+    torch.testing.assert_close(guided(x), reference, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        guided.guide.add_(0.5)  # the output follows the guide, not the structure
+    assert torch.allclose(guided(x), reference + 0.5 * x.sum(-1, keepdim=True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, n, m, sizes", LAYERS, ids=lambda v: str(v))
+def test_alpha_zero_is_the_structured_path_and_mixtures_are_exact(kind, n, m, sizes):
+    guided = _guided(kind, n, m, sizes)
+    with torch.no_grad():
+        guided.guide.normal_()  # far from the structure, so that mixing errors show
+    x = torch.randn(7, n)
+    guided.guide_alpha = 0.0
+    assert torch.equal(guided(x), guided.structured(x))
+    guided.guide_alpha = 0.3
+    expected = 0.3 * (x @ guided.guide.T) + 0.7 * guided.structured.project(x) + guided.structured.bias
+    torch.testing.assert_close(guided(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_of_the_mixture_reach_guide_and_factors_with_their_weights():
+    guided = _guided("lowrank", 12, 20, dict(rank=4))
+    x = torch.randn(9, 12)
+    guided.guide_alpha = 0.25
+    guided(x).square().sum().backward()
+    grad_guide = guided.guide.grad.clone()
+    grad_u = guided.structured.u.grad.clone()
+    # Reference: the same function written out with independent leaves.
+    g = guided.guide.detach().clone().requires_grad_(True)
+    u = guided.structured.u.detach().clone().requires_grad_(True)
+    v = guided.structured.v.detach().clone()
+    out = 0.25 * x @ g.T + 0.75 * (x @ v.T) @ u.T + guided.structured.bias.detach()
+    out.square().sum().backward()
+    torch.testing.assert_close(grad_guide, g.grad)
+    torch.testing.assert_close(grad_u, u.grad)
+
+
+def test_drop_guide_leaves_exactly_the_structured_layer():
+    guided = _guided("blockdense", 24, 40, dict(rank=8, blocks=4), skip_bias_add=True)
+    x = torch.randn(4, 24)
+    guided.guide_alpha = 0.6
+    out, bias = guided(x)
+    assert bias is guided.structured.bias
+    guided.drop_guide()
+    assert guided.guide is None and "guide" not in guided.state_dict()
+    assert all("guide" not in name for name, _ in guided.named_parameters())
+    guided.guide_alpha = 0.6  # nothing to mix any more
+    out, _ = guided(x)
+    assert torch.equal(out, guided.structured.project(x))
+
+
+def test_mix_is_exactly_the_guide_at_one():
+    guide, structured = torch.randn(5), torch.randn(5)
+    assert torch.equal(mix_guided(1.0, guide, structured), guide)
+
+
+# -- FLOP accounting -----------------------------------------------------------------
+
+PAPER_RATIOS = {  # "Building on Efficient Foundations" (Wei et al., 2024), 32% FFN parameters
+    "lowrank": (0.30, 0.38, 0.41, 0.43),
+    "blockshuffle": (0.30, 0.38, 0.41, 0.43),
+    "blockdense": (0.30, 0.40, 0.41, 0.45),
+}
+CASES = [(kind, size, ratio) for kind, ratios in PAPER_RATIOS.items() for size, ratio in zip("s m l xl".split(), ratios)]
+
+
+@pytest.mark.parametrize("kind, size, ratio", CASES)
+def test_paper_same_flops_ratios_match_dense_flops_within_half_a_percent(kind, size, ratio):
+    cfg, budget = preset(size, structure=kind, ratio=0.32), training_budget(size)
+    at_paper_ratio = sgt_run_flops(cfg, sgt_steps(cfg, budget.steps, ratio=ratio), budget.batch_tokens)
+    assert abs(at_paper_ratio.total - at_paper_ratio.dense) <= 0.005 * at_paper_ratio.dense
+    solved = same_flops_ratio(cfg)
+    assert abs(solved - ratio) < 0.005  # the published ratios are rounded to two digits
+    at_solved = sgt_run_flops(cfg, sgt_steps(cfg, budget.steps), budget.batch_tokens)
+    assert at_solved.vs_dense == pytest.approx(1.0, abs=2e-4)  # whole steps only
+
+
+def test_guided_phase_and_flops_of_a_same_flops_run_by_hand():
+    cfg, budget = preset("s", structure="lowrank", ratio=0.32), training_budget("s")
+    steps = sgt_steps(cfg, 4196, ratio=0.30)
+    assert (steps.base_steps, steps.extra_steps, steps.guided_steps, steps.total_steps) == (4196, 1259, 1259, 5455)
+    flops = sgt_run_flops(cfg, steps, budget.batch_tokens)
+    # Worked out from the paper's formula: structured 185,401,344 and dense 256,770,048 forward FLOPs per
+    # token, guides on the 11 structured layers 11 x 2 x 2 x 768 x 3072 = 103,809,024.
+    tokens = 524_288
+    assert flops.model == 3 * 185_401_344 * tokens * 5455
+    assert flops.guides == pytest.approx(3 * 103_809_024 * tokens * 630.0)  # (T + 1) / 2
+    assert flops.dense == 3 * 256_770_048 * tokens * 4196
+
+
+def test_fixed_steps_and_explicit_fractions():
+    cfg = preset("m", structure="blockshuffle", ratio=0.32)
+    assert sgt_steps(cfg, 1000, mode="fixed_steps") == sgt_steps(cfg, 1000, mode="fixed_steps", guided_fraction=0.5)
+    fixed = sgt_steps(cfg, 1000, mode="fixed_steps", guided_fraction=0.3)
+    assert (fixed.total_steps, fixed.guided_steps) == (1000, 300)
+    half = sgt_steps(cfg, 1000, guided_fraction=0.5)
+    assert half.guided_steps == round(0.5 * half.total_steps)
+    assert sgt_run_flops(cfg, half, 1024).vs_dense == pytest.approx(1.0, abs=1e-3)
+    # Guiding half of a longer run costs more per extra step: fewer extra steps fit.
+    assert half.extra_steps < sgt_steps(cfg, 1000).extra_steps
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: same_flops_ratio(preset("s")), "needs structured FFNs"),
+        (lambda: sgt_steps(preset("s", structure="lowrank", ratio=0.32), 100, mode="fixed_steps", ratio=0.3),
+         "sgt.ratio=0.3 applies to sgt.mode='same_flops' only"),
+        (lambda: sgt_steps(preset("s", structure="lowrank", ratio=0.32), 100, mode="steps"), "sgt.mode='steps'"),
+        (lambda: sgt_steps(preset("s", structure="lowrank", ratio=0.32), 100, guided_fraction=1.5),
+         r"sgt.guided_fraction=1.5 must be in \(0, 1\]"),
+        (lambda: same_flops_ratio(preset("s", structure="lowrank", ratio=0.63), guided_fraction=1.0, stochastic=False),
+         "no same-FLOPs run exists"),
+    ],
+)  # fmt: skip
+def test_accounting_errors_name_the_setting(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_dense_reference_of_flops_is_the_dense_model():
+    cfg = preset("s", structure="lowrank", ratio=0.32)
+    flops = sgt_run_flops(cfg, sgt_steps(cfg, 10, ratio=0.5), 1024)
+    assert flops.dense == 3 * 1024 * 10 * 256_770_048
