@@ -9,8 +9,10 @@
     the EOS each document gets), so *overhead* = bare rate / prepare rate - 1
     is the share of time ``prepare`` spends beyond tokenizing: reading
     parquet, the split hash, packing, writing and hashing shards, progress.
-    The two are timed alternately ``--repeats`` times and the medians
-    compared, so load from other processes hits both alike.
+    Both run in this one process on one thread, so they are timed in CPU
+    seconds of this process (``time.process_time``), which other processes
+    on a shared machine barely disturb; they alternate ``--repeats`` times
+    and the medians are compared.
 (b) The training loader over the shards that (a) wrote, per DataLoader
     worker (0 = in the training process, counted as one worker).
 (c) The on-the-fly loader over the raw corpus, per worker.
@@ -65,6 +67,7 @@ class Row:
     workers: int
     tokens: int
     seconds: float
+    clock: str  # "cpu" (this process's CPU time) or "wall"
 
     @property
     def tokens_per_s(self) -> float:
@@ -116,19 +119,20 @@ def bare_tokenizer_seconds(texts: list[str], tokenizer: str) -> tuple[int, float
     tok = Tokenizer.from_file(tokenizer)
     tok.encode_special_tokens = True  # as prepare's tokenizer does
     tokens = 0
-    start = time.perf_counter()
+    start = time.process_time()
     for i in range(0, len(texts), BATCH_DOCUMENTS):
         batch = tok.encode_batch(texts[i:i + BATCH_DOCUMENTS], add_special_tokens=False)
         tokens += sum(len(e.ids) + 1 for e in batch)  # + EOS, as prepare counts
-    return tokens, time.perf_counter() - start
+    return tokens, time.process_time() - start
 
 
 def prepare_seconds(sources: list[SourceFile], tokenizer: str, out: Path, args: argparse.Namespace) -> tuple[int, float]:
     options = PrepareOptions(tokenizer=tokenizer, out=out, context_length=args.context_length,
                              samples_per_shard=args.samples_per_shard, text_key=args.text_key, workers=1,
                              batch_documents=BATCH_DOCUMENTS)
+    start = time.process_time()
     result = prepare(sources, options, progress=True)
-    return result.tokens, result.seconds
+    return result.tokens, time.process_time() - start
 
 
 def bench_prepare(sources: list[SourceFile], tokenizer: str, scratch: Path, args: argparse.Namespace) -> list[Row]:
@@ -144,8 +148,8 @@ def bench_prepare(sources: list[SourceFile], tokenizer: str, scratch: Path, args
         if out.exists():
             shutil.rmtree(out)
         prepared.append(prepare_seconds(sources, tokenizer, out, args))
-    return [Row("a", "bare tokenizers encode_batch", 1, bare[0][0], statistics.median(s for _, s in bare)),
-            Row("a", "data_tools.prepare", 1, prepared[0][0], statistics.median(s for _, s in prepared))]
+    return [Row("a", "bare tokenizers encode_batch", 1, bare[0][0], statistics.median(s for _, s in bare), "cpu"),
+            Row("a", "data_tools.prepare", 1, prepared[0][0], statistics.median(s for _, s in prepared), "cpu")]
 
 
 def time_rounds(loader, round_samples: int, rounds: int, micro_batch: int) -> tuple[int, float]:
@@ -177,7 +181,7 @@ def bench_loaders(dataset: Path, sources: list[SourceFile], tokenizer: str, args
         loader = build_train_loader(dataset, micro_batch_size=args.micro_batch_size, num_workers=workers,
                                     lanes=args.lanes)
         measured = time_rounds(loader, args.lanes * args.samples_per_shard, args.rounds, args.micro_batch_size)
-        rows.append(Row("b", "shard loader", workers, *measured))
+        rows.append(Row("b", "shard loader", workers, *measured, "wall"))
     for workers in args.workers:
         print(f"[data_bench] (c) on-the-fly loader, {workers} workers", file=sys.stderr)
         loader = build_text_train_loader([s.path for s in sources], tokenizer=tokenizer,
@@ -185,16 +189,17 @@ def bench_loaders(dataset: Path, sources: list[SourceFile], tokenizer: str, args
                                          micro_batch_size=args.micro_batch_size, num_workers=workers,
                                          lanes=args.lanes)
         measured = time_rounds(loader, args.lanes * DEFAULT_SHUFFLE_WINDOW, args.rounds, args.micro_batch_size)
-        rows.append(Row("c", "on-the-fly loader", workers, *measured))
+        rows.append(Row("c", "on-the-fly loader", workers, *measured, "wall"))
     return rows
 
 
 def report(rows: list[Row], origin: str, args: argparse.Namespace) -> dict:
     print(f"\nData pipeline throughput ({origin}, context {args.context_length}, {os.cpu_count()} CPUs)\n")
-    print(f"| part | case | workers | tokens | seconds | tokens/s | tokens/s per worker |")
-    print(f"|---|---|---:|---:|---:|---:|---:|")
+    print("| part | case | workers | tokens | seconds (clock) | tokens/s | tokens/s per worker |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r.part} | {r.case} | {r.workers} | {r.tokens:,} | {r.seconds:.2f} | {r.tokens_per_s:,.0f} | {r.per_worker:,.0f} |")
+        print(f"| {r.part} | {r.case} | {r.workers} | {r.tokens:,} | {r.seconds:.2f} ({r.clock}) "
+              f"| {r.tokens_per_s:,.0f} | {r.per_worker:,.0f} |")
     summary: dict = {"rows": [{**asdict(r), "tokens_per_s": r.tokens_per_s, "tokens_per_s_per_worker": r.per_worker}
                               for r in rows], "corpus": origin, "context_length": args.context_length}
     bare = next((r for r in rows if r.case.startswith("bare")), None)

@@ -88,6 +88,8 @@ class Chunk:
     @staticmethod
     def interleave(chunks: list["Chunk"]) -> "Chunk":
         """Row ``k * len(chunks) + w`` of the result is row ``k`` of ``chunks[w]``."""
+        if len(chunks) == 1:
+            return chunks[0]
         rows = min(len(c) for c in chunks)
         if any(len(c) != rows for c in chunks):
             raise RuntimeError(f"loader workers sent chunks of unequal sizes {[len(c) for c in chunks]}")
