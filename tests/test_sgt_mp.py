@@ -25,8 +25,15 @@ TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def run():
     return launch(
-        "tests.workers.sgt_checks", ["guided_mlp_tp2_matches_tp1", "guided_training_tp2_matches_tp1"], nproc=2,
-        timeout=420, kwargs={"guided_training_tp2_matches_tp1": {"structure": {"structure": "lowrank", "rank": 16}}},
+        "tests.workers.sgt_checks",
+        ["guided_mlp_tp2_matches_tp1", "guided_training_tp2_matches_tp1", "guided_training_pp2_matches_dp2"],
+        nproc=2, timeout=600,
+        kwargs={
+            "guided_training_tp2_matches_tp1": {"structure": {"structure": "lowrank", "rank": 16}},
+            # Layers 0 and 1 dense: the first of two pipeline stages holds no guide at all.
+            "guided_training_pp2_matches_dp2": {"structure": {"structure": "blockshuffle", "blocks": 4,
+                                                              "dense_layers": [0, 1]}},
+        },
     )  # fmt: skip
 
 
@@ -79,3 +86,13 @@ def test_switch_off_leaves_no_guide_behind(training):
             assert result["optimizer_params"] == result["model_params"] == result["grad_buffer_elements"]
             assert result["optimizer_state_params_outside_model"] == 0
             assert result["finalize_is_plain"]
+
+
+def test_guided_training_at_pp2_reproduces_dp2_with_a_stage_without_guides(run):
+    results = [r["guided_training_pp2_matches_dp2"] for r in run.results]
+    reference = results[0]["dp2"]["losses"]
+    assert reference[-1] < reference[0]
+    assert [r["pp2"]["slots"] for r in results] == [0, 4]  # stage 0: layers 0-1 dense; stage 1: layers 2-3
+    for rank in (0, 1):
+        assert results[rank]["pp2"]["losses"] == pytest.approx(reference, rel=TOLERANCE, abs=TOLERANCE)
+        assert results[rank]["pp2"]["guide_params_left"] == [] and results[rank]["pp2"]["guides_alive"] == 0

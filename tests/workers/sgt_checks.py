@@ -133,7 +133,7 @@ MICRO_BATCHES, MICRO_BATCH_SIZE = 4, 2  # global micro-batches, split over data-
 SEQ, VOCAB = 16, 128
 
 
-def _train_config(tp: int, structure: dict[str, Any]):
+def _train_config(tp: int, pp: int, structure: dict[str, Any]):
     from megatron_sffn.config.loading import from_dict
     from megatron_sffn.config.train import TrainConfig
 
@@ -144,7 +144,7 @@ def _train_config(tp: int, structure: dict[str, Any]):
         "training": {"micro_batch_size": MICRO_BATCH_SIZE, "global_batch_size": MICRO_BATCHES * MICRO_BATCH_SIZE,
                      "train_steps": STEPS, "seed": 5},
         "optimizer": {"lr": 3e-3, "warmup_steps": 1},
-        "parallel": {"tensor_parallel": tp},
+        "parallel": {"tensor_parallel": tp, "pipeline_parallel": pp},
     })  # fmt: skip
 
 
@@ -168,7 +168,7 @@ def _record_forward_alphas(guidance, log: list) -> list:
     return handles
 
 
-def _train(tp: int, structure: dict[str, Any]) -> dict[str, Any]:
+def _train(tp: int, pp: int, structure: dict[str, Any]) -> dict[str, Any]:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -180,8 +180,8 @@ def _train(tp: int, structure: dict[str, Any]) -> dict[str, Any]:
     from megatron_sffn.training.self_guided import GuidancePlan, SelfGuidance
     from megatron_sffn.training.step import make_forward_step, reduce_step_numbers, sum_reports
 
-    config = _train_config(tp, structure)
-    initialize_model_parallel(tp, 1)
+    config = _train_config(tp, pp, structure)
+    initialize_model_parallel(tp, pp)
     seed_model_parallel(config.training.seed)
     numerics = Numerics(bf16=False, distributed_optimizer=False)
     model = [wrap_data_parallel(build_model(config, numerics), numerics)]
@@ -249,9 +249,14 @@ def guided_training_tp2_matches_tp1(structure: dict[str, Any]) -> dict[str, Any]
     """The same guided run at TP=1 x DP=2 and TP=2 x DP=1, and what each rank saw of the other ranks' draws."""
     results = {}
     for tp in (1, 2):
-        result = _train(tp, structure)
+        result = _train(tp, 1, structure)
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, result["used"])
         result["used_by_rank"] = everyone
         results[f"tp{tp}"] = result
     return results
+
+
+def guided_training_pp2_matches_dp2(structure: dict[str, Any]) -> dict[str, Any]:
+    """The same guided run at DP=2 and PP=2; ``structure`` may leave the first stage without any guide."""
+    return {"dp2": _train(1, 1, structure), "pp2": _train(1, 2, structure)}
