@@ -10,9 +10,14 @@
 
 Which sample sits at which position depends only on the dataset, ``seed`` and
 ``lanes`` (see ``order``); the parallel layout only decides who reads it.
-``lanes`` must be a multiple of ``dp_size * max(num_workers, 1)``: pick it for
-the largest layout you will ever resume on, and keep it for the whole run.
-Raw text is streamed the same way by ``on_the_fly.build_text_train_loader``.
+From a resume point ``c`` (``consumed_samples``) on, position ``g >= c``
+goes to rank ``g % dp_size``, so each global batch is split evenly whenever
+``dp_size`` divides it.  ``lanes`` must be a multiple of
+``dp_size * max(num_workers, 1)``: pick it for the largest layout you will
+ever resume on, and keep it for the whole run.  Raw text is streamed the same
+way by ``on_the_fly.build_text_train_loader``; its states must be combined
+over ranks with ``streaming.merge_states`` before resuming at another dp size
+(harmless, and summing the counters, for prepared shards too).
 """
 
 from __future__ import annotations
