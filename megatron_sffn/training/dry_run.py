@@ -312,19 +312,18 @@ def plan_layout(cfg: TrainConfig, world_size: int) -> Layout:
 
 
 def _ffn_params_per_rank(model: ModelConfig, kind: str, tp: int) -> int:
-    """FFN weights and biases one TP rank holds; structured factors follow the TP plan the modules use."""
+    """FFN weights and biases one TP rank holds; structured factors follow the TP plan the modules use
+    (``model.ffn.tp_strategy``, whose divisibility :class:`TrainConfig` has already checked)."""
     d, f = model.hidden_size, model.ffn_hidden_size
     (_, fc1_out), _ = model.ffn_shapes()
     if tp == 1:  # every factor whole; spares importing the TP modules (and megatron) for a one-rank plan
         weights = sum(counts.weight_params(kind, n, m, model.ffn.rank, model.ffn.blocks) for n, m in model.ffn_shapes())
         return weights + fc1_out + d
-    from ..parallel.plan import FFNShape, choose_strategy, rank_cost, require_shardable
+    from ..parallel.plan import FFNShape, choose_strategy, rank_cost
 
     shape = FFNShape(kind, d, f, model.ffn.rank, model.ffn.blocks, gated=model.activation == "swiglu")
-    if kind == "dense":
-        return rank_cost(shape, None, tp).params
-    require_shardable(shape, tp)
-    return rank_cost(shape, choose_strategy(shape, tp), tp).params
+    strategy = None if kind == "dense" else choose_strategy(shape, tp, model.ffn.tp_strategy)
+    return rank_cost(shape, strategy, tp).params
 
 
 def _layer_params_per_rank(model: ModelConfig, kind: str, tp: int) -> int:
@@ -499,9 +498,6 @@ def plan_run(
     )
     precision = cfg.training.resolved_precision(on_gpu=resolved.is_gpu)
     distributed_optimizer = cfg.parallel.resolved_distributed_optimizer(on_gpu=resolved.is_gpu)
-    if layout.tensor_parallel > 1:
-        for kind in sorted(set(ffn_layer_kinds(cfg.model))):
-            _ffn_params_per_rank(cfg.model, kind, layout.tensor_parallel)  # raises if the structure cannot split
     stages = plan_memory(cfg, layout, precision == "bf16", distributed_optimizer)
     plan = RunPlan(
         config=cfg,
