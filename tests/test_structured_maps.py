@@ -179,7 +179,11 @@ def test_monarch_matmul_gradcheck(interleave):
     x = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     w1 = torch.randn(2, 4, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     w2 = torch.randn(2, 6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(12, generator=gen, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: monarch_matmul(*t, interleave_output=interleave), (x, w1, w2))
+    assert torch.autograd.gradcheck(
+        lambda x, w1, w2, b: monarch_matmul(x, w1, w2, interleave_output=interleave, bias=b), (x, w1, w2, bias)
+    )
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -221,9 +221,7 @@ class BlockShuffle(StructuredLinear):
         _init_matrices(self.init_method, self.std, generator, self.w1, self.w2)
 
     def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = monarch_matmul(x, self.w1, self.w2, self.interleave_output)
-        # In the product's dtype, as F.linear adds its bias under autocast.
-        return out if bias is None else out + bias.to(out.dtype)
+        return monarch_matmul(x, self.w1, self.w2, self.interleave_output, bias=bias)
 
     def to_dense(self) -> torch.Tensor:
         blocks, middle, _ = self.w1.shape

@@ -1,0 +1,84 @@
+"""The FFN benchmark runs end to end at a tiny size and reports the paper's sizes and FLOP ratios.
+
+Timings are not asserted (they depend on the machine); the accounting is.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "ffn_bench.py"
+
+
+@pytest.fixture(scope="module")
+def ffn_bench():
+    spec = importlib.util.spec_from_file_location("ffn_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    yield module
+    torch.set_num_threads(threads)  # main() sets it process-wide
+    del sys.modules[spec.name]
+
+
+def test_benchmark_reports_every_case_with_paper_sizes(ffn_bench, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rows = ffn_bench.main(
+        ["--width", "64", "--tokens", "32", "--repeats", "2", "--warmup", "1", "--threads", "1", "--json", str(out)]
+    )
+    d, f = 64, 256
+    expected = {  # (structure, ratio) -> (R, B, FFN weight params), from the spec's rules at f = 4d
+        ("dense", None): (None, None, 2 * d * f),
+        ("lowrank", 0.63): (d // 2, None, 2 * (d + f) * (d // 2)),
+        ("lowrank", 0.32): (d // 4, None, 2 * (d + f) * (d // 4)),
+        ("blockshuffle", 0.63): (None, 2, 2 * d * (d + f) // 2),
+        ("blockshuffle", 0.32): (None, 4, 2 * d * (d + f) // 4),
+    }
+    got = {(r["structure"], r["target_ratio"]): r for r in rows}
+    assert rows[0]["structure"] == "dense"
+    assert len(rows) == 7
+    for key, (rank, blocks, params) in expected.items():
+        row = got[key]
+        assert (row["rank"], row["blocks"], row["weight_params"]) == (rank, blocks, params), key
+        assert row["ideal_speedup"] == pytest.approx(2 * d * f / params)
+    for ratio in (0.63, 0.32):  # BlockDense: B=4, R a multiple of B, ratio 5R(1 + 1/B)/(8d) near the target
+        row = got[("blockdense", ratio)]
+        assert row["blocks"] == 4 and row["rank"] % 4 == 0
+        assert 5 * row["rank"] * (1 + 1 / 4) / (8 * d) == pytest.approx(row["achieved_ratio"])
+        assert abs(row["achieved_ratio"] / ratio - 1) < 0.1
+    for row in rows:
+        assert len(row["fwd_bwd_ms_runs"]) == len(row["fwd_ms_runs"]) == 2
+        assert row["fwd_bwd_speedup"] == pytest.approx(rows[0]["fwd_bwd_ms"] / row["fwd_bwd_ms"])
+        assert row["fwd_bwd_efficiency"] == pytest.approx(row["fwd_bwd_speedup"] / row["ideal_speedup"])
+
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows))
+    assert saved["config"]["width"] == d and saved["config"]["threads"] == 1
+    table = capsys.readouterr().out
+    assert all(text in table for text in ("dense", "lowrank", "blockdense", "blockshuffle", "R=16", "B=4"))
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--structures", "sparse"], "unknown sparse"),
+        (["--ratios", "half"], "--ratios='half'"),
+        (["--tokens", "0"], "--tokens=0 must be positive"),
+    ],
+)
+def test_bad_arguments_are_reported(ffn_bench, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        ffn_bench.main(["--width", "64", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_unreachable_ratio_names_the_values(ffn_bench):
+    with pytest.raises(SystemExit, match=r"ratio=1.5"):
+        ffn_bench.main(["--width", "64", "--ratios", "1.5", "--structures", "lowrank"])
