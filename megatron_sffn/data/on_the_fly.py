@@ -48,8 +48,8 @@ import json
 import math
 import os
 from collections import deque
-from itertools import islice
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
