@@ -40,6 +40,7 @@ that order, which is why SGT refuses full recomputation.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -185,6 +186,39 @@ class SelfGuidance:
         self.guide_ddp = None
         self.optimizer = self.model_optimizer
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint records of the guidance, checked by :meth:`prepare_resume`."""
+        return self.plan.state_dict()
+
+    def prepare_resume(self, header: dict[str, Any], where: str) -> None:
+        """Before loading this run's checkpoint (``header``: its common state): same plan, same guides.
+
+        A checkpoint saved after the switch-off has no guides and no guide
+        optimizer, so the guides are switched off before loading it.
+        """
+        self.plan.check_resume(header.get("sgt"), where)
+        if not self.plan.guides_needed_after(int(header["progress"]["step"])):
+            self.switch_off()
+
+    @contextlib.contextmanager
+    def guides_hidden(self) -> Iterator[None]:
+        """Leave the guides out of the model's state (to load weights saved without them), then restore them."""
+        guides = [(slot.linear, slot.linear.guide) for slot in self.slots]
+        for linear, _ in guides:
+            linear.guide = None
+        try:
+            yield
+        finally:
+            for linear, guide in guides:
+                linear.guide = guide
+
+    @torch.no_grad()
+    def reset_guides(self) -> None:
+        """Set every guide to its layer's current dense equivalent (after the factors were loaded; collective)."""
+        for slot in self.slots:
+            if slot.linear.guide is not None:
+                slot.linear.guide.copy_(slot.linear.dense_shard())
+
     def _finalize(self, model: list, num_tokens: torch.Tensor | None, **kwargs: Any) -> None:
         """megatron's gradient finalisation, then the same for the guides (DP reduction, per-token scaling)."""
         self._plain_finalize(model, num_tokens, **kwargs)
@@ -243,6 +277,48 @@ class SelfGuidance:
         """α of the last update and the fraction of this rank's draws that ran the dense branch."""
         rate = self._uses / self._draws if self._draws else 0.0
         return {"sgt/alpha": self._alpha, "sgt/guide_use_rate": rate}
+
+
+def refuse_guided_checkpoint(header: dict[str, Any], where: str) -> None:
+    """A run without SGT cannot continue a checkpoint that still carries guides (and their optimizer)."""
+    saved = header.get("sgt")
+    if saved is not None and int(header["progress"]["step"]) < int(saved["guided_steps"]):
+        raise ValueError(f"{where} was saved during self-guided training (step {header['progress']['step']} of a "
+                         f"{saved['guided_steps']}-step guided phase); resume it with its sgt settings {saved}")  # fmt: skip
+
+
+def build_guidance(config, model_chunks: list, model_optimizer, *, micro_batches: int, dp_rank: int
+                   ) -> SelfGuidance | None:  # fmt: skip
+    """The run's guides, attached (collective), or None when ``config.sgt`` is off."""
+    steps = config.sgt_steps()
+    if steps is None:
+        return None
+    plan = GuidancePlan(steps.guided_steps, config.sgt.schedule, config.sgt.stochastic, config.training.seed)
+    guidance = SelfGuidance(plan, model_chunks, model_optimizer, micro_batches=micro_batches, dp_rank=dp_rank)
+    guidance.attach()
+    return guidance
+
+
+class GuidedDataReplay:
+    """Same-FLOPs mode: after the S base steps the stream restarts at the guided phase's first sample.
+
+    The guided phase starts at step 0, so its first sample is the fresh
+    stream's position, taken before any checkpoint is loaded.  Whether the
+    restart is due depends only on the step, and the stream's own position is
+    in every checkpoint, so a resumed run restarts exactly when (and only if)
+    the uninterrupted run did.
+    """
+
+    def __init__(self, stream, restart_after: int) -> None:
+        self.start_state = stream.state_dict()
+        self.restart_after = restart_after
+
+    def due(self, next_step: int) -> bool:
+        return next_step == self.restart_after + 1
+
+    def restart(self, stream, global_state: dict[str, Any]) -> None:
+        """Rewind ``stream``; the loader's counters (``global_state``, all ranks merged) carry on."""
+        stream.load_state_dict({**self.start_state, "stats": global_state["stats"]})
 
 
 def _sub_optimizers(optimizer) -> list:
