@@ -602,7 +602,7 @@ def format_plan(plan: RunPlan) -> str:
         f"  FFN structure: {model.ffn.structure}"
         + (f" (rank {model.ffn.rank})" if model.ffn.rank else "")
         + (f" (blocks {model.ffn.blocks})" if model.ffn.blocks else "")
-        + f", dense layers {model.ffn.dense_layers}",
+        + (f", dense layers {model.ffn.dense_layers}" if model.ffn.structure != "dense" else ""),
         "",
         "FLOPs per token (Wei et al., NeurIPS 2024: 2·L·(2·d_attn·d + 2·d_kv·d + 2·seq·d_attn) + 2·FFN params + 2·V·d)",
         f"  forward: attention projections {_count(f.attention_projections)} + attention scores "
