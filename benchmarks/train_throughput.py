@@ -65,7 +65,7 @@ def log(message: str) -> None:
 def case_config(path: str, micro_batch: int, seq_length: int | None) -> TrainConfig:
     overrides = [
         f"training.micro_batch_size={micro_batch}", f"training.global_batch_size={micro_batch}",
-        "training.train_steps=1000", "training.precision=auto", "data.path=unused",
+        "training.train_steps=1000", "training.train_tokens=null", "training.precision=auto", "data.path=unused",
         "parallel.tensor_parallel=1", "parallel.pipeline_parallel=1",
     ]  # fmt: skip
     if seq_length is not None:
