@@ -41,6 +41,7 @@ CASES = [
     (["checkpoint.load=/nonexistent/run"], 1, ["/nonexistent/run"]),
     (["training.warmup_steps=3"], 1, ["training.warmup_steps"]),
     (["optimizer.warmup_steps=2", "optimizer.warmup_fraction=0.1"], 1, ["warmup_fraction=0.1", "warmup_steps=2"]),
+    (["optimizer.warmup_steps=6"], 1, ["warmup of 6 steps", "6 steps", "optimizer.warmup_steps"]),
 ]  # fmt: skip
 
 

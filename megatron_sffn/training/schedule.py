@@ -14,6 +14,17 @@ from __future__ import annotations
 from ..config.train import OptimizerConfig
 
 
+def check_warmup(train_steps: int, warmup_steps: int) -> None:
+    """The schedule needs at least one step after warmup (megatron asserts it; this names the keys)."""
+    if train_steps < 1:
+        raise ValueError(f"train_steps={train_steps} must be >= 1")
+    if not 0 <= warmup_steps < train_steps:
+        raise ValueError(
+            f"optimizer warmup of {warmup_steps} steps must be shorter than the run's {train_steps} steps "
+            f"(optimizer.warmup_steps / optimizer.warmup_fraction against training.train_steps / train_tokens)"
+        )
+
+
 def build_lr_scheduler(optimizer, opt_cfg: OptimizerConfig, train_steps: int, warmup_steps: int):
     """megatron's ``OptimizerParamScheduler`` for a run of ``train_steps`` updates.
 
@@ -22,13 +33,7 @@ def build_lr_scheduler(optimizer, opt_cfg: OptimizerConfig, train_steps: int, wa
     """
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    if train_steps < 1:
-        raise ValueError(f"train_steps={train_steps} must be >= 1")
-    if not 0 <= warmup_steps < train_steps:
-        raise ValueError(
-            f"optimizer warmup of {warmup_steps} steps must be shorter than the run's {train_steps} steps "
-            f"(optimizer.warmup_steps / optimizer.warmup_fraction)"
-        )
+    check_warmup(train_steps, warmup_steps)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
