@@ -36,10 +36,12 @@ def preflight(config: TrainConfig, world_size: int) -> None:
     """The checks that need no process group, in the order a user would fix them."""
     from .training.checkpointing import resolve_checkpoint
     from .training.data_setup import check_dataset
+    from .training.model_setup import check_optimizer_choice
     from .training.schedule import check_warmup
 
     config.validate_layout(world_size)
     check_warmup(config.resolved_train_steps(), config.resolved_warmup_steps())
+    check_optimizer_choice(config)
     check_dataset(config)
     if config.checkpoint.load is not None:
         resolve_checkpoint(config.checkpoint.load)

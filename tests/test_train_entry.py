@@ -13,6 +13,7 @@ import pytest
 
 from megatron_sffn import train
 from megatron_sffn.training import loop
+from megatron_sffn.training.model_setup import fused_adam_available
 from tests.workers.train_checks import run_config, write_config, write_dataset
 
 
@@ -42,10 +43,18 @@ CASES = [
     (["training.warmup_steps=3"], 1, ["training.warmup_steps"]),
     (["optimizer.warmup_steps=2", "optimizer.warmup_fraction=0.1"], 1, ["warmup_fraction=0.1", "warmup_steps=2"]),
     (["optimizer.warmup_steps=6"], 1, ["warmup of 6 steps", "6 steps", "optimizer.warmup_steps"]),
+    pytest.param(
+        ["parallel.use_distributed_optimizer=true"], 1, ["parallel.use_distributed_optimizer=true", "fused Adam"],
+        marks=pytest.mark.skipif(fused_adam_available(), reason="Transformer Engine or Apex is installed"),
+    ),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("overrides,world_size,fragments", CASES, ids=[c[0][0] for c in CASES])
+def _case_id(case) -> str:
+    return (case.values if hasattr(case, "values") else case)[0][0]
+
+
+@pytest.mark.parametrize("overrides,world_size,fragments", CASES, ids=[_case_id(c) for c in CASES])
 def test_inconsistent_launch_fails_before_setup(
     tmp_path, dataset, monkeypatch, capsys, overrides, world_size, fragments
 ):

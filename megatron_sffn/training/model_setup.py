@@ -21,12 +21,32 @@ it, because each piece silently depends on the others:
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
 
 from ..config.train import TrainConfig
 from ..model import build_gpt_model, transformer_config
+
+
+def fused_adam_available() -> bool:
+    """Transformer Engine's or Apex's fused Adam is importable.
+
+    megatron's distributed optimizer can only save checkpoints with one of
+    them; on its torch-AdamW fallback every checkpoint format fails.
+    """
+    return any(importlib.util.find_spec(name) is not None for name in ("transformer_engine", "apex"))
+
+
+def check_optimizer_choice(config: TrainConfig) -> None:
+    """An explicitly requested distributed optimizer that could never checkpoint fails before set-up."""
+    if config.parallel.use_distributed_optimizer and not fused_adam_available():
+        raise ValueError(
+            "parallel.use_distributed_optimizer=true needs Transformer Engine or Apex (their fused Adam): "
+            "without them megatron cannot save the distributed optimizer's checkpoints; "
+            "set it to null (auto) or false"
+        )
 
 
 @dataclass(frozen=True)
@@ -42,8 +62,12 @@ class Numerics:
 
     @classmethod
     def resolve(cls, config: TrainConfig, on_gpu: bool) -> "Numerics":
+        """``auto`` picks the distributed optimizer on GPUs that can checkpoint it."""
         bf16 = config.training.resolved_precision(on_gpu) == "bf16"
-        return cls(bf16=bf16, distributed_optimizer=config.parallel.resolved_distributed_optimizer(on_gpu))
+        distributed = config.parallel.resolved_distributed_optimizer(on_gpu)
+        if config.parallel.use_distributed_optimizer is None:
+            distributed = distributed and fused_adam_available()
+        return cls(bf16=bf16, distributed_optimizer=distributed)
 
 
 def build_model(config: TrainConfig, numerics: Numerics):
