@@ -252,6 +252,16 @@ class SelfGuidance:
             self._draws += 1
             self._uses += weight > 0.0
 
+    def begin_evaluation(self, completed_steps: int) -> None:
+        """Evaluate the model being trained: every guided linear mixes with the α of the next update.
+
+        No draws: an evaluation measures the guided model ``α W_g x + (1 − α) structured(x)``
+        itself, identically on every rank and micro-batch.
+        """
+        alpha = self.plan.alpha_for_update(completed_steps + 1) if self.attached else 0.0
+        for slot in self.slots:
+            slot.linear.guide_alpha = alpha
+
     def counting_forward_step(self, forward_step: Callable) -> Callable:
         """``forward_step`` of megatron's schedules, preceded by :meth:`before_micro_batch` with its index."""
         counter = iter(range(1 << 62))
