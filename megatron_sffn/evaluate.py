@@ -88,11 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        from .training.checkpointing import CONFIG_FILE, resolve_checkpoint
+        from .training.checkpointing import CONFIG_FILE, check_same_model, resolve_checkpoint
         from .training.data_setup import check_dataset
 
         checkpoint = resolve_checkpoint(args.checkpoint)
         config = load_config(TrainConfig, checkpoint / CONFIG_FILE, args.overrides)
+        check_same_model(checkpoint, config)
         config.validate_layout(world_size)
         check_dataset(config)
     except (ValueError, FileNotFoundError) as exc:

@@ -217,3 +217,24 @@ def test_step_trace_round_trips_floats_exactly(tmp_path):
     records = read_trace(tmp_path / "rank3.jsonl")
     assert records[0]["loss"] == 1 / 3 and math.isnan(records[1]["loss"]) and records[2]["loss"] == values[2]
     assert not StepTrace(0, "").enabled
+
+
+# -- checkpoint / config compatibility -----------------------------------------------------
+
+
+def test_checkpoint_of_another_model_is_rejected_naming_the_differing_keys(tmp_path):
+    import copy
+
+    from megatron_sffn.config.loading import from_dict, save_config
+    from megatron_sffn.config.train import TrainConfig
+    from megatron_sffn.training.checkpointing import CONFIG_FILE, check_same_model
+    from tests.workers.train_checks import run_config
+
+    raw = run_config(tmp_path / "run", tmp_path / "data")
+    saved = from_dict(TrainConfig, copy.deepcopy(raw))
+    save_config(saved, tmp_path / CONFIG_FILE)
+    raw["training"]["micro_batch_size"] = 4  # not part of the model: accepted
+    check_same_model(tmp_path, from_dict(TrainConfig, copy.deepcopy(raw)))
+    raw["model"]["ffn"]["rank"] = 32
+    with pytest.raises(ValueError, match=r"different model(.|\n)*model\.ffn\.rank: checkpoint 16, this run 32"):
+        check_same_model(tmp_path, from_dict(TrainConfig, raw))

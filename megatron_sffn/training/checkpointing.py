@@ -46,8 +46,9 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+import yaml
 
-from ..config.loading import save_config
+from ..config.loading import save_config, to_dict
 from ..config.train import TrainConfig
 from .checkpoint_dirs import LATEST_FILE, CheckpointDirs, step_dir_name
 from .faults import FaultPlan
@@ -175,6 +176,26 @@ def resolve_checkpoint(path: str | Path) -> Path:
         f"{path} is neither a checkpoint directory (with metadata.json) nor a run directory with "
         f"{CHECKPOINTS_SUBDIR}/{LATEST_FILE}"
     )
+
+
+def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    found = []
+    for key in keys:
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key}: checkpoint {a!r}, this run {b!r}")
+    return found
+
+
+def check_same_model(checkpoint: Path, config: TrainConfig) -> None:
+    """A checkpoint of another architecture fails here with the differing keys, not deep in a shape check."""
+    saved = yaml.safe_load((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))["model"]
+    diffs = _differences(saved, to_dict(config.model), "model.")
+    if diffs:
+        raise ValueError(f"{checkpoint} holds a different model than this run's config:\n  " + "\n  ".join(diffs))
 
 
 def read_checkpoint_header(path: str | Path) -> dict[str, Any]:

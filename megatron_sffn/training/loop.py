@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .. import cpu_compat
-from ..config.loading import save_config, to_dict
+from ..config.loading import save_config
 from ..config.train import TrainConfig
 from ..model import initialize_model_parallel, seed_model_parallel
 from .checkpoint_dirs import CheckpointDirs
@@ -35,6 +35,7 @@ from .checkpointing import (
     CHECKPOINTS_SUBDIR,
     CONFIG_FILE,
     RestoredState,
+    check_same_model,
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
@@ -74,28 +75,6 @@ def init_distributed(config: TrainConfig, on_gpu: bool) -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(config.parallel.resolved_backend(on_gpu))
     initialize_model_parallel(config.parallel.tensor_parallel, config.parallel.pipeline_parallel)
-
-
-def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(saved) | set(current))
-    found = []
-    for key in keys:
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            found.append(f"{prefix}{key}: checkpoint {a!r}, this run {b!r}")
-    return found
-
-
-def check_same_model(checkpoint: Path, config: TrainConfig) -> None:
-    """A checkpoint of another architecture fails here with the differing keys, not deep in a shape check."""
-    import yaml
-
-    saved = yaml.safe_load((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))["model"]
-    diffs = _differences(saved, to_dict(config.model), "model.")
-    if diffs:
-        raise ValueError(f"{checkpoint} holds a different model than this run's config:\n  " + "\n  ".join(diffs))
 
 
 class Trainer:
