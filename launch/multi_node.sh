@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train on several machines: run this same command on every node (by hand, from a scheduler's
-# per-node task, or through launch/slurm.sbatch). The nodes find each other through a c10d
+# per-node command, or through launch/slurm.sbatch). The nodes find each other through a c10d
 # rendezvous hosted by torchrun on HEAD; no node needs a fixed rank.
 #
 #   NNODES=2 HEAD=node01 launch/multi_node.sh CONFIG.yaml [dotted.key=value ...]

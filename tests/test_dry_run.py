@@ -17,6 +17,7 @@ growth is reported beside it for context only.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -130,15 +131,18 @@ def test_json_plan(capsys):
     assert status == 0
     plan = json.loads(out)
     assert plan["layout"]["data_parallel"] == 2 and plan["precision"] == "fp32"
-    assert plan["stages"][0]["total"] == sum(plan["stages"][0][k] for k in ("weights", "gradients", "optimizer", "activations"))
+    stage = plan["stages"][0]
+    assert stage["total"] == sum(stage[k] for k in ("weights", "gradients", "optimizer", "activations"))
 
 
 REFUSALS = [
     # (config, arguments, fragments of the reason)
     (TINY, ["--world-size", "3", "parallel.tensor_parallel=2"], ["world size 3", "parallel.tensor_parallel=2"]),
-    (TINY, ["--world-size", "2", "parallel.pipeline_parallel=3"], ["model.num_layers=4", "parallel.pipeline_parallel=3"]),
-    (CONFIGS / "paper" / "s_blockdense32.yaml", ["--world-size", "8", "parallel.tensor_parallel=4", "model.ffn.blocks=2",
-     "model.ffn.rank=192"], ["blocks=2", "parallel.tensor_parallel=4"]),
+    (TINY, ["--world-size", "2", "parallel.pipeline_parallel=3"],
+     ["model.num_layers=4", "parallel.pipeline_parallel=3"]),
+    (CONFIGS / "paper" / "s_blockdense32.yaml",
+     ["--world-size", "8", "parallel.tensor_parallel=4", "model.ffn.blocks=2", "model.ffn.rank=192"],
+     ["blocks=2", "parallel.tensor_parallel=4"]),
     (TINY, ["--world-size", "3", "training.global_batch_size=8", "training.micro_batch_size=4"],
      ["training.global_batch_size=8", "data-parallel size 3"]),
     (TINY, ["--world-size", "2", "parallel.tensor_parallel=2", "model.vocab_size=8191"], ["model.vocab_size=8191"]),
@@ -230,6 +234,7 @@ def tiny_dataset(tmp_path_factory):
     return build_dataset(tmp_path_factory.mktemp("dry_run_data"), tiny_context_length())
 
 
+@pytest.mark.slow
 def test_memory_estimate_of_tiny_is_within_25_percent_of_a_real_run(tiny_dataset, tmp_path):
     overrides = [
         f"data.path={tiny_dataset.prepared}", f"data.tokenizer={tiny_dataset.tokenizer}", f"run_dir={tmp_path / 'run'}",
@@ -237,10 +242,14 @@ def test_memory_estimate_of_tiny_is_within_25_percent_of_a_real_run(tiny_dataset
         "logging.tensorboard=false", "logging.peak_tflops_per_device=1",
     ]  # fmt: skip
     out = tmp_path / "measured.json"
-    code = f"import json, sys; from tests.test_dry_run import measure_training_memory as m; " \
-           f"json.dump(m(sys.argv[1], sys.argv[2:]), open({str(out)!r}, 'w'))"
-    done = subprocess.run([sys.executable, "-c", code, str(TINY), *overrides], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=MEASURE_TIMEOUT_S, env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
+    script = (
+        "import json, sys\n"
+        "from tests.test_dry_run import measure_training_memory\n"
+        "json.dump(measure_training_memory(sys.argv[2], sys.argv[3:]), open(sys.argv[1], 'w'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(out), str(TINY), *overrides], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=MEASURE_TIMEOUT_S,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert done.returncode == 0, done.stderr[-6000:]
     measured = json.loads(out.read_text())
 

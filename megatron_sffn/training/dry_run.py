@@ -295,7 +295,8 @@ def plan_layout(cfg: TrainConfig, world_size: int) -> Layout:
     model, training, parallel = cfg.model, cfg.training, cfg.parallel
     if model.vocab_size % parallel.tensor_parallel:
         raise ValueError(
-            f"model.vocab_size={model.vocab_size} is not divisible by parallel.tensor_parallel={parallel.tensor_parallel}"
+            f"model.vocab_size={model.vocab_size} is not divisible by "
+            f"parallel.tensor_parallel={parallel.tensor_parallel}"
         )
     return Layout(
         world_size=world_size,
@@ -560,6 +561,8 @@ def _count(n: float) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
     if seconds < 120:
         return f"{seconds:.1f} s"
     if seconds < 2 * 3600:
@@ -590,7 +593,8 @@ def format_plan(plan: RunPlan) -> str:
     lines += [
         "",
         "Parallel layout",
-        f"  TP {lay.tensor_parallel} x PP {lay.pipeline_parallel} x DP {lay.data_parallel} = {lay.world_size} processes",
+        f"  TP {lay.tensor_parallel} x PP {lay.pipeline_parallel} x DP {lay.data_parallel} = "
+        f"{lay.world_size} processes",
         f"  micro-batch {lay.micro_batch_size} x {lay.seq_length} tokens; {lay.micro_batches} micro-batch(es) per "
         f"replica per step (gradient accumulation steps: {lay.micro_batches})",
         f"  global batch {lay.global_batch_size} sequences = {lay.tokens_per_step:,} tokens per step; "
@@ -604,10 +608,12 @@ def format_plan(plan: RunPlan) -> str:
         + (f" (blocks {model.ffn.blocks})" if model.ffn.blocks else "")
         + (f", dense layers {model.ffn.dense_layers}" if model.ffn.structure != "dense" else ""),
         "",
-        "FLOPs per token (Wei et al., NeurIPS 2024: 2·L·(2·d_attn·d + 2·d_kv·d + 2·seq·d_attn) + 2·FFN params + 2·V·d)",
+        "FLOPs per token (Wei et al., NeurIPS 2024):",
+        "  2·L·(2·d_attn·d + 2·d_kv·d + 2·seq·d_attn) + 2·(FFN weight params) + 2·V·d",
         f"  forward: attention projections {_count(f.attention_projections)} + attention scores "
         f"{_count(f.attention_scores)} + FFN {_count(f.ffn)} + logits {_count(f.logits)} = {_count(f.total)}",
-        f"  training (3 x forward): {_count(3 * f.total)} per token, {_count(3 * f.total * lay.train_tokens)} for the run",
+        f"  training (3 x forward): {_count(3 * f.total)} per token, "
+        f"{_count(3 * f.total * lay.train_tokens)} for the run",
         "",
         f"Memory per process on {dev.name} ({plan.precision}, "
         f"{'distributed' if plan.distributed_optimizer else 'plain'} optimizer, recompute: {_recompute_label(cfg)})",
@@ -672,7 +678,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default=None,
                         help="'cpu' or a GPU name such as 'H100 SXM' or 'A100-SXM4-40GB' "
                              "(default: this machine's GPU from nvidia-smi, else its CPU)")
-    parser.add_argument("--device-memory-gib", type=float, default=None, help="memory of one device, overriding the table")
+    parser.add_argument("--device-memory-gib", type=float, default=None,
+                        help="memory of one device, overriding nvidia-smi and the table")
     parser.add_argument("--assume-mfu", type=float, default=DEFAULT_ASSUMED_MFU,
                         help=f"model FLOPs utilisation to expect (default {DEFAULT_ASSUMED_MFU})")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of the report")
