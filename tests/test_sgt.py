@@ -235,3 +235,35 @@ def test_dense_reference_of_flops_is_the_dense_model():
     cfg = preset("s", structure="lowrank", ratio=0.32)
     flops = sgt_run_flops(cfg, sgt_steps(cfg, 10, ratio=0.5), 1024)
     assert flops.dense == 3 * 1024 * 10 * 256_770_048
+
+
+# -- configuration and resume checks ----------------------------------------------------
+
+
+def test_sgt_section_validates_its_keys():
+    from megatron_sffn.config.loading import ConfigError, from_dict
+    from megatron_sffn.config.sgt import SGTConfig
+
+    assert from_dict(SGTConfig, {"enabled": True}) == SGTConfig(enabled=True, mode="fixed_steps")
+    with pytest.raises(ConfigError, match="run.yaml: SGTConfig: ratio=0.3 applies to mode='same_flops' only"):
+        from_dict(SGTConfig, {"ratio": 0.3}, "run.yaml")
+    with pytest.raises(ConfigError, match=r"guided_fraction=0.0 must be in \(0, 1\]"):
+        from_dict(SGTConfig, {"guided_fraction": 0})
+    with pytest.raises(ConfigError, match="mode: 'flops' is not one of"):
+        from_dict(SGTConfig, {"mode": "flops"})
+
+
+def test_plan_must_match_on_resume():
+    from megatron_sffn.training.self_guided import GuidancePlan, refuse_guided_checkpoint
+
+    plan = GuidancePlan(30, "cosine", True, 7)
+    plan.check_resume(GuidancePlan(30, "cosine", True, 7).state_dict(), "ckpt")
+    with pytest.raises(ValueError, match="guided_steps: checkpoint 40, this run 30"):
+        plan.check_resume(GuidancePlan(40, "cosine", True, 7).state_dict(), "ckpt")
+    with pytest.raises(ValueError, match="ckpt was saved without self-guided training"):
+        plan.check_resume(None, "ckpt")
+    saved = {"sgt": plan.state_dict(), "progress": {"step": 12}}
+    with pytest.raises(ValueError, match="saved during self-guided training .step 12 of a 30-step guided phase"):
+        refuse_guided_checkpoint(saved, "ckpt")
+    refuse_guided_checkpoint({"sgt": plan.state_dict(), "progress": {"step": 30}}, "ckpt")  # guides were gone
+    refuse_guided_checkpoint({"sgt": None, "progress": {"step": 3}}, "ckpt")
