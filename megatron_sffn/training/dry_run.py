@@ -512,6 +512,11 @@ def plan_run(
         throughput=plan_throughput(cfg, layout, resolved, assumed_mfu),
     )
     _judge_memory(plan)
+    if resolved.is_gpu and cfg.parallel.use_distributed_optimizer is None:
+        plan.notes.append(
+            "parallel.use_distributed_optimizer=auto is planned as on: the trainer turns it on where Transformer "
+            "Engine or Apex provides a fused Adam, otherwise off (set it explicitly to plan the other case)"
+        )
     if plan.throughput is None:
         plan.notes.append(f"no peak FLOP/s known for {resolved.name!r}: set logging.peak_tflops_per_device")
     return plan
