@@ -19,11 +19,20 @@ the speed-ups stay meaningful even when absolute times drift.
 Speed-up is dense time over structured time from the same invocation; the
 ideal speed-up is the FLOP ratio (dense over structured FFN weight
 parameters, the paper's accounting); efficiency is their quotient.
+
+On CPU, glibc hands every large tensor fresh pages from the kernel, and
+first-touching them costs more than the work done on them (about 55 ms per
+128 MB on a 2-core development VM, against 31 ms to copy 128 MB into memory
+already mapped).  Structured layers create more transient activations per FLOP
+than dense ones, so this cost lowers their speed-up.  ``--keep-freed-memory``
+tells glibc to keep and reuse freed memory, as a process-wide caching
+allocator (jemalloc, tcmalloc) would.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -231,6 +240,18 @@ def write_json_atomic(path: Path, payload: dict) -> None:
         raise
 
 
+def keep_freed_memory() -> None:
+    """Make glibc malloc reuse freed memory instead of mapping fresh pages for every large tensor."""
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)
+    except (OSError, AttributeError) as err:
+        raise SystemExit(f"ffn_bench: --keep-freed-memory needs glibc ({err})") from err
+    if not ok:
+        raise SystemExit("ffn_bench: --keep-freed-memory: glibc mallopt refused M_MMAP_MAX/M_TRIM_THRESHOLD")
+
+
 def progress(message: str) -> None:
     print(f"[ffn_bench] {message}", file=sys.stderr, flush=True)
 
@@ -238,19 +259,22 @@ def progress(message: str) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--width", type=int, default=2048, help="model width d")
-    p.add_argument("--ffn-hidden", type=int, default=None, help="FFN width f (default 4d)")
+    p.add_argument("--ffn-hidden", type=int, default=None, help="FFN width f (None: 4 x width)")
     p.add_argument("--tokens", type=int, default=4096, help="tokens per FFN call (batch x sequence)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda times with CUDA events")
     p.add_argument("--structures", default=",".join(STRUCTURED), help="comma list; dense is always measured")
     p.add_argument("--ratios", default="0.63,0.32", help="comma list of target FFN parameter ratios")
     p.add_argument("--blockdense-blocks", type=int, default=4, help="B of BlockDense (R is solved)")
     p.add_argument(
         "--interleave-fc1", action="store_true", help="BlockShuffle fc1 in the paper's interleaved output order"
     )
+    p.add_argument(
+        "--keep-freed-memory", action="store_true", help="glibc malloc reuses freed memory (see the module doc)"
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per case first")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (None: all cores available)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     args.ffn_hidden = args.ffn_hidden or 4 * args.width
@@ -275,6 +299,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     threads = args.threads or len(os.sched_getaffinity(0))
+    if args.keep_freed_memory:
+        keep_freed_memory()
     torch.set_num_threads(threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     try:

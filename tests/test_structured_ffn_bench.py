@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -82,3 +83,16 @@ def test_bad_arguments_are_reported(ffn_bench, argv, message, capsys):
 def test_unreachable_ratio_names_the_values(ffn_bench):
     with pytest.raises(SystemExit, match=r"ratio=1.5"):
         ffn_bench.main(["--width", "64", "--ratios", "1.5", "--structures", "lowrank"])
+
+
+def test_command_line_with_glibc_memory_reuse(tmp_path):
+    """Run as users do (a script, its own process: the malloc setting is process-wide)."""
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--width", "64", "--tokens", "16", "--repeats", "1", "--warmup", "0",
+         "--structures", "lowrank", "--ratios", "0.32", "--keep-freed-memory"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "[ffn_bench] repeat 1/1 lowrank 32% (R=16)" in result.stderr  # progress goes to stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines[-2:]] == ["dense", "lowrank"]
