@@ -127,6 +127,18 @@ def _install_rng_tracker() -> None:
 
     mrandom._CUDA_RNG_STATE_TRACKER = _cpu_rng_tracker_class()()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # Activation recomputation saves and restores "the CUDA generator" around
+    # the recomputed forward; on CPU the default generator plays that part.
+    mrandom._get_cuda_rng_state = _get_cpu_rng_state
+    mrandom._set_cuda_rng_state = _set_cpu_rng_state
+
+
+def _get_cpu_rng_state(device: Any = None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
 
 
 # ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     python -m megatron_sffn.train CONFIG.yaml [dotted.key=value ...]
     torchrun --nproc_per_node 8 -m megatron_sffn.train CONFIG.yaml parallel.tensor_parallel=2
+    python -m megatron_sffn.train CONFIG.yaml --dry-run --world-size 64 --device H100
 
 The data-parallel size is what the world size leaves after tensor x pipeline
 parallelism.  Relaunching the same command resumes from the run directory's
@@ -48,6 +49,11 @@ def preflight(config: TrainConfig, world_size: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--dry-run" in argv:  # plan only; options: python -m megatron_sffn.training.dry_run -h
+        from .training.dry_run import main as dry_run_main
+
+        return dry_run_main([arg for arg in argv if arg != "--dry-run"])
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:

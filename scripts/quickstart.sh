@@ -24,7 +24,7 @@ fi
 if [ ! -f data/prepared/manifest.json ]; then
   echo "[quickstart] tokenizing and packing the corpus into data/prepared (context $context_length)" >&2
   "$py" -m data_tools.prepare 'data/corpus/*.parquet' --tokenizer data/tokenizer.json --out data/prepared \
-    --context-length "$context_length"
+    --context-length "$context_length" --validation-fraction 0.02
 fi
 
 echo "[quickstart] training configs/tiny.yaml on CPU (checkpoints and TensorBoard logs in runs/tiny)" >&2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import yaml
@@ -89,6 +90,9 @@ def test_save_round_trip(tmp_path):
     save_config(cfg, out)
     assert load_config(Root, out) == cfg
     assert [p.name for p in out.parent.iterdir()] == ["resolved.yaml"]  # no temporary left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
     assert to_dict(cfg)["model"]["ffn"]["blocks"] == 4
 
 

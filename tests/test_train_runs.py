@@ -230,11 +230,6 @@ def test_nonfinite_steps_are_skipped_and_a_streak_stops_the_run(tmp_path, datase
     assert latest == "step_0000005"  # the diverged step 6 was not saved
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="megatron's recomputation saves CUDA RNG states (tensor_parallel.random._get_cuda_rng_state), "
-    "which megatron_sffn.cpu_compat does not yet redirect to the CPU generator",
-)
 def test_activation_recomputation_keeps_losses(tmp_path, dataset, single_reference):
     trace, _ = _trained(tmp_path, dataset, "run", training={
         "train_steps": 3, "recompute_granularity": "full", "recompute_method": "uniform",
