@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--base-steps", type=int, default=300, help="S: the dense model's steps")
     parser.add_argument("--eval-interval", type=int, default=50)
+    parser.add_argument("--only", nargs="*", help="train only these variants (finished runs are reused anyway)")
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.base_steps < 10:
         parser.error(f"--seeds={args.seeds} must be >= 1 and --base-steps={args.base_steps} >= 10")
@@ -234,9 +235,16 @@ def main(argv: list[str] | None = None) -> int:
     ratio = same_flops_ratio(runs[1].model())
     log(f"same-FLOPs ratio g/S = {ratio:.3f}; steps: " + ", ".join(f"{v.name} {v.steps}" for v in runs))
     results: dict[str, dict[int, list[dict]]] = {v.name: {} for v in runs}
+    unknown = set(args.only or ()) - {v.name for v in runs}
+    if unknown:
+        parser.error(f"--only {sorted(unknown)}: unknown variants; expected some of {[v.name for v in runs]}")
     for seed in range(1, args.seeds + 1):
         for variant in runs:
-            results[variant.name][seed] = train(variant, seed, args.base_steps, out, data, args.eval_interval)
+            if args.only is None or variant.name in args.only:
+                results[variant.name][seed] = train(variant, seed, args.base_steps, out, data, args.eval_interval)
+    if args.only is not None:
+        log(f"trained {args.only}; run without --only for the table and the plot")
+        return 0
     rows = summarise(results, runs)
     dense_flops = rows[0]["training_flops"]
     (out / "results.json").write_text(json.dumps({"rows": rows, "runs": results, "ratio": ratio}, indent=2))

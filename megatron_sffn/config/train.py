@@ -11,9 +11,13 @@ the batch/world-size checks live in :meth:`TrainConfig.validate_layout`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from .model import ModelConfig
+from .sgt import SGTConfig
+
+if TYPE_CHECKING:
+    from ..accounting.sgt import SGTSteps
 
 DEFAULT_WARMUP_FRACTION = 0.1
 
@@ -266,17 +270,19 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sgt: SGTConfig = field(default_factory=SGTConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.run_dir), "run_dir is empty")
         self._validate_pipeline()
         self._validate_tensor_parallel()
         _require(
-            self.resolved_train_steps() > 0,
+            self.resolved_base_steps() > 0,
             f"training.train_tokens={self.training.train_tokens} is less than one step of "
             f"{self.tokens_per_step()} tokens (training.global_batch_size={self.training.global_batch_size} x "
             f"model.seq_length={self.model.seq_length})",
         )
+        self._validate_sgt()
 
     def _validate_pipeline(self) -> None:
         model, pp = self.model, self.parallel.pipeline_parallel
@@ -325,14 +331,42 @@ class TrainConfig:
                 f"tp_strategy={ffn.tp_strategy}) cannot be split over parallel.tensor_parallel={tp}: {exc}"
             ) from exc
 
+    def _validate_sgt(self) -> None:
+        """Self-guided training needs structured FFNs, and its per-micro-batch draws a forward run in order."""
+        if not self.sgt.enabled:
+            return
+        _require(self.model.ffn.structure != "dense",
+                 "sgt.enabled=true needs structured FFNs, but model.ffn.structure='dense'")  # fmt: skip
+        _require(
+            not (self.sgt.stochastic and self.training.recompute_granularity == "full"),
+            "sgt.stochastic=true cannot be combined with training.recompute_granularity='full': a recomputed layer "
+            "would rerun its forward after later micro-batches changed its guide draw; set sgt.stochastic=false "
+            "or recompute selectively",
+        )
+        try:
+            self.sgt_steps()
+        except ValueError as exc:
+            raise ValueError(f"sgt: {exc}") from exc
+
     def tokens_per_step(self) -> int:
         return self.training.global_batch_size * self.model.seq_length
 
-    def resolved_train_steps(self) -> int:
-        """Optimizer steps of the run: ``train_steps``, or the whole steps that fit in ``train_tokens``."""
+    def resolved_base_steps(self) -> int:
+        """The run's own length: ``train_steps``, or the whole steps that fit in ``train_tokens``."""
         if self.training.train_steps is not None:
             return self.training.train_steps
         return self.training.train_tokens // self.tokens_per_step()
+
+    def resolved_train_steps(self) -> int:
+        """Optimizer steps of the run: the base steps, plus those self-guided training appends (same-FLOPs mode)."""
+        steps = self.sgt_steps()
+        return self.resolved_base_steps() if steps is None else steps.total_steps
+
+    def sgt_steps(self) -> SGTSteps | None:
+        """S, g and T of self-guided training (None when ``sgt.enabled`` is false)."""
+        if not self.sgt.enabled:
+            return None
+        return self.sgt.steps(self.model, self.resolved_base_steps())
 
     def resolved_warmup_steps(self) -> int:
         return self.optimizer.resolved_warmup_steps(self.resolved_train_steps())

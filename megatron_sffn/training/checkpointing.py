@@ -5,13 +5,16 @@ visible atomically) holds, in megatron's ``torch_dist`` format:
 
 ``model``
     every parameter as a global tensor with its sharding recorded, so it
-    loads at any tensor/pipeline/data-parallel layout;
+    loads at any tensor/pipeline/data-parallel layout (during self-guided
+    training's guided phase this includes the dense guides, and ``optimizer``
+    their moments; checkpoints after the switch-off hold neither);
 ``optimizer``
     AdamW moments (and fp32 master weights in bf16 runs), keyed to the model's
     global tensors;
-``scheduler``, ``progress``, ``data``
-    the LR schedule, the step / consumed-token counters and the data loader's
-    position: small objects identical on every rank, written once;
+``scheduler``, ``progress``, ``data``, ``sgt``
+    the LR schedule, the step / consumed-token counters, the data loader's
+    position and the self-guided training plan: small objects identical on
+    every rank, written once;
 ``rng``
     each rank's generator states (:mod:`.rng`), one object per global rank.
 
@@ -117,8 +120,12 @@ def save_checkpoint(
     progress: TrainProgress,
     data_state: dict[str, Any],
     faults: FaultPlan | None = None,
+    sgt_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Collective: every rank calls it at the same step.  Returns the committed directory."""
+    """Collective: every rank calls it at the same step.  Returns the committed directory.
+
+    ``sgt_state`` records the run's self-guided training plan (None without SGT).
+    """
     from megatron.core import dist_checkpointing
 
     rank0 = dist.get_rank() == 0
@@ -135,6 +142,7 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict(),
         "progress": progress.state_dict(),
         "data": data_state,
+        "sgt": sgt_state,
         "rng": _rng_object(capture_rng_state()),
     }
     dist_checkpointing.save(state, str(partial), sharded_strategy=_save_strategy())

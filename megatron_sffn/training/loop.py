@@ -37,6 +37,7 @@ from .checkpointing import (
     RestoredState,
     check_same_model,
     load_checkpoint,
+    read_checkpoint_header,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -48,6 +49,7 @@ from .model_setup import Numerics, build_model, build_optimizer, install_schedul
 from .nonfinite import record_step
 from .norms import params_l2_norm
 from .schedule import build_lr_scheduler
+from .self_guided import GuidedDataReplay, build_guidance
 from .signals import StopRequest
 from .state import TrainProgress
 from .step import to_device, train_step
@@ -103,7 +105,12 @@ class Trainer:
         numerics = Numerics.resolve(config, self.on_gpu)
         self.model = [wrap_data_parallel(build_model(config, numerics), numerics)]
         install_schedule_hooks(self.model)
-        self.optimizer = build_optimizer(config, numerics, self.model)
+        # Self-guided training's guides get their own DDP and optimizer, chained with the model's.
+        self.guidance = build_guidance(
+            config, self.model, build_optimizer(config, numerics, self.model),
+            micro_batches=self.num_micro_batches, dp_rank=parallel_state.get_data_parallel_rank(),
+        )  # fmt: skip
+        self.optimizer = self.guidance.optimizer
         self.scheduler = build_lr_scheduler(
             self.optimizer, config.optimizer, self.train_steps, config.resolved_warmup_steps()
         )
@@ -113,6 +120,8 @@ class Trainer:
             dp_size=parallel_state.get_data_parallel_world_size(),
             micro_batches_per_step=self.num_micro_batches,
         )
+        sgt = config.sgt_steps()
+        self.replay = GuidedDataReplay(self.data.train, sgt.base_steps) if sgt and sgt.extra_steps else None
         self.progress = TrainProgress()
         self.trace = StepTrace(self.rank)
         device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
@@ -129,6 +138,8 @@ class Trainer:
         latest = self.dirs.latest()
         if latest is not None and cfg.resume:
             check_same_model(latest, self.config)
+            self.guidance.prepare_resume(read_checkpoint_header(latest), str(latest))  # may switch guides off
+            self._use_optimizer(self.guidance.optimizer)
             restored = load_checkpoint(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
             self._continue_from(restored)
             return
@@ -137,7 +148,9 @@ class Trainer:
         if cfg.load is not None:
             source = resolve_checkpoint(cfg.load)
             check_same_model(source, self.config)
-            load_checkpoint(source, model=self.model)
+            with self.guidance.guides_hidden():  # guides start from the loaded structure, not from saved guides
+                load_checkpoint(source, model=self.model)
+            self.guidance.reset_guides()
             self.optimizer.reload_model_params()  # bf16 runs: refresh the fp32 master copy from the loaded weights
             say(f"initialised the weights from {source} (optimizer, schedule and data start fresh)")
 
@@ -153,11 +166,17 @@ class Trainer:
             + ("" if restored.rng_restored else f"; layout changed from {restored.layout}, RNG streams re-seeded")
         )
 
+    def _use_optimizer(self, optimizer) -> None:
+        """Step ``optimizer`` from now on (self-guided training drops its guides' optimizer at switch-off)."""
+        self.optimizer = optimizer
+        self.scheduler.optimizer = optimizer
+
     # -- one step ----------------------------------------------------------------
 
     def _step(self, batches, stop: StopRequest | None):
         step = self.progress.step + 1
         micro_batches = [to_device(next(batches)) for _ in range(self.num_micro_batches)]
+        self.guidance.begin_step(step)
         self.scheduler.step(increment=1)
         learning_rate = self.optimizer.param_groups[0]["lr"]
         self.faults.maybe_signal(step, self.rank)
@@ -169,6 +188,8 @@ class Trainer:
             micro_batch_size=self.config.training.micro_batch_size,
             stop_flag=stop.flag if stop is not None else 0.0,
             corrupt_loss=self.faults.corrupt_loss(step),
+            before_micro_batch=self.guidance.before_micro_batch,
+            extra_grad_chunks=self.guidance.grad_chunks(),
         )
         p = self.progress
         p.step = step
@@ -187,12 +208,17 @@ class Trainer:
         self.metrics.train_step(
             step, loss=result.loss, learning_rate=learning_rate, consumed_tokens=p.consumed_tokens,
             skipped_steps=p.skipped_steps, grad_norm=result.grad_norm, params_norm=params_norm,
+            extra_scalars=self.guidance.metrics(),
         )  # fmt: skip
+        if self.guidance.end_step(step):
+            self._use_optimizer(self.guidance.optimizer)
+            say(f"self-guided training: guides switched off after step {step} (alpha reached 0)")
         return result
 
     # -- periodic work -----------------------------------------------------------
 
     def evaluate(self) -> EvalResult:
+        self.guidance.begin_evaluation(self.progress.step)
         with self.metrics.excluded():
             result = evaluate(
                 self.model,
@@ -218,6 +244,7 @@ class Trainer:
                 progress=self.progress,
                 data_state=self.data.global_train_state(),
                 faults=self.faults,
+                sgt_state=self.guidance.checkpoint_state(),
             )
         self.last_checkpoint = path
         say(f"saved checkpoint {path}")
@@ -254,6 +281,8 @@ class Trainer:
         self.metrics.start(self.progress.step, self.progress.consumed_tokens)
         steps_this_launch = 0
         while True:
+            if self.replay is not None and self.replay.due(self.progress.step + 1):
+                batches = self._replay_guided_phase(batches)
             result = self._step(batches, stop)
             steps_this_launch += 1
             step = self.progress.step
@@ -273,6 +302,14 @@ class Trainer:
             if exit_now:
                 say(f"training.exit_after_steps={cfg.training.exit_after_steps} reached at step {step}")
                 return "exit_after_steps"
+
+    def _replay_guided_phase(self, batches):
+        """Same-FLOPs SGT: rewind the data stream to the guided phase's first sample; returns the new iterator."""
+        batches.close()  # stops the old iterator's loader workers
+        self.replay.restart(self.data.train, self.data.global_train_state())
+        say(f"self-guided training: steps {self.progress.step + 1}..{self.train_steps} re-read the data of the "
+            f"guided phase from its first sample")  # fmt: skip
+        return iter(self.data.train)
 
 
 def run_training(config: TrainConfig, faults: FaultPlan | None = None) -> TrainOutcome:

@@ -31,6 +31,8 @@ TensorBoard tags (x axis: optimizer step)
 ``throughput/mfu``                    fraction (0..1) of the device peak
 ``memory/peak_bytes``                 CUDA max allocated; peak RSS of the process on CPU
 ``val/lm_loss``, ``val/perplexity``   validation loss and perplexity
+``sgt/alpha``                         self-guided training: α of the step
+``sgt/guide_use_rate``                fraction of the logging rank's guide draws that ran the dense branch
 ==================================== ===================================================
 
 Only one rank writes (the last pipeline stage's first tensor/data-parallel
@@ -360,11 +362,14 @@ class MetricsLogger:
         skipped_steps: int,
         grad_norm: float | None = None,
         params_norm: float | None = None,
+        extra_scalars: dict[str, float] | None = None,
     ) -> IntervalMetrics | None:
         """Record finished step ``step`` (1-based); report and return the interval's metrics when one ends.
 
         Losses of skipped (non-finite) steps are left out of the mean; the
-        skipped count is reported instead.
+        skipped count is reported instead.  ``extra_scalars`` (e.g.
+        self-guided training's ``sgt/alpha``) are written as they are at the
+        reporting step.
         """
         if not self.enabled:
             return None
@@ -400,7 +405,7 @@ class MetricsLogger:
             peak_memory_bytes=peak_memory_bytes(self.device),
             eta_seconds=(self.train_steps - step) * seconds / steps if steps > 0 else math.inf,
         )
-        self._write(metrics.scalars(), step)
+        self._write({**metrics.scalars(), **(extra_scalars or {})}, step)
         self._print(metrics.console_line())
         self._window_step, self._window_tokens, self._window_start = step, consumed_tokens, now
         self._excluded_seconds = 0.0

@@ -126,10 +126,12 @@ class SelfGuidance:
     :meth:`before_micro_batch` before each micro-batch's forward (the hook of
     the forward-step function), and :meth:`end_step` after the update; it
     must use :attr:`optimizer` (the chained optimizer while guides exist, the
-    model's own afterwards).
+    model's own afterwards).  With ``plan`` None (a run without SGT) every
+    call is a no-op and :attr:`optimizer` is the model's, so the trainer
+    needs no special case.
     """
 
-    def __init__(self, plan: GuidancePlan, model_chunks: list, model_optimizer, *, micro_batches: int,
+    def __init__(self, plan: GuidancePlan | None, model_chunks: list, model_optimizer, *, micro_batches: int,
                  dp_rank: int) -> None:  # fmt: skip
         self.plan = plan
         self.model_chunks = model_chunks
@@ -157,8 +159,8 @@ class SelfGuidance:
         from megatron.core.optimizer import ChainedOptimizer, get_megatron_optimizer
         from megatron.core.utils import get_model_config
 
-        if self.attached:
-            raise RuntimeError("guides are already attached")
+        if self.plan is None or self.attached:
+            raise RuntimeError("guides are attached once, and only by a run with self-guided training")
         self.slots = guided_slots(self.model_chunks)
         guides = [slot.linear.attach_guide() for slot in self.slots]
         model = self.model_chunks[0]
@@ -186,9 +188,9 @@ class SelfGuidance:
         self.guide_ddp = None
         self.optimizer = self.model_optimizer
 
-    def checkpoint_state(self) -> dict[str, Any]:
+    def checkpoint_state(self) -> dict[str, Any] | None:
         """What a checkpoint records of the guidance, checked by :meth:`prepare_resume`."""
-        return self.plan.state_dict()
+        return None if self.plan is None else self.plan.state_dict()
 
     def prepare_resume(self, header: dict[str, Any], where: str) -> None:
         """Before loading this run's checkpoint (``header``: its common state): same plan, same guides.
@@ -196,6 +198,9 @@ class SelfGuidance:
         A checkpoint saved after the switch-off has no guides and no guide
         optimizer, so the guides are switched off before loading it.
         """
+        if self.plan is None:
+            refuse_guided_checkpoint(header, where)
+            return
         self.plan.check_resume(header.get("sgt"), where)
         if not self.plan.guides_needed_after(int(header["progress"]["step"])):
             self.switch_off()
@@ -262,16 +267,6 @@ class SelfGuidance:
         for slot in self.slots:
             slot.linear.guide_alpha = alpha
 
-    def counting_forward_step(self, forward_step: Callable) -> Callable:
-        """``forward_step`` of megatron's schedules, preceded by :meth:`before_micro_batch` with its index."""
-        counter = iter(range(1 << 62))
-
-        def guided_forward_step(data_iterator: Iterator, model):
-            self.before_micro_batch(next(counter))
-            return forward_step(data_iterator, model)
-
-        return guided_forward_step
-
     def end_step(self, step: int) -> bool:
         """After update ``step``: switch the guides off once α has reached 0; True when that happened now."""
         if self.attached and not self.plan.guides_needed_after(step):
@@ -285,6 +280,8 @@ class SelfGuidance:
 
     def metrics(self) -> dict[str, float]:
         """α of the last update and the fraction of this rank's draws that ran the dense branch."""
+        if self.plan is None:
+            return {}
         rate = self._uses / self._draws if self._draws else 0.0
         return {"sgt/alpha": self._alpha, "sgt/guide_use_rate": rate}
 
@@ -298,14 +295,15 @@ def refuse_guided_checkpoint(header: dict[str, Any], where: str) -> None:
 
 
 def build_guidance(config, model_chunks: list, model_optimizer, *, micro_batches: int, dp_rank: int
-                   ) -> SelfGuidance | None:  # fmt: skip
-    """The run's guides, attached (collective), or None when ``config.sgt`` is off."""
+                   ) -> SelfGuidance:  # fmt: skip
+    """The run's guidance, its guides attached (collective); inert when ``config.sgt`` is off."""
     steps = config.sgt_steps()
-    if steps is None:
-        return None
-    plan = GuidancePlan(steps.guided_steps, config.sgt.schedule, config.sgt.stochastic, config.training.seed)
+    plan = None
+    if steps is not None:
+        plan = GuidancePlan(steps.guided_steps, config.sgt.schedule, config.sgt.stochastic, config.training.seed)
     guidance = SelfGuidance(plan, model_chunks, model_optimizer, micro_batches=micro_batches, dp_rank=dp_rank)
-    guidance.attach()
+    if plan is not None:
+        guidance.attach()
     return guidance
 
 

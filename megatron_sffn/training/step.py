@@ -15,10 +15,11 @@ any of them (:mod:`.signals`).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -41,10 +42,18 @@ def lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor, *, corrupt: bo
     return loss_sum, num_tokens, {"lm_loss": report}
 
 
-def make_forward_step(corrupt: bool = False) -> Callable:
-    """The schedules' ``forward_step_func``: every stage receives the batch, each uses what it needs."""
+def make_forward_step(corrupt: bool = False, before_micro_batch: Callable[[int], None] | None = None) -> Callable:
+    """The schedules' ``forward_step_func``: every stage receives the batch, each uses what it needs.
+
+    ``before_micro_batch(index)`` runs before each micro-batch's forward with
+    its index in this step (the schedules run forwards in micro-batch order on
+    every stage); self-guided training draws its per-micro-batch decisions there.
+    """
+    indices = itertools.count()
 
     def forward_step(data_iterator, model):
+        if before_micro_batch is not None:
+            before_micro_batch(next(indices))
         batch = next(data_iterator)
         output = model(
             batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
@@ -104,15 +113,22 @@ def train_step(
     micro_batch_size: int,
     stop_flag: float,
     corrupt_loss: bool = False,
+    before_micro_batch: Callable[[int], None] | None = None,
+    extra_grad_chunks: Sequence[Any] = (),
 ) -> StepResult:
-    """Forward/backward over ``micro_batches``, then the update unless anything is non-finite."""
+    """Forward/backward over ``micro_batches``, then the update unless anything is non-finite.
+
+    ``extra_grad_chunks``: DDP wrappers outside ``model`` whose gradients the
+    optimizer also steps (self-guided training's guides); their buffers are
+    checked for non-finite values too.
+    """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     reports = get_forward_backward_func()(
-        forward_step_func=make_forward_step(corrupt_loss),
+        forward_step_func=make_forward_step(corrupt_loss, before_micro_batch),
         data_iterator=iter(micro_batches),
         model=model,
         num_microbatches=len(micro_batches),
@@ -121,7 +137,7 @@ def train_step(
         forward_only=False,
     )
     local_loss = sum_reports(reports)
-    loss_flag, grad_flag = local_nonfinite_flags(local_loss[0] if local_loss else None, model)
+    loss_flag, grad_flag = local_nonfinite_flags(local_loss[0] if local_loss else None, [*model, *extra_grad_chunks])
     loss_sum, count, bad_loss, bad_grad, stop = reduce_step_numbers(local_loss, [loss_flag, grad_flag, stop_flag])
     nonfinite = bad_loss > 0 or bad_grad > 0
     grad_norm = None

@@ -205,7 +205,8 @@ def _train(tp: int, pp: int, structure: dict[str, Any]) -> dict[str, Any]:
         batches = _global_batches(step)[dp_rank * local:(dp_rank + 1) * local]
         log.clear()
         reports = get_forward_backward_func()(
-            forward_step_func=guidance.counting_forward_step(make_forward_step()), data_iterator=iter(batches),
+            forward_step_func=make_forward_step(before_micro_batch=guidance.before_micro_batch),
+            data_iterator=iter(batches),
             model=model, num_microbatches=local, seq_length=SEQ, micro_batch_size=MICRO_BATCH_SIZE,
             forward_only=False,
         )  # fmt: skip
