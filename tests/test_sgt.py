@@ -9,6 +9,8 @@ ones published in "Building on Efficient Foundations" (Wei et al., 2024).
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,3 +269,71 @@ def test_plan_must_match_on_resume():
         refuse_guided_checkpoint(saved, "ckpt")
     refuse_guided_checkpoint({"sgt": plan.state_dict(), "progress": {"step": 30}}, "ckpt")  # guides were gone
     refuse_guided_checkpoint({"sgt": None, "progress": {"step": 3}}, "ckpt")
+
+
+# -- shipped run configurations ------------------------------------------------------------
+
+SGT_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "sgt").glob("*.yaml"))
+
+
+def test_every_paper_size_and_32_percent_structure_has_both_modes():
+    names = {p.stem for p in SGT_CONFIGS}
+    expected = {f"{size}_{kind}32_{mode}" for size in ("s", "m", "l", "xl") for kind in PAPER_RATIOS
+                for mode in ("same_flops", "fixed_steps")}  # fmt: skip
+    assert names == expected
+
+
+@pytest.mark.parametrize("path", SGT_CONFIGS, ids=lambda p: p.stem)
+def test_shipped_sgt_runs(path):
+    from megatron_sffn.config.loading import load_config, load_yaml_mapping
+    from megatron_sffn.config.train import TrainConfig
+
+    config = load_config(TrainConfig, path)
+    size, kind, mode = re.fullmatch(r"(s|m|l|xl)_(\w+)32_(same_flops|fixed_steps)", path.stem).groups()
+    paper = load_config(TrainConfig, path.parent.parent / "paper" / f"{size}_{kind}32.yaml")
+    assert config.model == paper.model  # SGT changes the run, never the model (checkpoints stay compatible)
+    assert config.sgt.enabled and config.sgt.mode == mode and config.sgt.schedule == "cosine" and config.sgt.stochastic
+    steps = config.sgt_steps()
+    base = training_budget(size).steps
+    assert steps.base_steps == base == config.resolved_base_steps()
+    assert config.resolved_train_steps() == steps.total_steps
+    if mode == "fixed_steps":
+        assert (steps.extra_steps, steps.guided_steps) == (0, round(0.5 * base))
+        return
+    ratio = PAPER_RATIOS[kind]["s m l xl".split().index(size)]
+    assert load_yaml_mapping(path)["sgt"]["ratio"] == ratio
+    assert steps.extra_steps == steps.guided_steps == round(ratio * base)
+    flops = sgt_run_flops(config.model, steps, config.tokens_per_step())
+    assert abs(flops.vs_dense - 1.0) <= 0.005
+
+
+def _run(**sections):
+    from megatron_sffn.config.loading import from_dict
+    from megatron_sffn.config.train import TrainConfig
+
+    config = {
+        "run_dir": "r", "data": {"path": "d"},
+        "model": {"hidden_size": 64, "num_layers": 3, "num_attention_heads": 4, "vocab_size": 128, "seq_length": 16,
+                  "ffn": {"structure": "lowrank", "rank": 16}},
+        "training": {"micro_batch_size": 2, "global_batch_size": 8, "train_steps": 100},
+    }  # fmt: skip
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values}
+    return from_dict(TrainConfig, config, "run.yaml")
+
+
+def test_run_length_and_refusals_of_the_sgt_section():
+    from megatron_sffn.config.loading import ConfigError
+
+    assert _run().resolved_train_steps() == 100 and _run().sgt_steps() is None
+    same = _run(sgt={"enabled": True, "mode": "same_flops", "ratio": 0.25})
+    assert (same.resolved_base_steps(), same.resolved_train_steps(), same.sgt_steps().guided_steps) == (100, 125, 25)
+    assert same.resolved_warmup_steps() == 12  # 10% of all S + g steps
+    assert _run(sgt={"enabled": True}).sgt_steps().guided_steps == 50
+    with pytest.raises(ConfigError, match="sgt.enabled=true needs structured FFNs"):
+        _run(sgt={"enabled": True}, model={"ffn": {"structure": "dense"}})
+    with pytest.raises(ConfigError, match="sgt.stochastic=true cannot be combined with training.recompute_granularity"):
+        _run(sgt={"enabled": True}, training={"recompute_granularity": "full", "recompute_method": "uniform",
+                                              "recompute_num_layers": 1})  # fmt: skip
+    assert _run(sgt={"enabled": True, "stochastic": False}, training={
+        "recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}).sgt.enabled
