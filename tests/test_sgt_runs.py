@@ -11,7 +11,8 @@ steps, on two data-parallel ranks.  Proves, from the per-step trace:
   switch-off and the data restart, resume to the uninterrupted run's losses,
   learning rates and batches;
 * checkpoints carry the guides (and their optimizer state) only during
-  guidance, and the final checkpoint evaluates as a plain structured model.
+  guidance, and the final checkpoint evaluates as a plain structured model;
+* tensor parallelism (TP=2) reproduces the single-process run step by step.
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ def dataset(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("data"))
 
 
-def _sgt_run(tmp: Path, dataset: Path, name: str, *, env_faults: dict | None = None, **sections) -> tuple[Path, str]:
+def _sgt_run(tmp: Path, dataset: Path, name: str, *, nproc: int = 2, env_faults: dict | None = None,
+             **sections) -> tuple[Path, str]:  # fmt: skip
     run_dir, trace = tmp / name, tmp / f"{name}.trace"
     sections = {"training": {"train_steps": BASE_STEPS}, "sgt": SGT, **sections}
     config = write_config(tmp / f"{name}.yaml", run_config(run_dir, dataset, **sections))
-    done = run_train(config, nproc=2, env=train_env(trace, **(env_faults or {})))
+    done = run_train(config, nproc=nproc, env=train_env(trace, **(env_faults or {})))
     assert done.returncode == 0, f"exit code {done.returncode}:\n{done.stdout[-6000:]}"
     return trace, done.stdout
 
@@ -135,3 +137,17 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, dataset, referen
             assert abs(resumed[step]["loss"] - uninterrupted[step]["loss"]) <= 1e-6, (rank, step)
             assert resumed[step]["lr"] == uninterrupted[step]["lr"]
             assert resumed[step]["tokens_sha256"] == uninterrupted[step]["tokens_sha256"], (rank, step)
+
+
+def test_tensor_parallel_run_equals_single_process_run(tmp_path, dataset):
+    """TP=2 and one process both run 4 micro-batches per step, so they draw the same decisions for the same data."""
+    single, _ = _sgt_run(tmp_path, dataset, "tp1", nproc=1)
+    parallel, out = _sgt_run(tmp_path, dataset, "tp2", parallel={"tensor_parallel": 2})
+    assert "TP=2 PP=1 DP=1" in out
+    reference = _steps(single)
+    for rank in (0, 1):
+        steps = _steps(parallel, rank)
+        assert sorted(steps) == list(range(1, TOTAL + 1))
+        for step in steps:
+            assert steps[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5, abs=1e-5), (rank, step)
+            assert steps[step]["tokens_sha256"] == reference[step]["tokens_sha256"]
