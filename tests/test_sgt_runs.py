@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from megatron_sffn.structured.guided import guide_alpha
+from megatron_sffn.training.checkpointing import read_checkpoint_header
 from megatron_sffn.training.trace import read_trace
 from tests.workers.train_checks import REPO_ROOT, run_config, run_train, train_env, write_config, write_dataset
 
@@ -120,6 +121,9 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, dataset, referen
                           checkpoint={"save_interval": 100})  # fmt: skip
     assert f"stopped by SIGTERM after step {stop_after}" in out
     checkpoint = tmp_path / "run" / "checkpoints" / f"step_{stop_after:07d}"
+    saved = read_checkpoint_header(checkpoint)["sgt"]
+    assert (saved["guided_steps"], saved["schedule"], saved["stochastic"]) == (EXTRA_STEPS, "cosine", True)
+    assert saved["alpha"] == pytest.approx(guide_alpha(stop_after, EXTRA_STEPS))  # α of the next update
     guides = _guide_keys(checkpoint)
     if stop_after <= EXTRA_STEPS:  # the guides of the 3 structured layers and their AdamW moments
         weights = [k for k in guides if k.startswith("decoder.")]

@@ -244,7 +244,7 @@ class Trainer:
                 progress=self.progress,
                 data_state=self.data.global_train_state(),
                 faults=self.faults,
-                sgt_state=self.guidance.checkpoint_state(),
+                sgt_state=self.guidance.checkpoint_state(self.progress.step),
             )
         self.last_checkpoint = path
         say(f"saved checkpoint {path}")

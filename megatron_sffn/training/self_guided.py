@@ -79,7 +79,7 @@ class GuidancePlan:
 
     def check_resume(self, saved: dict[str, Any] | None, where: str) -> None:
         """A run must resume under the plan it was saved with, or its trajectory silently changes."""
-        mine = self.state_dict()
+        mine = self.state_dict()  # the saved α is a record, not part of the plan
         if saved is None:
             raise ValueError(f"{where} was saved without self-guided training; this run has sgt.enabled=true "
                              f"({mine}). Resume it with sgt.enabled=false or start a new run directory")  # fmt: skip
@@ -188,9 +188,11 @@ class SelfGuidance:
         self.guide_ddp = None
         self.optimizer = self.model_optimizer
 
-    def checkpoint_state(self) -> dict[str, Any] | None:
-        """What a checkpoint records of the guidance, checked by :meth:`prepare_resume`."""
-        return None if self.plan is None else self.plan.state_dict()
+    def checkpoint_state(self, completed_steps: int) -> dict[str, Any] | None:
+        """What a checkpoint records: the plan (checked by :meth:`prepare_resume`) and the α the next update uses."""
+        if self.plan is None:
+            return None
+        return {**self.plan.state_dict(), "alpha": self.plan.alpha_for_update(completed_steps + 1)}
 
     def prepare_resume(self, header: dict[str, Any], where: str) -> None:
         """Before loading this run's checkpoint (``header``: its common state): same plan, same guides.
