@@ -20,12 +20,15 @@ from .model import (
     training_run_flops,
 )
 from .ratio import FFNSizes, ffn_param_ratio, paper_ffn_sizes, solve_ffn_sizes
+from .sgt import SGTRunFlops, SGTSteps, same_flops_ratio, sgt_run_flops, sgt_steps
 
 __all__ = [
     "FFNSizes",
     "ForwardFlops",
     "ParameterCount",
     "RunFlops",
+    "SGTRunFlops",
+    "SGTSteps",
     "count_parameters",
     "dense_counterpart",
     "ffn_layer_kinds",
@@ -35,6 +38,9 @@ __all__ = [
     "guide_ffn_flops_per_token",
     "model_flops_utilization",
     "paper_ffn_sizes",
+    "same_flops_ratio",
+    "sgt_run_flops",
+    "sgt_steps",
     "solve_ffn_sizes",
     "tokens_for_flops",
     "training_flops_per_token",
