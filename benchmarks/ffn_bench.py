@@ -196,6 +196,7 @@ def summarize(cases: Sequence[Case], times: dict[Case, dict[str, list[float]]]) 
         rows.append(
             {
                 **asdict(case),
+                "sizes": case.sizes,
                 "achieved_ratio": case.weight_params / dense.weight_params,
                 "fwd_ms": median["fwd"],
                 "fwd_bwd_ms": median["fwd_bwd"],
@@ -219,9 +220,8 @@ def format_table(rows: Sequence[dict]) -> str:
     lines = [header, "-" * len(header)]
     for r in rows:
         ratio = f"{r['achieved_ratio']:.1%}"
-        sizes = " ".join(f"{k}={r[key]}" for k, key in (("R", "rank"), ("B", "blocks")) if r[key] is not None) or "-"
         lines.append(
-            f"{r['structure']:<13}{ratio:>7}{sizes:>13}{r['weight_params'] / 1e6:>10.2f}M"
+            f"{r['structure']:<13}{ratio:>7}{r['sizes']:>13}{r['weight_params'] / 1e6:>10.2f}M"
             f"{r['fwd_ms']:>10.1f}{r['fwd_bwd_ms']:>12.1f}{r['fwd_speedup']:>12.2f}x{r['fwd_bwd_speedup']:>8.2f}x"
             f"{r['ideal_speedup']:>6.2f}x{r['fwd_efficiency']:>9.0%}{r['fwd_bwd_efficiency']:>9.0%}"
         )
