@@ -8,6 +8,19 @@ import torch
 from megatron_sffn.structured import BlockDense, BlockShuffle, Dense, LowRank, build_linear
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Initialisation runs SVDs of small matrices, where extra threads only add OpenMP barriers.
+
+    On a busy 2-core machine those barriers made one 1024x512 SVD take 7 s
+    instead of 0.1 s; the results do not depend on the thread count.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def singular_values(matrices: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(matrices.detach().double())
 
@@ -32,10 +45,11 @@ def test_lowrank_svd_init_is_best_rank_r_approximation_with_split_singular_value
 
 
 def test_lowrank_svd_init_draws_from_normal_002():
-    layer = LowRank(512, 1024, rank=16)
+    layer = LowRank(256, 512, rank=16)
     draw = layer.reset_parameters(generator=torch.Generator().manual_seed(1))
+    # 131k draws: the std estimate varies by ~0.2% and the mean by ~5.5e-5 (1 sigma).
     assert abs(draw.std().item() - 0.02) < 0.02 * 0.01
-    assert abs(draw.mean().item()) < 1e-4
+    assert abs(draw.mean().item()) < 3e-4
 
 
 @pytest.mark.parametrize(
