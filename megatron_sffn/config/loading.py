@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from ..atomic_io import write_text_atomic
 
 T = TypeVar("T")
 
@@ -210,16 +211,4 @@ def load_config(cls: type[T], path: str | os.PathLike | None, overrides: list[st
 
 def save_config(obj: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; a resolved config is meant to be shared
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(to_dict(obj), fh, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_text_atomic(path, yaml.safe_dump(to_dict(obj), sort_keys=False))

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic_io import write_text_atomic  # noqa: F401  (re-exported for data_tools)
+
 FORMAT = "megatron-sffn/shards-v1"
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "validation")
@@ -156,22 +158,6 @@ def write_manifest_atomic(manifest: Manifest, path: str | os.PathLike[str]) -> P
     text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
     write_text_atomic(target, text)
     return target
-
-
-def write_text_atomic(target: Path, text: str) -> None:
-    """Replace ``target`` with ``text`` so a reader sees the old or the new file, never a mix."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A per-process name created with open(): unlike mkstemp, it honours the umask.
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_manifest(path: str | os.PathLike[str]) -> Manifest:

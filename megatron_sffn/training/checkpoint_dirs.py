@@ -28,6 +28,8 @@ import re
 import shutil
 from pathlib import Path
 
+from ..atomic_io import fsync_dir, write_text_atomic  # noqa: F401  (re-exported for callers)
+
 LATEST_FILE = "latest"
 PARTIAL_PREFIX = ".partial."
 DELETING_PREFIX = ".deleting."
@@ -45,39 +47,6 @@ def step_of(name: str) -> int | None:
     """The step encoded in a checkpoint directory name, or None for any other name."""
     match = _STEP_NAME.match(name)
     return int(match.group(1)) if match else None
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that readers see the old or the new content, never a mix.
-
-    The temporary name is unique per process and created with ``open`` (not
-    ``mkstemp``) so the file gets the umask's permissions like any other.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 class CheckpointDirs:
@@ -147,7 +116,7 @@ class CheckpointDirs:
         if final.exists():
             self._remove(final)
         os.replace(partial, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         write_text_atomic(self.root / LATEST_FILE, final.name + "\n")
         return final
 
