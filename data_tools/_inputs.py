@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_sffn.data.text_sources import SourceFile, expand_inputs
+from megatron_sffn.data.text_sources import BAD_DOCUMENT_MODES, SourceFile, expand_inputs
 
 
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +19,11 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input-format", choices=("parquet", "jsonl", "text"), default=None,
         help="read every input as this format instead of guessing from the file name",
+    )
+    parser.add_argument(
+        "--bad-documents", choices=BAD_DOCUMENT_MODES, default="error",
+        help="a document that cannot be read (invalid UTF-8, a lone surrogate, a null or broken row): "
+             "stop with an error naming file and row (default), or skip it and count it in the summary",
     )
 
 

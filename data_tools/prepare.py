@@ -23,7 +23,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -49,7 +49,9 @@ from megatron_sffn.data.manifest import (
 from megatron_sffn.data.packing import TokenPacker
 from megatron_sffn.data.shard_writer import shard_name, write_shard_atomic
 from megatron_sffn.data.text_sources import (
+    SkippedDocuments,
     SourceFile,
+    check_bad_documents_mode,
     file_identity,
     iter_documents,
     known_document_count,
@@ -71,6 +73,7 @@ class PrepareOptions:
     eos_token: str | None = None
     workers: int = 1
     batch_documents: int = 64
+    bad_documents: str = "error"  # or "skip": leave unreadable documents out, counted in the manifest
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class PrepareResult:
     documents: int  # processed by this invocation
     tokens: int
     seconds: float
+    skipped: SkippedDocuments = field(default_factory=SkippedDocuments)  # over the whole corpus
 
 
 def prepare(sources: list[SourceFile], options: PrepareOptions, progress: bool = True) -> PrepareResult:
@@ -103,14 +107,17 @@ def prepare(sources: list[SourceFile], options: PrepareOptions, progress: bool =
         manifest = _confirm_finished(out, settings, source_ids, identity)
         store.clear()  # left behind only if the run stopped right after writing the manifest
         return PrepareResult(manifest, True, 0, 0, time.perf_counter() - start)
-    if next(iter_documents(sources, options.text_key), None) is None:
+    if next(iter_documents(sources, options.text_key, options.bad_documents, metadata=False), None) is None:
         raise ValueError(f"the corpus is empty: {', '.join(s.path for s in sources)} hold no documents")
 
     fingerprint = hashlib.sha256(
         json.dumps({"settings": settings, "sources": source_ids, "tokenizer": identity}, sort_keys=True).encode()
     ).hexdigest()
     writer = _SplitWriter(out, store, fingerprint, options, tokenizer.eos_id, token_dtype_for_vocab(tokenizer.vocab_size))
-    docs = itertools.islice(iter_documents(sources, options.text_key), writer.state.documents_done, None)
+    # Skipped documents are counted from the first file on, also when resuming.
+    skipped = SkippedDocuments()
+    documents = iter_documents(sources, options.text_key, options.bad_documents, skipped, metadata=False)
+    docs = itertools.islice(documents, writer.state.documents_done, None)
     batches = _batched((doc.text for doc in docs), options.batch_documents)
     encoded = encode_batches(batches, tokenizer, options.eos_token, options.validation_fraction, options.seed, options.workers)
     run_docs = run_tokens = 0
@@ -140,11 +147,11 @@ def prepare(sources: list[SourceFile], options: PrepareOptions, progress: bool =
         statistics={
             name: {"documents": sp.documents, "document_tokens": sp.document_tokens, "discarded_tail_tokens": tails[name]}
             for name, sp in state.splits.items()
-        },
+        } | {"skipped_documents": skipped.count, "skipped_document_errors": skipped.examples},
     )
     write_manifest_atomic(manifest, out)
     store.clear()
-    return PrepareResult(load_manifest(out), False, run_docs, run_tokens, time.perf_counter() - start)
+    return PrepareResult(load_manifest(out), False, run_docs, run_tokens, time.perf_counter() - start, skipped)
 
 
 class _SplitWriter:
@@ -215,6 +222,7 @@ def _check_options(options: PrepareOptions) -> None:
         raise ValueError(f"--validation-fraction is {options.validation_fraction}, expected a number in [0, 1)")
     if options.batch_documents < 1:
         raise ValueError(f"--batch-documents is {options.batch_documents}, expected a positive integer")
+    check_bad_documents_mode(options.bad_documents)
 
 
 def _confirm_finished(out: Path, settings: dict[str, Any], sources: list[dict[str, Any]], identity: dict[str, Any]) -> Manifest:
@@ -295,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         eos_token=args.eos_token,
         workers=args.workers,
         batch_documents=args.batch_documents,
+        bad_documents=args.bad_documents,
     )
     try:
         result = prepare(sources_from_args(args), options, progress=not args.quiet)
@@ -311,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             f"({result.documents * rate:,.0f} docs/s, {result.tokens * rate:,.0f} tokens/s)",
             file=sys.stderr,
         )
+        if result.skipped.count:
+            print(f"prepare: {result.skipped.summary()}", file=sys.stderr)
     for name in SPLITS:
         s = m.split(name)
         print(f"prepare: {name}: {s.samples} samples of {m.sample_length} tokens in {len(s.shards)} shards", file=sys.stderr)

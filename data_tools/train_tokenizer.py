@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from data_tools._inputs import add_input_arguments, sources_from_args
 from megatron_sffn.data.manifest import write_text_atomic
-from megatron_sffn.data.text_sources import SourceFile, iter_documents, known_document_count
+from megatron_sffn.data.text_sources import SkippedDocuments, SourceFile, iter_documents, known_document_count
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -32,8 +32,13 @@ def train_tokenizer(
     text_key: str | None = None,
     min_frequency: int = 2,
     progress: bool = True,
+    bad_documents: str = "error",
+    skipped: SkippedDocuments | None = None,
 ) -> Path:
-    """Train on every document of ``sources`` and write the tokenizer to ``out`` atomically."""
+    """Train on every document of ``sources`` and write the tokenizer to ``out`` atomically.
+
+    With ``bad_documents="skip"`` unreadable documents are left out and counted in ``skipped``.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -50,7 +55,7 @@ def train_tokenizer(
         initial_alphabet=alphabet,
         show_progress=progress,
     )
-    texts = _texts(sources, text_key, progress)
+    texts = _texts(sources, text_key, progress, bad_documents, skipped)
     first = next(texts, None)
     if first is None:
         raise ValueError(f"the corpus is empty: {', '.join(s.path for s in sources)} hold no documents")
@@ -59,10 +64,11 @@ def train_tokenizer(
     return out
 
 
-def _texts(sources: list[SourceFile], text_key: str | None, progress: bool) -> Iterator[str]:
+def _texts(sources: list[SourceFile], text_key: str | None, progress: bool, bad_documents: str,
+           skipped: SkippedDocuments | None) -> Iterator[str]:
     bar = tqdm(total=known_document_count(sources), unit="doc", desc="read corpus", file=sys.stderr, disable=not progress)
     with bar:
-        for doc in iter_documents(sources, text_key):
+        for doc in iter_documents(sources, text_key, bad_documents, skipped, metadata=False):
             bar.update()
             yield doc.text
 
@@ -75,12 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="where to write tokenizer.json")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    skipped = SkippedDocuments()
     try:
         path = train_tokenizer(sources_from_args(args), args.vocab_size, args.out, args.text_key, args.min_frequency,
-                               progress=not args.quiet)
+                               progress=not args.quiet, bad_documents=args.bad_documents, skipped=skipped)
     except (ValueError, FileNotFoundError) as exc:
         print(f"train-tokenizer: error: {exc}", file=sys.stderr)
         return 1
+    if skipped.count:
+        print(f"train-tokenizer: {skipped.summary()}", file=sys.stderr)
     print(f"train-tokenizer: wrote {path}", file=sys.stderr)
     return 0
 

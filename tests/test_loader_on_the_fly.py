@@ -91,10 +91,10 @@ def test_each_epoch_reads_every_training_document_once(corpus):
     for epoch in range(2):
         read = Counter()
         for lane in range(LANES):
-            for cursor, _ in source.lane_documents(lane, START._replace(epoch=epoch)):
-                if cursor.epoch != epoch:
+            for doc in source.lane_documents(lane, START._replace(epoch=epoch)):
+                if doc.at.epoch != epoch:
                     break
-                read[(source.lane_units(lane, epoch)[cursor.slot].file, cursor.document)] += 1
+                read[(source.lane_units(lane, epoch)[doc.at.slot].file, doc.at.document)] += 1
         assert read == training
 
 

@@ -50,6 +50,8 @@ class DataConfig:
     seed: int = 1234
     num_workers: int = 1
     skip_bad_shards: bool = False
+    # raw only: "error" stops at an unreadable document (naming file and row), "skip" leaves it out and counts it
+    bad_documents: str = "error"
     # Loader options. The sample order depends on (seed, lanes) only; lanes must be a
     # multiple of data-parallel size x workers at every layout the run will ever use.
     lanes: int = 64
@@ -67,6 +69,7 @@ class DataConfig:
             f"raw={self.raw!r} is tokenized on the fly and needs tokenizer (a tokenizer.json path or a tiktoken name)",
         )
         _require(self.num_workers >= 0, f"num_workers={self.num_workers} must be >= 0")
+        _require(self.bad_documents in ("error", "skip"), f"bad_documents={self.bad_documents!r} must be error or skip")
         _require_positive(lanes=self.lanes)
         _require(
             self.shard_url_template is None or "{path}" in self.shard_url_template,

@@ -30,7 +30,14 @@ is padded; only the packing carries a document's tail into the next sample.
 
 Resume: each lane's state is where its current shuffle window began and
 ended (epoch, unit, document, token offset) and how many of its samples were
-consumed, so a restart re-reads at most one window per lane.  Every rank
+consumed, so a restart re-reads at most one window per lane.  A cursor's
+document is the one just after the lane's previous training document, so a
+restart re-reads the held-out and bad documents in between.
+
+Bad documents (see ``text_sources``) stop the stream, or with
+``bad_documents="skip"`` are left out and counted: each with the sample that
+holds the first token of the lane's next training document, so the count
+is exact across restarts (``LoaderStats.skipped_documents``).  Every rank
 holds the state of its own lanes only: to resume at another data-parallel
 size, gather the states of all ranks and combine them with
 ``streaming.merge_states``.
@@ -57,7 +64,17 @@ import numpy as np
 from .order import UNIT_ORDER_TAG, WINDOW_ORDER_TAG, ReaderSlot, permutation
 from .packing import TokenPacker, is_validation
 from .streaming import Row, StreamLayout, TrainStream
-from .text_sources import SourceFile, expand_inputs, iter_documents
+from .text_sources import (
+    SKIP_HINT,
+    BadDocument,
+    SourceError,
+    SourceFile,
+    check_bad_documents_mode,
+    content_signature,
+    expand_inputs,
+    iter_documents,
+    iter_records,
+)
 from .tokenizer import Tokenizer, load_tokenizer
 from .validation import ArrayRows, ValidationLoader
 
@@ -91,8 +108,10 @@ class TextSettings:
     split_seed: int = 0  # seed of the document-hash split, as in prepare
     shuffle_window: int = DEFAULT_SHUFFLE_WINDOW
     batch_documents: int = DEFAULT_BATCH_DOCUMENTS
+    bad_documents: str = "error"  # or "skip" (counted in the loader's stats)
 
     def __post_init__(self) -> None:
+        check_bad_documents_mode(self.bad_documents)
         if not self.files:
             raise ValueError("an on-the-fly stream needs at least one input file")
         if self.context_length < 1:
@@ -126,6 +145,24 @@ class _Unit(NamedTuple):
     file: int
     stride: int
     phase: int
+
+
+class LaneDocument(NamedTuple):
+    """A training document of a lane, as read from a cursor."""
+
+    cursor: Cursor  # resume point that reads this document on, from token ``cursor.offset``
+    at: Cursor  # where the document itself is: its epoch, unit slot and number in its file
+    text: str
+    skipped: list[str]  # errors of the lane's bad documents read since its previous training document
+
+
+class _Span:
+    """A document's tokens still to be packed into samples (mutable: consumed from the front)."""
+
+    __slots__ = ("cursor", "left", "after", "skipped")
+
+    def __init__(self, cursor: Cursor, left: int, after: Cursor, skipped: list[str]) -> None:
+        self.cursor, self.left, self.after, self.skipped = cursor, left, after, skipped
 
 
 class TextSource:
@@ -182,50 +219,61 @@ class TextSource:
             for i in order[skip:]:
                 count += 1
                 state = {"count": count, "window_start": list(start), "window_end": list(window_end)}
-                yield Row(batch[i][0], True, lane, cursor=state)
+                skipped = batch[i][2]
+                yield Row(batch[i][0], True, lane, cursor=state, event={"skipped_documents": skipped} if skipped else None)
             start, skip, window = window_end, 0, window + 1
 
-    def _lane_samples(self, lane: int, start: Cursor) -> Iterator[tuple[np.ndarray, Cursor]]:
-        """The lane's samples in stream order from ``start``, each with the cursor just after it."""
+    def _lane_samples(self, lane: int, start: Cursor) -> Iterator[tuple[np.ndarray, Cursor, list[str]]]:
+        """The lane's samples in stream order from ``start``, each with the cursor just after it and the
+        bad documents counted with it."""
         length = self.sample_length
         tokenizer = _tokenizer(self.settings)
         packer = TokenPacker(length, tokenizer.eos_id)
-        spans: deque[tuple[Cursor, int]] = deque()  # pending documents: (cursor of first pending token, tokens left)
+        spans: deque[_Span] = deque()  # pending documents, from their first pending token
         for docs in self._document_batches(lane, start):
-            texts = [text for _, text in docs]
-            for (cursor, _), ids in zip(docs, tokenizer.encode_batch(texts)):
-                ids = ids[cursor.offset:]
+            for doc, ids in zip(docs, tokenizer.encode_batch([doc.text for doc in docs])):
+                ids = ids[doc.cursor.offset:]
                 packer.add_document(ids)
-                spans.append((cursor, len(ids) + 1))
+                after = doc.at._replace(document=doc.at.document + 1)
+                spans.append(_Span(doc.cursor, len(ids) + 1, after, doc.skipped))
             taken = packer.take(packer.pending_tokens // length)
             for sample in taken if taken is not None else []:
-                yield sample, _advance(spans, length)
+                yield sample, *_advance(spans, length)
 
-    def _document_batches(self, lane: int, start: Cursor) -> Iterator[list[tuple[Cursor, str]]]:
-        batch: list[tuple[Cursor, str]] = []
+    def _document_batches(self, lane: int, start: Cursor) -> Iterator[list[LaneDocument]]:
+        batch: list[LaneDocument] = []
         for item in self.lane_documents(lane, start):
             batch.append(item)
             if len(batch) == self.settings.batch_documents:
                 yield batch
                 batch = []
 
-    def lane_documents(self, lane: int, start: Cursor) -> Iterator[tuple[Cursor, str]]:
+    def lane_documents(self, lane: int, start: Cursor) -> Iterator[LaneDocument]:
         """The lane's training documents from ``start`` on, endlessly, epoch after epoch."""
         epoch, slot, first_doc, offset = start
+        resume = start  # just after the previous training document
+        skipped: list[str] = []
         while True:
             found = False
             units = self.lane_units(lane, epoch)
             for slot in range(slot, len(units)):
                 unit = units[slot]
                 source = self.settings.files[unit.file]
-                for number, doc in enumerate(iter_documents([source], self.settings.text_key)):
+                for number, record in enumerate(iter_records([source], self.settings.text_key, metadata=False)):
                     if number < first_doc or number % unit.stride != unit.phase:
                         continue
-                    if self.settings.is_held_out(doc.text):
+                    if isinstance(record, BadDocument):
+                        if self.settings.bad_documents == "error":
+                            raise SourceError(f"{record.error}; {SKIP_HINT}")
+                        skipped.append(record.error)
+                        continue
+                    if self.settings.is_held_out(record.text):
                         continue
                     found = True
-                    yield Cursor(epoch, slot, number, offset), doc.text
-                    offset = 0
+                    # Resuming inside the document: its first sample, and with it the skipped ones, came before.
+                    at = Cursor(epoch, slot, number, 0)
+                    yield LaneDocument(resume._replace(offset=offset), at, record.text, [] if offset else skipped)
+                    resume, offset, skipped = at._replace(document=number + 1), 0, []
                 first_doc = 0
             if not found and start.epoch < epoch:
                 raise ValueError(
@@ -236,22 +284,25 @@ class TextSource:
             epoch, slot = epoch + 1, 0
 
 
-def _advance(spans: deque[tuple[Cursor, int]], tokens: int) -> Cursor:
-    """Consume ``tokens`` from the pending documents; the cursor of the next token to come."""
-    last = None
+def _advance(spans: deque[_Span], tokens: int) -> tuple[Cursor, list[str]]:
+    """Consume ``tokens`` from the pending documents: the cursor of the next token to come, and the
+    skipped documents counted with this sample (those before each document it starts)."""
+    last, skipped = None, []
     while tokens:
-        cursor, left = spans[0]
-        used = min(tokens, left)
+        span = spans[0]
+        skipped += span.skipped
+        span.skipped = []
+        used = min(tokens, span.left)
         tokens -= used
-        if used == left:
-            last = spans.popleft()[0]
+        if used == span.left:
+            last = spans.popleft()
         else:
-            spans[0] = (cursor._replace(offset=cursor.offset + used), left - used)
+            span.cursor, span.left = span.cursor._replace(offset=span.cursor.offset + used), span.left - used
     if spans:
-        return spans[0][0]
-    # The sample ended exactly with a document: resume at the next document of the same unit.
+        return spans[0].cursor, skipped
+    # The sample ended exactly with a document: resume just after it.
     assert last is not None
-    return last._replace(document=last.document + 1, offset=0)
+    return last.after, skipped
 
 
 def text_settings(files: list[str] | list[SourceFile], tokenizer: str, context_length: int, **options: Any) -> TextSettings:
@@ -280,17 +331,20 @@ def build_text_train_loader(
     split_seed: int = 0,
     shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
     batch_documents: int = DEFAULT_BATCH_DOCUMENTS,
+    bad_documents: str = "error",
     prefetch_factor: int = 2,
     pin_memory: bool = False,
 ) -> TrainStream:
     """The endless training stream of rank ``dp_rank`` over raw parquet / JSONL / text files.
 
     ``validation_fraction`` and ``split_seed`` hold out the same documents as
-    ``prepare`` does with ``--validation-fraction`` / ``--seed``.
+    ``prepare`` does with ``--validation-fraction`` / ``--seed``;
+    ``bad_documents`` is ``prepare``'s ``--bad-documents``.
     """
     settings = text_settings(files, tokenizer, context_length, text_key=text_key, eos_token=eos_token,
                              validation_fraction=validation_fraction, split_seed=split_seed,
-                             shuffle_window=shuffle_window, batch_documents=batch_documents)
+                             shuffle_window=shuffle_window, batch_documents=batch_documents,
+                             bad_documents=bad_documents)
     layout = StreamLayout(micro_batch_size, dp_rank, dp_size, num_workers, prefetch_factor, pin_memory)
     identity = {"source": "text", "seed": seed, "data": _fingerprint(settings)}
     return TrainStream(TextSource(settings, seed, lanes), layout, identity, lanes,
@@ -309,12 +363,17 @@ def build_text_validation_loader(
     eos_token: str | None = None,
     validation_fraction: float = 0.005,
     split_seed: int = 0,
+    bad_documents: str = "error",
     batches_multiple_of: int = 1,
     pin_memory: bool = False,
 ) -> ValidationLoader:
-    """The held-out documents of the files, packed as ``prepare`` packs its validation split."""
+    """The held-out documents of the files, packed as ``prepare`` packs its validation split.
+
+    Skipped bad documents are counted by the training stream, which reads every file too.
+    """
     settings = text_settings(files, tokenizer, context_length, text_key=text_key, eos_token=eos_token,
-                             validation_fraction=validation_fraction, split_seed=split_seed)
+                             validation_fraction=validation_fraction, split_seed=split_seed,
+                             bad_documents=bad_documents)
     layout = StreamLayout(micro_batch_size, dp_rank, dp_size, 0, 2, pin_memory)
     return ValidationLoader(ArrayRows(held_out_samples(settings)), layout, batches_multiple_of)
 
@@ -324,7 +383,8 @@ def held_out_samples(settings: TextSettings) -> np.ndarray:
     (the trailing partial sample is dropped, as ``prepare`` does)."""
     tokenizer = _tokenizer(settings)
     packer = TokenPacker(settings.sample_length, tokenizer.eos_id)
-    texts = (doc.text for doc in iter_documents(list(settings.files), settings.text_key) if settings.is_held_out(doc.text))
+    documents = iter_documents(list(settings.files), settings.text_key, settings.bad_documents, metadata=False)
+    texts = (doc.text for doc in documents if settings.is_held_out(doc.text))
     while batch := list(islice(texts, settings.batch_documents)):
         for ids in tokenizer.encode_batch(batch):
             packer.add_document(ids)
@@ -333,9 +393,10 @@ def held_out_samples(settings: TextSettings) -> np.ndarray:
 
 
 def _fingerprint(settings: TextSettings) -> str:
-    """Identifies what decides the stream: file names and sizes, tokenizer definition, packing and split."""
+    """Identifies what decides the stream: file names and content signatures, tokenizer definition,
+    packing and split."""
     described = {
-        "files": [[os.path.basename(f.path), os.path.getsize(f.path)] for f in settings.files],
+        "files": [[os.path.basename(f.path), content_signature(f.path)] for f in settings.files],
         "tokenizer": _tokenizer(settings).sha256,
         "context_length": settings.context_length,
         "text_key": settings.text_key,

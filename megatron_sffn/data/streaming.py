@@ -29,6 +29,7 @@ from .batches import make_batch, pin_batch
 from .order import ReaderSlot, check_lanes, reader_slot
 
 STATE_FORMAT = "megatron-sffn/loader-state-v1"
+LOGGED_DOCUMENTS = 5  # skipped documents logged one by one per loader; later ones are counted
 log = logging.getLogger(__name__)
 
 
@@ -40,7 +41,7 @@ class Row:
     valid: bool  # False: a stand-in for a sample that could not be read (masked out)
     lane: int
     cursor: Any = None  # where the lane resumes after this row (text sources only)
-    event: dict[str, Any] | None = None  # a bad-shard report raised while producing this row
+    event: dict[str, Any] | None = None  # what was skipped to produce this row (a bad shard, bad documents)
 
 
 class RowSource(Protocol):
@@ -59,13 +60,17 @@ class RowSource(Protocol):
 
 @dataclass
 class Chunk:
-    """Consecutive rows of one reader, in the form that crosses the worker boundary."""
+    """Consecutive rows of one reader, in the form that crosses the worker boundary.
+
+    ``events`` has one entry per row (None for most), so that an event is
+    counted exactly when its row is handed out, however chunks are cut.
+    """
 
     tokens: torch.Tensor  # int32 [rows, sample_length]
     valid: torch.Tensor  # bool [rows]
     lanes: list[int]
     cursors: list[Any]
-    events: list[dict[str, Any]]
+    events: list[dict[str, Any] | None]
 
     @classmethod
     def of(cls, rows: list[Row]) -> "Chunk":
@@ -75,15 +80,15 @@ class Chunk:
             valid=torch.tensor([r.valid for r in rows], dtype=torch.bool),
             lanes=[r.lane for r in rows],
             cursors=[r.cursor for r in rows],
-            events=[r.event for r in rows if r.event is not None],
+            events=[r.event for r in rows],
         )
 
     def __len__(self) -> int:
         return int(self.valid.shape[0])
 
-    def slice(self, start: int, stop: int, keep_events: bool = False) -> "Chunk":
+    def slice(self, start: int, stop: int) -> "Chunk":
         return Chunk(self.tokens[start:stop], self.valid[start:stop], self.lanes[start:stop],
-                     self.cursors[start:stop], list(self.events) if keep_events else [])
+                     self.cursors[start:stop], self.events[start:stop])
 
     @staticmethod
     def interleave(chunks: list["Chunk"]) -> "Chunk":
@@ -99,7 +104,7 @@ class Chunk:
             valid=torch.stack([c.valid for c in chunks], dim=1).reshape(-1),
             lanes=[chunks[w].lanes[k] for k, w in order],
             cursors=[chunks[w].cursors[k] for k, w in order],
-            events=[e for c in chunks for e in c.events],
+            events=[chunks[w].events[k] for k, w in order],
         )
 
     @staticmethod
@@ -181,7 +186,7 @@ def _take(pending: deque[Chunk], rows: int) -> Chunk:
             parts.append(pending.popleft())
             rows -= len(head)
         else:
-            parts.append(head.slice(0, rows, keep_events=True))
+            parts.append(head.slice(0, rows))
             pending[0] = head.slice(rows, len(head))
             rows = 0
     return parts[0] if len(parts) == 1 else Chunk.concat(parts)
@@ -197,21 +202,37 @@ class LoaderStats:
     masked_samples: int = 0  # stand-in rows handed to the trainer
     bad_shard_reads: int = 0  # failed shard reads (a shard can be read by several lanes)
     bad_shards: dict[str, str] = field(default_factory=dict)  # shard -> first error seen
+    skipped_documents: int = 0  # unreadable raw-text documents left out (each epoch counts again)
 
-    def record(self, events: list[dict[str, Any]]) -> None:
+    def record(self, events: list[dict[str, Any] | None]) -> None:
         for event in events:
-            self.bad_shard_reads += 1
-            if event["shard"] not in self.bad_shards:
-                self.bad_shards[event["shard"]] = event["error"]
-                log.warning("skipping bad shard (its samples are masked out): %s", event["error"])
+            if event is None:
+                continue
+            for error in event.get("skipped_documents", ()):
+                self.skipped_documents += 1
+                if self.skipped_documents <= LOGGED_DOCUMENTS:
+                    more = "; further ones are only counted" if self.skipped_documents == LOGGED_DOCUMENTS else ""
+                    log.warning("skipping bad document: %s%s", error, more)
+            if "shard" in event:
+                self.bad_shard_reads += 1
+                if event["shard"] not in self.bad_shards:
+                    self.bad_shards[event["shard"]] = event["error"]
+                    log.warning("skipping bad shard (its samples are masked out): %s", event["error"])
+
+    def add(self, other: "LoaderStats") -> None:
+        self.masked_samples += other.masked_samples
+        self.bad_shard_reads += other.bad_shard_reads
+        self.bad_shards = {**other.bad_shards, **self.bad_shards}
+        self.skipped_documents += other.skipped_documents
 
     def to_dict(self) -> dict[str, Any]:
         return {"masked_samples": self.masked_samples, "bad_shard_reads": self.bad_shard_reads,
-                "bad_shards": dict(self.bad_shards)}
+                "bad_shards": dict(self.bad_shards), "skipped_documents": self.skipped_documents}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "LoaderStats":
-        return cls(raw["masked_samples"], raw["bad_shard_reads"], dict(raw["bad_shards"]))
+        return cls(raw["masked_samples"], raw["bad_shard_reads"], dict(raw["bad_shards"]),
+                   raw.get("skipped_documents", 0))
 
 
 @dataclass(frozen=True)
@@ -272,13 +293,19 @@ class TrainStream:
                 self._lane_state[lane] = cursor
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable resume point, valid when every rank has consumed the same number of batches."""
+        """JSON-serialisable resume point, valid when every rank has consumed the same number of batches.
+
+        Only the lanes this rank reads are in it: the cursors of other lanes,
+        loaded at a resume, go stale as their new owners read on.
+        """
+        lay = self.layout
+        owned = {lane: cursor for lane, cursor in self._lane_state.items() if lane % lay.dp_size == lay.dp_rank}
         return {
             "format": STATE_FORMAT,
             **self.identity,
             "lanes": self.lanes,
             "consumed_samples": self.consumed_samples,
-            "lane_state": {str(lane): cursor for lane, cursor in sorted(self._lane_state.items())},
+            "lane_state": {str(lane): cursor for lane, cursor in sorted(owned.items())},
             "stats": self.stats.to_dict(),
         }
 
@@ -309,7 +336,9 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
 
     Prepared-shard positions are the same on every rank; text-source states
     each hold only their own lanes' cursors, so resuming at another dp size
-    needs all of them.  Counters are summed over ranks.
+    needs all of them.  A lane found in two states is an error: each lane has
+    one owner, and a second cursor could only be a stale copy.  Counters are
+    summed over ranks.
     """
     if not states:
         raise ValueError("merge_states needs the state of at least one rank")
@@ -323,10 +352,14 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
                 )
     stats = LoaderStats()
     lane_state: dict[str, Any] = {}
-    for state in states:
-        lane_state.update(state["lane_state"])
-        s = LoaderStats.from_dict(state["stats"])
-        stats.masked_samples += s.masked_samples
-        stats.bad_shard_reads += s.bad_shard_reads
-        stats.bad_shards = {**s.bad_shards, **stats.bad_shards}
+    owner: dict[str, int] = {}
+    for i, state in enumerate(states):
+        for lane, cursor in state["lane_state"].items():
+            if lane in lane_state and lane_state[lane] != cursor:
+                raise ValueError(
+                    f"rank states {owner[lane]} and {i} hold different cursors for lane {lane}; each lane is read "
+                    f"by one rank, so pass each rank's own state_dict() once"
+                )
+            lane_state[lane], owner[lane] = cursor, i
+        stats.add(LoaderStats.from_dict(state["stats"]))
     return {**first, "lane_state": dict(sorted(lane_state.items(), key=lambda kv: int(kv[0]))), "stats": stats.to_dict()}

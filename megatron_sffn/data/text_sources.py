@@ -3,7 +3,10 @@
 Every preprocessing step reads its corpus through here, so all of them see the
 same documents in the same order (the basis of byte-identical output) and fail
 the same way on bad input: with the file, the row or line, and what was
-expected.  Nothing is skipped silently.
+expected.  Nothing is skipped silently: a document that cannot be read
+(undecodable or invalid text, a null, a broken JSONL line) stops the reader
+unless the caller opts into ``bad_documents="skip"``, and then every skipped
+document is reported to the caller, which counts it.
 """
 
 from __future__ import annotations
@@ -11,21 +14,36 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 PARQUET_TEXT_COLUMN = "content"
 PARQUET_METADATA_COLUMNS = ("url", "timestamp", "dump", "segment")
 JSONL_TEXT_KEY = "text"
 _PARQUET_SUFFIXES = (".parquet",)
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
+BAD_DOCUMENT_MODES = ("error", "skip")
+SKIP_HINT = "to skip and count such documents use --bad-documents skip (data.bad_documents=skip in raw mode)"
+SIGNATURE_BLOCK = 1 << 16
+log = logging.getLogger(__name__)
 
 
 class Document(NamedTuple):
     text: str
     metadata: dict[str, Any]
+
+
+class BadDocument(NamedTuple):
+    """A document that cannot be read; ``error`` names the file, the row or line, and the fault."""
+
+    error: str
+    metadata: dict[str, Any]
+
+
+Record = Document | BadDocument
 
 
 class SourceError(ValueError):
@@ -43,6 +61,8 @@ def expand_inputs(patterns: list[str], file_format: str | None = None) -> list[S
 
     Sorting makes the document order independent of the shell and filesystem.
     A pattern that matches nothing is an error: a typo would otherwise shrink the corpus.
+    A file reached under several names (``x`` and ``./x``, a symlink) is read once,
+    under the first name in sorted order, and the other names are reported.
     """
     files: list[str] = []
     for pattern in patterns:
@@ -53,7 +73,12 @@ def expand_inputs(patterns: list[str], file_format: str | None = None) -> list[S
         if not matches:
             raise FileNotFoundError(f"input {pattern!r} matches no files")
         files.extend(matches)
-    return [SourceFile(p, file_format or detect_format(p)) for p in sorted(set(files))]
+    names: dict[str, list[str]] = {}
+    for path in sorted(set(files)):
+        names.setdefault(os.path.realpath(path), []).append(path)
+    for first, *others in (group for group in names.values() if len(group) > 1):
+        log.warning("input %s is also named as %s; it is read once", first, ", ".join(others))
+    return [SourceFile(p, file_format or detect_format(p)) for p in sorted(group[0] for group in names.values())]
 
 
 def detect_format(path: str) -> str:
@@ -66,16 +91,58 @@ def detect_format(path: str) -> str:
     return "text"
 
 
-def iter_documents(sources: list[SourceFile], text_key: str | None = None) -> Iterator[Document]:
-    """Yield every document of every source in order.
+def iter_documents(
+    sources: list[SourceFile],
+    text_key: str | None = None,
+    bad_documents: str = "error",
+    on_bad: Callable[[BadDocument], None] | None = None,
+    metadata: bool = True,
+) -> Iterator[Document]:
+    """Yield every readable document of every source in order.
 
     ``text_key`` names the parquet column or JSONL key holding the text
     (default ``content`` for parquet as in RefinedWeb, ``text`` for JSONL).
-    A plain-text file is one document.
+    A plain-text file is one document.  A bad document raises ``SourceError``,
+    or with ``bad_documents="skip"`` is passed to ``on_bad`` and left out.
+    ``metadata=False`` leaves out the parquet metadata columns (never decoded then).
     """
+    check_bad_documents_mode(bad_documents)
+    for record in iter_records(sources, text_key, metadata):
+        if isinstance(record, Document):
+            yield record
+        elif bad_documents == "error":
+            raise SourceError(f"{record.error}; {SKIP_HINT}")
+        elif on_bad is not None:
+            on_bad(record)
+
+
+@dataclass
+class SkippedDocuments:
+    """``on_bad`` callback that counts skipped documents and keeps the first errors for the report."""
+
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+    keep: int = 5
+
+    def __call__(self, bad: BadDocument) -> None:
+        self.count += 1
+        if len(self.examples) < self.keep:
+            self.examples.append(bad.error)
+
+    def summary(self) -> str:
+        return f"skipped {self.count} bad documents" + (f" (first: {self.examples[0]})" if self.examples else "")
+
+
+def check_bad_documents_mode(mode: str) -> None:
+    if mode not in BAD_DOCUMENT_MODES:
+        raise ValueError(f"bad_documents={mode!r}, expected one of {', '.join(BAD_DOCUMENT_MODES)}")
+
+
+def iter_records(sources: list[SourceFile], text_key: str | None = None, metadata: bool = True) -> Iterator[Record]:
+    """Every document of every source in order, an unreadable one as a ``BadDocument`` in its place."""
     for source in sources:
         if source.format == "parquet":
-            yield from iter_parquet(source.path, text_key or PARQUET_TEXT_COLUMN)
+            yield from iter_parquet(source.path, text_key or PARQUET_TEXT_COLUMN, metadata=metadata)
         elif source.format == "jsonl":
             yield from iter_jsonl(source.path, text_key or JSONL_TEXT_KEY)
         elif source.format == "text":
@@ -84,8 +151,13 @@ def iter_documents(sources: list[SourceFile], text_key: str | None = None) -> It
             raise ValueError(f"{source.path}: unknown input format {source.format!r}, expected parquet, jsonl or text")
 
 
-def iter_parquet(path: str, text_column: str = PARQUET_TEXT_COLUMN, batch_rows: int = 1024) -> Iterator[Document]:
-    """RefinedWeb-format parquet: text in ``text_column``; url/timestamp/dump/segment kept as metadata."""
+def iter_parquet(path: str, text_column: str = PARQUET_TEXT_COLUMN, batch_rows: int = 1024,
+                 metadata: bool = True) -> Iterator[Record]:
+    """RefinedWeb-format parquet: text in ``text_column``; url/timestamp/dump/segment kept as metadata.
+
+    Only the text column must be valid UTF-8: a bad byte in a metadata column
+    (which training never reads) is shown as U+FFFD instead of stopping the run.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -102,7 +174,7 @@ def iter_parquet(path: str, text_column: str = PARQUET_TEXT_COLUMN, batch_rows: 
     text_type = schema.field(text_column).type
     if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
         raise SourceError(f"{path}: column {text_column!r} has type {text_type}, expected a string column")
-    meta_columns = [c for c in PARQUET_METADATA_COLUMNS if c in schema.names]
+    meta_columns = [c for c in PARQUET_METADATA_COLUMNS if c in schema.names] if metadata else []
     row = 0
     batches = pf.iter_batches(batch_size=batch_rows, columns=[text_column, *meta_columns])
     while True:
@@ -112,41 +184,88 @@ def iter_parquet(path: str, text_column: str = PARQUET_TEXT_COLUMN, batch_rows: 
             raise SourceError(f"{path}: unreadable parquet data after row {row} ({exc})") from exc
         if batch is None:
             break
-        columns = batch.to_pydict()
-        for i, text in enumerate(columns[text_column]):
+        texts = _column_values(batch.column(0), lambda raw: raw)
+        meta = {c: _column_values(batch.column(i + 1), _replace_undecodable) for i, c in enumerate(meta_columns)}
+        for i, text in enumerate(texts):
+            where = f"{path}: row {row}: column {text_column!r}"
+            info: dict[str, Any] = {"source": path, "row": row, **{c: values[i] for c, values in meta.items()}}
             if text is None:
-                raise SourceError(f"{path}: row {row}: column {text_column!r} is null, expected a string")
-            metadata: dict[str, Any] = {"source": path, "row": row}
-            for c in meta_columns:
-                metadata[c] = columns[c][i]
-            yield Document(text, metadata)
+                yield BadDocument(f"{where} is null, expected a string", info)
+            elif isinstance(text, bytes):
+                yield BadDocument(_utf8_problem(text, where), info)
+            else:
+                yield Document(text, info)
             row += 1
 
 
-def iter_jsonl(path: str, text_key: str = JSONL_TEXT_KEY) -> Iterator[Document]:
+def _column_values(column: Any, undecodable: Callable[[bytes], Any]) -> list[Any]:
+    """A batch column as Python values; a string that is not valid UTF-8 becomes ``undecodable(raw bytes)``.
+
+    Valid columns take the fast path (one conversion of the whole column); only
+    a batch holding a bad value is decoded row by row.
+    """
+    import pyarrow as pa
+
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        binary = pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
+        values = []
+        for raw in column.cast(binary).to_pylist():
+            try:
+                values.append(None if raw is None else raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                values.append(undecodable(raw))
+        return values
+
+
+def _replace_undecodable(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+def iter_jsonl(path: str, text_key: str = JSONL_TEXT_KEY) -> Iterator[Record]:
     """One JSON object per line with the text under ``text_key``; blank lines are allowed."""
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
-            line = _decode_utf8(raw, path, f"line {line_no}")
+            info = {"source": path, "row": line_no - 1}
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield BadDocument(_utf8_problem(raw, f"{path}: line {line_no}"), info)
+                continue
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise SourceError(f"{path}: line {line_no}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+                yield BadDocument(f"{path}: line {line_no}: invalid JSON ({exc.msg} at column {exc.colno})", info)
+                continue
             if not isinstance(obj, dict) or text_key not in obj:
-                raise SourceError(f"{path}: line {line_no}: expected a JSON object with key {text_key!r}")
+                yield BadDocument(f"{path}: line {line_no}: expected a JSON object with key {text_key!r}", info)
+                continue
             text = obj[text_key]
             if not isinstance(text, str):
-                raise SourceError(f"{path}: line {line_no}: key {text_key!r} is {type(text).__name__}, expected a string")
-            yield Document(text, {"source": path, "row": line_no - 1})
+                yield BadDocument(
+                    f"{path}: line {line_no}: key {text_key!r} is {type(text).__name__}, expected a string", info
+                )
+            elif (problem := _surrogate_problem(text)) is not None:
+                yield BadDocument(f"{path}: line {line_no}: key {text_key!r} {problem}", info)
+            else:
+                yield Document(text, info)
 
 
-def iter_text(path: str) -> Iterator[Document]:
+def iter_text(path: str) -> Iterator[Record]:
     """A UTF-8 plain-text file as a single document; an empty file holds no document."""
     raw = Path(path).read_bytes()
-    if raw:
-        yield Document(_decode_utf8(raw, path, "file"), {"source": path, "row": 0})
+    if not raw:
+        return
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        yield BadDocument(_utf8_problem(raw, f"{path}: line {line}"), {"source": path, "row": 0})
+        return
+    yield Document(text, {"source": path, "row": 0})
 
 
 def known_document_count(sources: list[SourceFile]) -> int | None:
@@ -177,12 +296,44 @@ def file_identity(path: str, chunk_bytes: int = 1 << 20) -> dict[str, Any]:
     return {"path": path, "size": os.path.getsize(path), "sha256": h.hexdigest()}
 
 
-def _decode_utf8(raw: bytes, path: str, where: str) -> str:
+def content_signature(path: str, block: int = SIGNATURE_BLOCK) -> str:
+    """A cheap fingerprint of a file's content: size, first and last ``block`` bytes and, for
+    parquet, the whole footer (row-group sizes, offsets and statistics of every column).
+
+    Reading the whole corpus at every start would cost as much as an epoch of
+    I/O; a rewrite of the same size that keeps the head, the tail and (for
+    parquet) every page size of the file is not detected.
+    """
+    h = hashlib.sha256()
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        h.update(size.to_bytes(8, "little"))
+        h.update(f.read(block))
+        f.seek(max(0, size - block))
+        tail = f.read(block)
+        h.update(tail)
+        if detect_format(path) == "parquet" and size >= 12 and tail.endswith(b"PAR1"):
+            footer = int.from_bytes(tail[-8:-4], "little")
+            if footer + 8 > len(tail) and footer + 8 <= size:
+                f.seek(size - 8 - footer)
+                h.update(f.read(footer))
+    return h.hexdigest()[:32]
+
+
+def _utf8_problem(raw: bytes, where: str) -> str:
+    """What is wrong with bytes that fail to decode, for a ``BadDocument`` error."""
     try:
-        return raw.decode("utf-8")
+        raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        position = f"line {line}, byte {exc.start}" if where == "file" else f"{where}, byte {exc.start}"
-        raise SourceError(
-            f"{path}: {position}: byte {raw[exc.start:exc.start + 1]!r} is not valid UTF-8; expected UTF-8 text"
-        ) from exc
+        return f"{where}, byte {exc.start}: byte {raw[exc.start:exc.start + 1]!r} is not valid UTF-8; expected UTF-8 text"
+    raise AssertionError("called for bytes that decode")
+
+
+def _surrogate_problem(text: str) -> str | None:
+    """A lone surrogate (JSON ``"\\ud800"``) is not text any tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"holds a lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}, "
+                f"which is not valid Unicode text; expected UTF-8 text")
+    return None

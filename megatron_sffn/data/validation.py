@@ -55,11 +55,11 @@ class ShardRows:
             data, event = read_or_report(spec, self.fmt, self.skip_bad_shards)
             if data is None:
                 piece = padding(hi - lo, self.sample_length)
-                piece.events.append(event)
+                piece.events[0] = event
                 yield piece
             else:
                 rows = torch.from_numpy(data[lo - spec.first_index:hi - spec.first_index].astype(np.int32))
-                yield Chunk(rows, torch.ones(hi - lo, dtype=torch.bool), [], [], [])
+                yield Chunk(rows, torch.ones(hi - lo, dtype=torch.bool), [], [], [None] * (hi - lo))
 
 
 class ArrayRows:
@@ -72,12 +72,13 @@ class ArrayRows:
     def pieces(self, begin: int, end: int) -> Iterator[Chunk]:
         if end > begin:
             yield Chunk(torch.from_numpy(self.rows[begin:end].astype(np.int32)), torch.ones(end - begin, dtype=torch.bool),
-                        [], [], [])
+                        [], [], [None] * (end - begin))
 
 
 def padding(rows: int, sample_length: int) -> Chunk:
     """Masked all-zero rows that keep batch shapes equal on every rank."""
-    return Chunk(torch.zeros((rows, sample_length), dtype=torch.int32), torch.zeros(rows, dtype=torch.bool), [], [], [])
+    return Chunk(torch.zeros((rows, sample_length), dtype=torch.int32), torch.zeros(rows, dtype=torch.bool), [], [],
+                 [None] * rows)
 
 
 class _PartDataset(IterableDataset):

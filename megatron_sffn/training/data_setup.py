@@ -93,7 +93,8 @@ def build_validation(config: TrainConfig, *, dp_rank: int, dp_size: int, micro_b
     if data.raw is not None:
         return build_text_validation_loader(
             data.raw, tokenizer=data.tokenizer, context_length=config.model.seq_length, micro_batch_size=micro,
-            dp_rank=dp_rank, dp_size=dp_size, batches_multiple_of=micro_batches_per_step,
+            dp_rank=dp_rank, dp_size=dp_size, bad_documents=data.bad_documents,
+            batches_multiple_of=micro_batches_per_step,
         )  # fmt: skip
     return build_validation_loader(
         manifest or check_dataset(config), micro_batch_size=micro, dp_rank=dp_rank, dp_size=dp_size,
@@ -109,8 +110,9 @@ def build_run_data(config: TrainConfig, *, dp_rank: int, dp_size: int, micro_bat
                   seed=data.seed, lanes=data.lanes)  # fmt: skip
     if data.raw is not None:
         train = build_text_train_loader(
-            data.raw, tokenizer=data.tokenizer, context_length=config.model.seq_length, **common
-        )
+            data.raw, tokenizer=data.tokenizer, context_length=config.model.seq_length,
+            bad_documents=data.bad_documents, **common,
+        )  # fmt: skip
     else:
         train = build_train_loader(
             manifest, skip_bad_shards=data.skip_bad_shards, shard_url_template=data.shard_url_template, **common
