@@ -77,16 +77,17 @@ def expected_with_masks(data: Path, samples: int) -> list[int | None]:
     return [None if i in BAD_IDS else i for i in ids]
 
 
-def test_skip_mode_masks_bad_shard_in_place_and_counts_it(tmp_path):
+@pytest.mark.parametrize("dp_size, num_workers", [(2, 1), (1, 2), (2, 2)])
+def test_skip_mode_masks_bad_shard_in_place_and_counts_it(tmp_path, dp_size, num_workers):
     data = write_dataset(tmp_path, train=TRAIN, per_shard=PER_SHARD)
     expected = expected_with_masks(data, 2 * 17 * 4)
     truncate(data / BAD)
 
     per_rank, loaders = [], []
-    for rank in range(2):
-        loader = build_train_loader(data, micro_batch_size=4, dp_rank=rank, dp_size=2, num_workers=1,
+    for rank in range(dp_size):
+        loader = build_train_loader(data, micro_batch_size=4, dp_rank=rank, dp_size=dp_size, num_workers=num_workers,
                                     lanes=LANES, skip_bad_shards=True)
-        ids, valid = stream_ids(loader, 17)
+        ids, valid = stream_ids(loader, 34 // dp_size)
         per_rank.append([i if ok else None for i, ok in zip(ids, valid)])
         loaders.append(loader)
     got = merge_ranks(per_rank)
@@ -102,17 +103,26 @@ def test_skip_mode_masks_bad_shard_in_place_and_counts_it(tmp_path):
     assert sum(loader.stats.bad_shard_reads for loader in loaders) >= 2  # read (and reported) in both epochs
 
 
-def test_skip_mode_validation_masks_bad_shard(tmp_path):
+@pytest.mark.parametrize("dp_size, num_workers", [(1, 1), (1, 2), (2, 2)])
+def test_skip_mode_validation_masks_bad_shard(tmp_path, dp_size, num_workers):
     data = write_dataset(tmp_path, validation=17, per_shard=PER_SHARD)
     delete(data / "validation/validation-000001.tar")  # validation samples 7..13
-    loader = build_validation_loader(data, micro_batch_size=4, num_workers=1, skip_bad_shards=True)
-    real = Counter()
-    for batch in loader:
-        valid = batch["loss_mask"][:, 0] > 0
-        real.update(batch["tokens"][valid, 0].tolist())
-    assert real == Counter(list(range(7)) + list(range(14, 17)))
-    assert list(loader.stats.bad_shards) == [str(data / "validation/validation-000001.tar")]
-    assert loader.stats.masked_samples == len(loader) * 4 - 10
+    real, masked = [], 0
+    for rank in range(dp_size):
+        loader = build_validation_loader(data, micro_batch_size=4, dp_rank=rank, dp_size=dp_size,
+                                         num_workers=num_workers, skip_bad_shards=True)
+        rank_real = []
+        for batch in loader:
+            valid = batch["loss_mask"][:, 0] > 0
+            assert not batch["tokens"][~valid].any()  # every masked row is a stand-in, never real data
+            rank_real += batch["tokens"][valid, 0].tolist()
+        assert loader.stats.masked_samples == len(loader) * 4 - len(rank_real)
+        if loader.stats.bad_shards:
+            assert list(loader.stats.bad_shards) == [str(data / "validation/validation-000001.tar")]
+        real += rank_real
+        masked += loader.stats.masked_samples
+    assert sorted(real) == list(range(7)) + list(range(14, 17))  # each intact sample exactly once
+    assert masked == len(loader) * 4 * dp_size - 10
     with pytest.raises(ShardError, match="validation-000001.tar: shard is missing"):
         list(build_validation_loader(data, micro_batch_size=4))
 
