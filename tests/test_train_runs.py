@@ -8,7 +8,9 @@ Every claim is checked against an independent run rather than a stored number:
 * SIGKILL in the middle of a save leaves ``latest`` on a loadable checkpoint that
   continues the killed run's own trajectory;
 * NaN steps are skipped without touching the weights, and a streak stops the run;
-* activation recomputation does not change the losses.
+* activation recomputation does not change the losses;
+* a raw-text run at DP=2 pre-empted and resumed at DP=2 and at DP=1 reads exactly the
+  uninterrupted stream, and its saved skip counters are the sum over ranks.
 
 Runs are tiny (4 layers, hidden 64, sequence 16) and use the step trace
 (``SFFN_STEP_TRACE``) for exact per-step losses and token digests.
@@ -29,14 +31,19 @@ from pathlib import Path
 import pytest
 
 from megatron_sffn.training.trace import read_trace
+from megatron_sffn.data.on_the_fly import build_text_train_loader
+from megatron_sffn.training.checkpointing import read_checkpoint_header
+from megatron_sffn.training.trace import sample_digests
 from tests.workers.train_checks import (
     REPO_ROOT,
+    SEQ,
     run_config,
     run_train,
     train_command,
     train_env,
     write_config,
     write_dataset,
+    write_text_corpus,
 )
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
@@ -238,3 +245,52 @@ def test_activation_recomputation_keeps_losses(tmp_path, dataset, single_referen
     recomputed, reference = _steps(trace), _steps(single_reference)
     for step in (1, 2, 3):
         assert recomputed[step]["loss"] == pytest.approx(reference[step]["loss"], abs=1e-6)
+
+
+def _global_samples(trace: Path, step: int) -> list[str]:
+    """The step's sample digests in global position order (rank r of R holds positions g % R == r)."""
+    traced = [_steps(trace, rank) for rank in (0, 1) if (trace / f"rank{rank}.jsonl").exists()]
+    per_rank = [steps[step]["sample_sha256"] for steps in traced if step in steps]
+    return [per_rank[i % len(per_rank)][i // len(per_rank)] for i in range(sum(map(len, per_rank)))]
+
+
+def test_raw_text_run_resumes_at_dp2_and_dp1_exactly_with_skip_counters_summed(tmp_path):
+    """DP=2 on raw JSONL (bad documents skipped) stopped by SIGTERM after step 4, resumed at DP=2 and at DP=1.
+
+    The reference for the data is the loader built here at DP=1 (the documented global order), for
+    the losses an uninterrupted DP=1 run; every saved skip counter must equal the DP=1 loader's.
+    """
+    files, tokenizer = write_text_corpus(tmp_path / "corpus")
+    data = {"path": None, "raw": files, "tokenizer": tokenizer, "lanes": 4, "bad_documents": "skip"}
+    sections = {"data": data, "training": {"train_steps": STEPS}, "checkpoint": {"save_interval": 4}}
+    reference, _ = _trained(tmp_path, tmp_path, "ref", **sections)
+    stopped, out = _trained(tmp_path, tmp_path, "run", nproc=2, env_faults={"SFFN_FAULT_SIGNAL_AT_STEP": "4"},
+                            **sections)  # fmt: skip
+    assert "stopped by SIGTERM after step 4" in out
+    for resumed, nproc in (("dp2", 2), ("dp1", 1)):
+        shutil.copytree(tmp_path / "run", tmp_path / resumed)
+        shutil.copytree(stopped, tmp_path / f"{resumed}.trace")
+        _trained(tmp_path, tmp_path, resumed, nproc=nproc, **sections)
+
+    loader = build_text_train_loader(files, tokenizer=tokenizer, context_length=SEQ, micro_batch_size=8, seed=7,
+                                     lanes=4, bad_documents="skip")  # fmt: skip
+    batches = iter(loader)
+    expected, skipped = {}, {}
+    for step in range(1, STEPS + 1):
+        expected[step] = sample_digests([next(batches)])
+        skipped[step] = loader.stats.skipped_documents
+    batches.close()
+    assert 0 < skipped[4] < skipped[STEPS]
+
+    ref_steps = _steps(reference)
+    for name in ("ref", "dp2", "dp1"):
+        trace, steps = tmp_path / f"{name}.trace", _steps(tmp_path / f"{name}.trace")
+        assert sorted(steps) == list(range(1, STEPS + 1)), name
+        for step in range(1, STEPS + 1):
+            assert _global_samples(trace, step) == expected[step], (name, step)
+            assert steps[step]["loss"] == pytest.approx(ref_steps[step]["loss"], rel=1e-5, abs=1e-5), (name, step)
+        final = read_checkpoint_header(tmp_path / name / "checkpoints" / f"step_{STEPS:07d}")["data"]
+        assert final["stats"]["skipped_documents"] == skipped[STEPS], name
+    saved = read_checkpoint_header(tmp_path / "run/checkpoints/step_0000004")["data"]
+    assert saved["stats"]["skipped_documents"] == skipped[4]
+    assert sorted(saved["lane_state"]) == ["0", "1", "2", "3"]  # both ranks' lanes

@@ -53,7 +53,7 @@ from .self_guided import GuidedDataReplay, build_guidance
 from .signals import StopRequest
 from .state import TrainProgress
 from .step import to_device, train_step
-from .trace import StepTrace, tokens_digest
+from .trace import StepTrace, sample_digests, tokens_digest
 
 
 def say(message: str) -> None:
@@ -201,6 +201,7 @@ class Trainer:
             self.trace.write(
                 step=step, loss=result.loss, lr=learning_rate, grad_norm=result.grad_norm, params_norm=params_norm,
                 skipped=result.nonfinite, tokens_sha256=tokens_digest(micro_batches),
+                sample_sha256=sample_digests(micro_batches),
             )  # fmt: skip
         if result.nonfinite:
             say(f"step {step}: non-finite loss or gradient, update skipped")

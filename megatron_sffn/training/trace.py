@@ -6,7 +6,9 @@ exact loss of every step and a fingerprint of the data each rank consumed.
 Set ``SFFN_STEP_TRACE=<dir>`` and each rank appends one JSON line per step
 to ``<dir>/rank<global rank>.jsonl``: step, loss (as ``repr`` of a float,
 which round-trips exactly), learning rate, gradient and parameter norms, whether
-the update was skipped, and the SHA-256 of the token ids this rank trained on.
+the update was skipped, the SHA-256 of the token ids this rank trained on, and a
+short digest of each of its samples (interleaving the ranks' lists by position
+gives the global batch, so runs at different data-parallel sizes compare).
 Evaluations add ``{"eval_step": ..., "val_loss": ...}`` lines.
 """
 
@@ -29,6 +31,15 @@ def tokens_digest(batches: list[dict[str, Any]]) -> str:
     for batch in batches:
         digest.update(batch["tokens"].to(torch.int64).contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def sample_digests(batches: list[dict[str, Any]]) -> list[str]:
+    """The first 16 hex digits of the SHA-256 of each sample's ``tokens``, in the order trained on."""
+    return [
+        hashlib.sha256(row.contiguous().numpy().tobytes()).hexdigest()[:16]
+        for batch in batches
+        for row in batch["tokens"].to(torch.int64)
+    ]
 
 
 class StepTrace:

@@ -63,6 +63,33 @@ def write_dataset(out: Path, *, train_samples: int = 192, val_samples: int = 40,
     return out
 
 
+def write_text_corpus(out: Path, *, files: int = 2, documents: int = 60, bad_every: int = 9,
+                      seed: int = 0) -> tuple[list[str], str]:
+    """Raw JSONL files of random words with a lone surrogate (a bad document) every ``bad_every`` lines,
+    and a word-level ``tokenizer.json`` whose ids fit the tiny model's vocabulary."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(VOCAB - 2)]
+    paths = []
+    for f in range(files):
+        lines = []
+        for d in range(documents):
+            text = " ".join(words[j] for j in rng.integers(0, len(words), int(rng.integers(4, 40))))
+            lines.append(json.dumps({"text": "\ud800" + text if d % bad_every == bad_every - 1 else text}))
+        path = out / f"part-{f}.jsonl"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        paths.append(str(path))
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(out / "tokenizer.json"))
+    return paths, str(out / "tokenizer.json")
+
+
 def run_config(run_dir: Path, data_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     """A tiny run (4 layers, hidden 64, LowRank FFNs) as a plain mapping; ``sections`` update it."""
     config: dict[str, Any] = {
