@@ -27,6 +27,7 @@ from megatron_sffn.data.manifest import (
     write_manifest_atomic,
 )
 from megatron_sffn.data.order import ShardedOrder, reader_slot
+from megatron_sffn.data.streaming import merge_states
 from megatron_sffn.data.shard_writer import shard_name, write_shard_atomic
 
 VOCAB = 50_000
@@ -88,6 +89,24 @@ def merge_ranks(per_rank: list[list[int]], start: int = 0) -> list[int]:
         merged.append(per_rank[g % ranks][taken[g % ranks]])
         taken[g % ranks] += 1
     return merged
+
+
+def run_chain(hops, build, take) -> tuple[list, list[dict]]:
+    """Run every hop from the previous hop's merged state; returns what all hops read and each merged state."""
+    seen, merged, state = [], [], None
+    for dp_size, workers, micro, batches in hops:
+        loaders = [build(dp_rank=r, dp_size=dp_size, num_workers=workers, micro_batch_size=micro)
+                   for r in range(dp_size)]  # fmt: skip
+        start = 0
+        if state is not None:
+            start = state["consumed_samples"]
+            for one in loaders:
+                one.load_state_dict(state)
+        seen += merge_ranks([take(one, batches) for one in loaders], start)
+        state = merge_states([one.state_dict() for one in loaders])
+        assert state["consumed_samples"] == len(seen)
+        merged.append(state)
+    return seen, merged
 
 
 def reference(dataset: Path, samples: int, seed: int = 1234) -> list[int]:

@@ -12,7 +12,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from data_tools.prepare import PrepareOptions, prepare
 from megatron_sffn.data.manifest import load_manifest
@@ -26,7 +25,9 @@ from megatron_sffn.data.on_the_fly import (
 from megatron_sffn.data.streaming import merge_states
 from megatron_sffn.data.tar_shards import SampleFormat, read_shard, split_shards
 from megatron_sffn.data.text_sources import expand_inputs
-from test_loader import merge_ranks
+from test_loader import merge_ranks, run_chain
+
+from tests.workers.train_checks import word_level_tokenizer
 
 CONTEXT = 8
 LANES = 4
@@ -61,11 +62,7 @@ def corpus(tmp_path_factory) -> tuple[list[str], str]:
                 doc = " ".join(words[j] for j in rng.integers(0, len(words), rng.integers(1, 30)))
                 out.write(json.dumps({"text": doc}) + "\n")
         files.append(str(path))
-    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(root / "tokenizer.json"))
-    return files, str(root / "tokenizer.json")
+    return files, word_level_tokenizer(words, root / "tokenizer.json")
 
 
 def text_loader(corpus, **options):
@@ -142,18 +139,9 @@ def test_ranks_and_workers_partition_the_single_rank_stream(corpus, dp_size, num
 def test_resume_is_exact_across_rank_and_worker_changes(corpus):
     """2 ranks -> 1 rank with 2 workers -> 4 ranks, stopping mid-window each time."""
     expected = reference(corpus, 90)
-    seen: list[list[int]] = []
-    state = None
-    for dp_size, workers, micro_batch, batches in [(2, 0, 3, 4), (1, 2, 2, 7), (4, 0, 1, 5)]:
-        loaders = [text_loader(corpus, dp_rank=r, dp_size=dp_size, num_workers=workers, micro_batch_size=micro_batch)
-                   for r in range(dp_size)]
-        start = 0
-        if state is not None:
-            start = state["consumed_samples"]
-            for one in loaders:
-                one.load_state_dict(state)
-        seen += merge_ranks([stream(one, batches) for one in loaders], start)
-        state = merge_states([one.state_dict() for one in loaders])
+    seen, states = run_chain([(2, 0, 3, 4), (1, 2, 2, 7), (4, 0, 1, 5)], lambda **layout: text_loader(corpus, **layout),
+                             stream)
+    state = states[-1]
     assert state["consumed_samples"] == 24 + 14 + 20
     assert seen == expected[:58]
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 from test_loader import LANES as SHARD_LANES
-from test_loader import merge_ranks, stream_ids, write_dataset
+from test_loader import run_chain, stream_ids, write_dataset
 from test_loader_faults import BAD, PER_SHARD, TRAIN, expected_with_masks
-from test_loader_on_the_fly import corpus, full_rows, text_loader  # noqa: F401  (corpus is a fixture)
+from test_loader_on_the_fly import corpus, full_rows, stream, text_loader  # noqa: F401  (corpus is a fixture)
 
 from megatron_sffn.data.loader import build_train_loader
 from megatron_sffn.data.streaming import merge_states
@@ -20,24 +20,6 @@ from megatron_sffn.data.streaming import merge_states
 # (dp_size, num_workers, micro_batch_size, batches): DP 1 -> 2 -> 2 -> 4 -> 2 -> 1, workers and batch changing.
 HOPS = [(1, 0, 3, 8), (2, 1, 2, 4), (2, 2, 1, 6), (4, 2, 1, 4), (2, 0, 3, 3), (1, 2, 2, 6)]
 TEXT_HOPS = [(1, 0, 3, 3), (2, 1, 2, 2), (2, 2, 1, 3), (4, 1, 1, 2), (2, 0, 3, 2), (1, 2, 2, 4)]
-
-
-def run_chain(hops, build, take) -> tuple[list, list[dict]]:
-    """Run every hop from the previous hop's merged state; returns what all hops read and each merged state."""
-    seen, merged, state = [], [], None
-    for dp_size, workers, micro, batches in hops:
-        loaders = [build(dp_rank=r, dp_size=dp_size, num_workers=workers, micro_batch_size=micro)
-                   for r in range(dp_size)]  # fmt: skip
-        start = 0
-        if state is not None:
-            start = state["consumed_samples"]
-            for one in loaders:
-                one.load_state_dict(state)
-        seen += merge_ranks([take(one, batches) for one in loaders], start)
-        state = merge_states([one.state_dict() for one in loaders])
-        assert state["consumed_samples"] == len(seen)
-        merged.append(state)
-    return seen, merged
 
 
 def test_shard_resume_chain_equals_the_uninterrupted_stream(tmp_path):
@@ -75,14 +57,6 @@ def hostile_text(corpus, tmp_path_factory) -> list[str]:  # noqa: F811
     return [*paths[:2], str(path)]
 
 
-def text_take(loader, batches):
-    rows, it = [], iter(loader)
-    for _, batch in zip(range(batches), it):
-        rows += full_rows(batch)
-    it.close()
-    return rows
-
-
 def test_text_resume_chain_equals_the_uninterrupted_stream_and_counts_skips_once(corpus, hostile_text):  # noqa: F811
     def build(**layout):
         return text_loader(corpus, files=hostile_text, bad_documents="skip", **layout)
@@ -96,7 +70,7 @@ def test_text_resume_chain_equals_the_uninterrupted_stream_and_counts_skips_once
     it.close()
     assert skipped_after[-1] >= 4  # several bad documents fall in the stream
 
-    seen, states = run_chain(TEXT_HOPS, build, text_take)
+    seen, states = run_chain(TEXT_HOPS, build, stream)
     assert len(seen) <= len(expected)
     assert seen == expected[: len(seen)]
     for state in states:
@@ -106,7 +80,7 @@ def test_text_resume_chain_equals_the_uninterrupted_stream_and_counts_skips_once
 def test_rank_states_with_a_stale_copy_of_a_lane_are_refused(corpus):  # noqa: F811
     ranks = [text_loader(corpus, dp_rank=r, dp_size=2) for r in range(2)]
     for one in ranks:
-        text_take(one, 2)
+        stream(one, 2)
     states = [one.state_dict() for one in ranks]
     assert set(states[0]["lane_state"]) == {"0", "2"} and set(states[1]["lane_state"]) == {"1", "3"}
     stale = {**states[1], "lane_state": {**states[1]["lane_state"], "0": {"count": 0, "window_start": [0, 0, 0, 0],

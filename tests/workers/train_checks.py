@@ -69,8 +69,6 @@ def write_text_corpus(out: Path, *, files: int = 2, documents: int = 60, bad_eve
     and a word-level ``tokenizer.json`` whose ids fit the tiny model's vocabulary."""
     import json
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     words = [f"w{i}" for i in range(VOCAB - 2)]
@@ -83,11 +81,18 @@ def write_text_corpus(out: Path, *, files: int = 2, documents: int = 60, bad_eve
         path = out / f"part-{f}.jsonl"
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         paths.append(str(path))
+    return paths, word_level_tokenizer(words, out / "tokenizer.json")
+
+
+def word_level_tokenizer(words: list[str], path: Path) -> str:
+    """A ``tokenizer.json`` mapping each word to one id (EOS 0, unknown 1): instant and exact to tokenize."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
     vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.save(str(out / "tokenizer.json"))
-    return paths, str(out / "tokenizer.json")
+    tokenizer.save(str(path))
+    return str(path)
 
 
 def run_config(run_dir: Path, data_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
