@@ -73,7 +73,8 @@ from .text_sources import (
     content_signature,
     expand_inputs,
     iter_documents,
-    iter_records,
+    numbered_records,
+    source_name,
 )
 from .tokenizer import Tokenizer, load_tokenizer
 from .validation import ArrayRows, ValidationLoader
@@ -259,7 +260,7 @@ class TextSource:
             for slot in range(slot, len(units)):
                 unit = units[slot]
                 source = self.settings.files[unit.file]
-                for number, record in enumerate(iter_records([source], self.settings.text_key, metadata=False)):
+                for number, record in numbered_records(source, self.settings.text_key, first_doc):
                     if number < first_doc or number % unit.stride != unit.phase:
                         continue
                     if isinstance(record, BadDocument):
@@ -396,7 +397,7 @@ def _fingerprint(settings: TextSettings) -> str:
     """Identifies what decides the stream: file names and content signatures, tokenizer definition,
     packing and split."""
     described = {
-        "files": [[os.path.basename(f.path), content_signature(f.path)] for f in settings.files],
+        "files": [[source_name(f.path), content_signature(f.path)] for f in settings.files],
         "tokenizer": _tokenizer(settings).sha256,
         "context_length": settings.context_length,
         "text_key": settings.text_key,

@@ -17,8 +17,9 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
+
+from .remote import glob_remote, is_remote, open_remote, url_name
 
 PARQUET_TEXT_COLUMN = "content"
 PARQUET_METADATA_COLUMNS = ("url", "timestamp", "dump", "segment")
@@ -57,16 +58,20 @@ class SourceFile:
 
 
 def expand_inputs(patterns: list[str], file_format: str | None = None) -> list[SourceFile]:
-    """Expand paths, globs and directories into a sorted, duplicate-free list of input files.
+    """Expand paths, globs, directories and URLs into a sorted, duplicate-free list of input files.
 
     Sorting makes the document order independent of the shell and filesystem.
     A pattern that matches nothing is an error: a typo would otherwise shrink the corpus.
     A file reached under several names (``x`` and ``./x``, a symlink) is read once,
     under the first name in sorted order, and the other names are reported.
+    ``@list.txt`` stands for the paths or URLs listed in that file, one a line;
+    an ``http(s)://`` URL is taken as it is, other URLs (``hf://...``) are globbed by fsspec.
     """
     files: list[str] = []
-    for pattern in patterns:
-        if os.path.isdir(pattern):
+    for pattern in _listed(patterns):
+        if is_remote(pattern):
+            matches = glob_remote(pattern)
+        elif os.path.isdir(pattern):
             matches = [p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True) if os.path.isfile(p)]
         else:
             matches = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
@@ -75,15 +80,37 @@ def expand_inputs(patterns: list[str], file_format: str | None = None) -> list[S
         files.extend(matches)
     names: dict[str, list[str]] = {}
     for path in sorted(set(files)):
-        names.setdefault(os.path.realpath(path), []).append(path)
+        names.setdefault(path if is_remote(path) else os.path.realpath(path), []).append(path)
     for first, *others in (group for group in names.values() if len(group) > 1):
         log.warning("input %s is also named as %s; it is read once", first, ", ".join(others))
     return [SourceFile(p, file_format or detect_format(p)) for p in sorted(group[0] for group in names.values())]
 
 
+def _listed(patterns: list[str]) -> list[str]:
+    """``patterns`` with each ``@file`` replaced by the non-blank lines of that file."""
+    out = []
+    for pattern in patterns:
+        if pattern.startswith("@"):
+            with open(pattern[1:], encoding="utf-8") as f:
+                out += [line.strip() for line in f if line.strip()]
+        else:
+            out.append(pattern)
+    return out
+
+
+def open_source(path: str) -> BinaryIO:
+    """A local file or a URL (range requests, see ``remote``) opened for binary reading."""
+    return open_remote(path) if is_remote(path) else open(path, "rb")
+
+
+def source_name(path: str) -> str:
+    """The file name of a path or URL."""
+    return url_name(path) if is_remote(path) else os.path.basename(path)
+
+
 def detect_format(path: str) -> str:
     """Input format from the file name: ``.parquet``, ``.jsonl``/``.ndjson``, anything else is plain text."""
-    name = path.lower()
+    name = source_name(path).lower()
     if name.endswith(_PARQUET_SUFFIXES):
         return "parquet"
     if name.endswith(_JSONL_SUFFIXES):
@@ -138,6 +165,21 @@ def check_bad_documents_mode(mode: str) -> None:
         raise ValueError(f"bad_documents={mode!r}, expected one of {', '.join(BAD_DOCUMENT_MODES)}")
 
 
+def numbered_records(source: SourceFile, text_key: str | None = None,
+                     first_document: int = 0) -> Iterator[tuple[int, Record]]:
+    """``(number, record)`` for the documents of one file, numbered from 0 in file order.
+
+    A parquet file is entered at the row group holding ``first_document`` (a
+    resume re-reads at most that row group); earlier documents may still come.
+    """
+    if source.format == "parquet":
+        for record in iter_parquet(source.path, text_key or PARQUET_TEXT_COLUMN, metadata=False,
+                                   first_row=first_document):
+            yield record.metadata["row"], record
+    else:
+        yield from enumerate(iter_records([source], text_key, metadata=False))
+
+
 def iter_records(sources: list[SourceFile], text_key: str | None = None, metadata: bool = True) -> Iterator[Record]:
     """Every document of every source in order, an unreadable one as a ``BadDocument`` in its place."""
     for source in sources:
@@ -152,17 +194,28 @@ def iter_records(sources: list[SourceFile], text_key: str | None = None, metadat
 
 
 def iter_parquet(path: str, text_column: str = PARQUET_TEXT_COLUMN, batch_rows: int = 1024,
-                 metadata: bool = True) -> Iterator[Record]:
+                 metadata: bool = True, first_row: int = 0) -> Iterator[Record]:
     """RefinedWeb-format parquet: text in ``text_column``; url/timestamp/dump/segment kept as metadata.
 
     Only the text column must be valid UTF-8: a bad byte in a metadata column
     (which training never reads) is shown as U+FFFD instead of stopping the run.
+    Row groups that end before ``first_row`` are not read at all.
     """
+    try:
+        f = open_source(path)
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot open ({exc})") from exc
+    with f:
+        yield from _parquet_records(f, path, text_column, batch_rows, metadata, first_row)
+
+
+def _parquet_records(f: BinaryIO, path: str, text_column: str, batch_rows: int, metadata: bool,
+                     first_row: int) -> Iterator[Record]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(f)
     except (pa.ArrowException, OSError) as exc:
         raise SourceError(f"{path}: not a readable parquet file ({exc})") from exc
     schema = pf.schema_arrow
@@ -175,8 +228,12 @@ def iter_parquet(path: str, text_column: str = PARQUET_TEXT_COLUMN, batch_rows: 
     if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
         raise SourceError(f"{path}: column {text_column!r} has type {text_type}, expected a string column")
     meta_columns = [c for c in PARQUET_METADATA_COLUMNS if c in schema.names] if metadata else []
-    row = 0
-    batches = pf.iter_batches(batch_size=batch_rows, columns=[text_column, *meta_columns])
+    row, group = 0, 0
+    while group < pf.num_row_groups and row + pf.metadata.row_group(group).num_rows <= first_row:
+        row += pf.metadata.row_group(group).num_rows
+        group += 1
+    batches = pf.iter_batches(batch_size=batch_rows, row_groups=list(range(group, pf.num_row_groups)),
+                              columns=[text_column, *meta_columns])
     while True:
         try:
             batch = next(batches, None)
@@ -225,7 +282,7 @@ def _replace_undecodable(raw: bytes) -> str:
 
 def iter_jsonl(path: str, text_key: str = JSONL_TEXT_KEY) -> Iterator[Record]:
     """One JSON object per line with the text under ``text_key``; blank lines are allowed."""
-    with open(path, "rb") as f:
+    with open_source(path) as f:
         for line_no, raw in enumerate(f, start=1):
             info = {"source": path, "row": line_no - 1}
             try:
@@ -256,7 +313,8 @@ def iter_jsonl(path: str, text_key: str = JSONL_TEXT_KEY) -> Iterator[Record]:
 
 def iter_text(path: str) -> Iterator[Record]:
     """A UTF-8 plain-text file as a single document; an empty file holds no document."""
-    raw = Path(path).read_bytes()
+    with open_source(path) as f:
+        raw = f.read()
     if not raw:
         return
     try:
@@ -277,11 +335,12 @@ def known_document_count(sources: list[SourceFile]) -> int | None:
     for source in sources:
         if source.format == "parquet":
             try:
-                total += pq.ParquetFile(source.path).metadata.num_rows
+                with open_source(source.path) as f:
+                    total += pq.ParquetFile(f).metadata.num_rows
             except (pa.ArrowException, OSError):
                 return None  # reported with context when the file is actually read
         elif source.format == "text":
-            total += int(os.path.getsize(source.path) > 0)
+            total += int(source_size(source.path) > 0)
         else:
             return None
     return total
@@ -289,11 +348,17 @@ def known_document_count(sources: list[SourceFile]) -> int | None:
 
 def file_identity(path: str, chunk_bytes: int = 1 << 20) -> dict[str, Any]:
     """Path, size and sha256 of an input file, as recorded in the manifest's ``sources``."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
+    h, size = hashlib.sha256(), 0
+    with open_source(path) as f:
         while chunk := f.read(chunk_bytes):
             h.update(chunk)
-    return {"path": path, "size": os.path.getsize(path), "sha256": h.hexdigest()}
+            size += len(chunk)
+    return {"path": path, "size": size, "sha256": h.hexdigest()}
+
+
+def source_size(path: str) -> int:
+    with open_source(path) as f:
+        return f.seek(0, os.SEEK_END)
 
 
 def content_signature(path: str, block: int = SIGNATURE_BLOCK) -> str:
@@ -305,8 +370,9 @@ def content_signature(path: str, block: int = SIGNATURE_BLOCK) -> str:
     parquet) every page size of the file is not detected.
     """
     h = hashlib.sha256()
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    with open_source(path) as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
         h.update(size.to_bytes(8, "little"))
         h.update(f.read(block))
         f.seek(max(0, size - block))

@@ -1,0 +1,122 @@
+"""Remote parquet inputs over HTTP range requests, against a local server started here.
+
+Remote raw mode must be exactly the local stream (also across resumes at other DP sizes, entering
+parquet files at the resume's row group), survive dropped connections and 503s, name the URL on a
+permanent failure, and ``prepare`` from URLs must write the bytes it writes from the local files.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from http_range_server import RangeServer
+from test_loader import run_chain
+from test_loader_on_the_fly import full_rows, stream
+
+from data_tools.prepare import PrepareOptions, prepare
+from megatron_sffn.data import remote
+from megatron_sffn.data.on_the_fly import build_text_train_loader
+from megatron_sffn.data.text_sources import SourceError, expand_inputs, numbered_records
+from tests.workers.train_checks import word_level_tokenizer
+
+CONTEXT = 8
+LANES = 4
+WORDS = [f"w{i}" for i in range(200)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Three parquet files in row groups of 8 documents, and a word-level tokenizer."""
+    root = tmp_path_factory.mktemp("remote")
+    rng = np.random.default_rng(11)
+    for f in range(3):
+        docs = [" ".join(rng.choice(WORDS, int(rng.integers(1, 25)))) for _ in range(40)]
+        pq.write_table(pa.table({"content": docs, "url": [f"https://x/{i}" for i in range(40)]}),
+                       root / f"part-{f}.parquet", row_group_size=8)  # fmt: skip
+    return root, word_level_tokenizer(WORDS, root / "tokenizer.json")
+
+
+@pytest.fixture()
+def server(corpus, monkeypatch):
+    monkeypatch.setattr(remote, "DEFAULT_RETRY", remote.RetryPolicy(attempts=5, first_delay=0.01, max_delay=0.05))
+    with RangeServer(corpus[0]) as running:
+        yield running
+
+
+def names() -> list[str]:
+    return [f"part-{f}.parquet" for f in range(3)]
+
+
+def loader(files, tokenizer, **options):
+    defaults = dict(tokenizer=tokenizer, context_length=CONTEXT, micro_batch_size=3, lanes=LANES,
+                    validation_fraction=0.1, shuffle_window=5)  # fmt: skip
+    return build_text_train_loader(files, **{**defaults, **options})
+
+
+def test_remote_raw_mode_is_the_local_stream_and_resumes_across_dp_sizes(corpus, server):
+    root, tokenizer = corpus
+    local = [str(root / n) for n in names()]
+    urls = [server.url(n) for n in names()]
+    expected = stream(loader(local, tokenizer, micro_batch_size=1), 80)
+    assert stream(loader(urls, tokenizer, micro_batch_size=1), 80) == expected
+
+    hops = [(2, 0, 3, 4), (1, 2, 2, 6), (4, 1, 1, 4)]
+    seen, states = run_chain(hops, lambda **layout: loader(urls, tokenizer, **layout), stream)
+    assert seen == expected[: len(seen)]
+    # The state names files and content, not where they are: a local run resumes from a remote one.
+    resumed = loader(local, tokenizer, micro_batch_size=1)
+    resumed.load_state_dict(states[-1])
+    assert stream(resumed, 4) == expected[len(seen):len(seen) + 4]
+
+
+def test_a_resume_enters_parquet_at_its_row_group(corpus, server):
+    root, _ = corpus
+    url = server.url(names()[0])
+    source = expand_inputs([url])[0]
+    assert [n for n, _ in numbered_records(source, first_document=0)] == list(range(40))
+    numbers = [n for n, _ in numbered_records(source, first_document=27)]
+    assert numbers == list(range(24, 40))  # row groups of 8: starts at the group holding document 27
+    reads = [r for r in server.requests if r[0] == "GET"]
+    assert reads and all(r[2] is not None for r in reads)  # only range requests, never the whole file
+
+
+def test_transient_failures_are_retried_to_the_same_stream(corpus, server, caplog):
+    root, tokenizer = corpus
+    urls = [server.url(n) for n in names()]
+    expected = stream(loader(urls, tokenizer), 80)  # more than an epoch: every file is opened again
+    got, batches = [], iter(loader(urls, tokenizer))
+    for i, batch in zip(range(80), batches):
+        if i == 5:  # mid-epoch: the lanes' next file opens and range reads meet the failures
+            for name in names():
+                server.fail(name, ["503", "drop", "short", "503"])
+        got += full_rows(batch)
+    batches.close()
+    assert got == expected
+    assert server.pending_failures() == 0 and "retrying" in caplog.text
+
+
+def test_permanent_failures_name_the_url(corpus, server):
+    root, tokenizer = corpus
+    missing = server.url("missing.parquet")
+    with pytest.raises(ValueError, match=rf"{missing}: HTTP 404 Not Found \(not retried\)"):
+        loader([missing, server.url(names()[0])], tokenizer, lanes=2)  # checked before any reading
+    server.fail(names()[0], ["503"] * 10)
+    with pytest.raises(SourceError, match=rf"{server.url(names()[0])}: HEAD failed after 5 attempts \(last: HTTP 503"):
+        list(numbered_records(expand_inputs([server.url(names()[0])])[0]))
+
+
+def test_prepare_from_urls_writes_the_local_bytes(corpus, server, tmp_path):
+    root, tokenizer = corpus
+    options = dict(tokenizer=tokenizer, context_length=CONTEXT, samples_per_shard=16, validation_fraction=0.1)
+    list_file = tmp_path / "urls.txt"
+    list_file.write_text("".join(server.url(n) + "\n" for n in names()))
+    prepare(expand_inputs([f"@{list_file}"]), PrepareOptions(out=tmp_path / "remote", **options), progress=False)
+    prepare(expand_inputs([str(root / "*.parquet")]), PrepareOptions(out=tmp_path / "local", **options),
+            progress=False)  # fmt: skip
+
+    def shards(out):
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.tar"))}
+
+    assert shards(tmp_path / "remote") == shards(tmp_path / "local") != {}
