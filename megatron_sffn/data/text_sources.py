@@ -201,15 +201,18 @@ def iter_parquet(path: str, text_column: str = PARQUET_TEXT_COLUMN, batch_rows: 
     (which training never reads) is shown as U+FFFD instead of stopping the run.
     Row groups that end before ``first_row`` are not read at all.
     """
+    if not is_remote(path):  # pyarrow's native file I/O
+        yield from _parquet_records(path, path, text_column, batch_rows, metadata, first_row)
+        return
     try:
-        f = open_source(path)
+        f = open_remote(path)
     except OSError as exc:
         raise SourceError(f"{path}: cannot open ({exc})") from exc
     with f:
         yield from _parquet_records(f, path, text_column, batch_rows, metadata, first_row)
 
 
-def _parquet_records(f: BinaryIO, path: str, text_column: str, batch_rows: int, metadata: bool,
+def _parquet_records(f: str | BinaryIO, path: str, text_column: str, batch_rows: int, metadata: bool,
                      first_row: int) -> Iterator[Record]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -335,8 +338,11 @@ def known_document_count(sources: list[SourceFile]) -> int | None:
     for source in sources:
         if source.format == "parquet":
             try:
-                with open_source(source.path) as f:
-                    total += pq.ParquetFile(f).metadata.num_rows
+                if is_remote(source.path):
+                    with open_remote(source.path) as f:
+                        total += pq.ParquetFile(f).metadata.num_rows
+                else:
+                    total += pq.ParquetFile(source.path).metadata.num_rows
             except (pa.ArrowException, OSError):
                 return None  # reported with context when the file is actually read
         elif source.format == "text":
@@ -357,6 +363,7 @@ def file_identity(path: str, chunk_bytes: int = 1 << 20) -> dict[str, Any]:
 
 
 def source_size(path: str) -> int:
+    """Bytes in a local file or behind a URL."""
     with open_source(path) as f:
         return f.seek(0, os.SEEK_END)
 
