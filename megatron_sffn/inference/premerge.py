@@ -9,8 +9,9 @@ role, sizes, TP layout, dtype) on the device the model runs on: the layer's
 own forward is timed with the factors and with the merged matrix at 1, 2, 4,
 ... tokens (collectives included, all TP ranks in step) until the factors
 win at two sizes in a row; the threshold is the largest size below that at
-which the merged matrix was at least as fast.  Rank 0's measurement is
-broadcast so every rank takes the same branch.  Results are cached in a
+which the merged matrix was at least as fast.  Rank 0's verdict at every
+size is broadcast, so all ranks measure the same sizes and take the same
+branch.  Results are cached in a
 JSON table keyed by device and shape (``$SFFN_CACHE_DIR`` or
 ``~/.cache/megatron-sffn``, file ``premerge_thresholds.json``), so a shape
 is calibrated once per machine; ``benchmarks/decode_bench.py --write-cache``
@@ -57,8 +58,18 @@ def structured_linears(model: torch.nn.Module) -> list[TPStructuredLinear]:
     return [m for m in model.modules() if isinstance(m, TPStructuredLinear)]
 
 
-def apply_pre_merge(model: torch.nn.Module, mode: PreMergeMode, *, cache_dir: Path | None = None) -> PreMergeReport:
-    """Set up pre-merge on every structured linear of ``model``; collective over the TP group."""
+def apply_pre_merge(
+    model: torch.nn.Module,
+    mode: PreMergeMode,
+    *,
+    cache_dir: Path | None = None,
+    calibration_max_tokens: int = CALIBRATION_MAX_TOKENS,
+) -> PreMergeReport:
+    """Set up pre-merge on every structured linear of ``model``; collective over the TP group.
+
+    ``calibration_max_tokens`` bounds ``auto``'s measurement (calls above it
+    use the factors unless the merged shard won at every size measured).
+    """
     from ..parallel.premerge import ALWAYS
 
     if mode not in PRE_MERGE_MODES:
@@ -81,7 +92,7 @@ def apply_pre_merge(model: torch.nn.Module, mode: PreMergeMode, *, cache_dir: Pa
             cached = cache.get(key)
             threshold = _agree(-1 if cached is None else cached)  # ranks' caches may differ; rank 0 decides
             if threshold < 0:
-                threshold = _agree(calibrate(layer))
+                threshold = calibrate(layer, max_tokens=calibration_max_tokens)
                 cache.put(key, threshold)
                 report.calibrated.append(key)
             report.thresholds[key] = threshold
@@ -122,7 +133,8 @@ def calibrate(layer: TPStructuredLinear, *, max_tokens: int = CALIBRATION_MAX_TO
                 seconds = _time(lambda: layer(x), merged.device)
                 if round_index:
                     timings[setting].append(seconds)
-        if statistics.median(timings[ALWAYS]) <= statistics.median(timings[NEVER]):
+        merged_won = statistics.median(timings[ALWAYS]) <= statistics.median(timings[NEVER])
+        if _agree(int(merged_won)):  # every rank must stop at the same size: the loop runs collectives
             threshold, factors_won = tokens, 0
         else:
             factors_won += 1
@@ -150,15 +162,15 @@ def _time(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _agree(threshold: int) -> int:
-    """Rank 0's threshold on every rank of the world (ranks' timings differ; their branches must not)."""
+def _agree(value: int) -> int:
+    """Rank 0's ``value`` on every rank of the world (ranks' timings differ; their branches must not)."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return threshold
-    value = torch.tensor([threshold], dtype=torch.long)
-    dist.broadcast(value, 0)
-    return int(value)
+        return value
+    tensor = torch.tensor([value], dtype=torch.long)
+    dist.broadcast(tensor, 0)
+    return int(tensor)
 
 
 class ThresholdCache:

@@ -19,7 +19,7 @@ from megatron_sffn.inference import Decoder, SamplingParams, apply_pre_merge, st
 from megatron_sffn.model import build_gpt_model, initialize_model_parallel, seed_model_parallel
 from tests.mp_harness import scratch_dir
 
-TINY = dict(hidden_size=64, num_layers=3, num_attention_heads=4, vocab_size=128, seq_length=32, init_std=0.25)
+TINY = dict(hidden_size=64, num_layers=2, num_attention_heads=4, vocab_size=128, seq_length=32, init_std=0.25)
 STRUCTURES = {
     "dense": {},
     "lowrank": {"rank": 16},
@@ -29,7 +29,7 @@ STRUCTURES = {
 PROMPTS = [[5, 17, 99, 3, 64], [42, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9]]  # different lengths
 # Shortest 6, so 2-token prefill chunks run at offsets 2 and 4 over a filled cache.
 LONG_PROMPTS = [[9, 8, 7, 6, 5, 4, 3], [11, 22, 33, 44, 55, 66], [2, 4, 6, 8, 10, 12, 14, 16, 18]]
-NEW_TOKENS = 7
+NEW_TOKENS = 6
 
 
 def _world() -> int:
@@ -82,10 +82,9 @@ def _compare(output, references) -> dict[str, Any]:
 
 
 def cached_equals_recompute(configs: list[list]) -> dict[str, Any]:
-    """Per (structure, gqa): one-chunk prefill, 2-token chunks over the cache, and the EOS stop, vs recompute."""
-    tp = _world()
+    """Per (structure, gqa, tp): one-chunk prefill, 2-token chunks over the cache, the EOS stop, vs recompute."""
     results = {}
-    for structure, gqa in configs:
+    for structure, gqa, tp in configs:
         model = tiny_model(structure, gqa, tp)
         references = [recompute_greedy(model, p, NEW_TOKENS) for p in PROMPTS]
         params = SamplingParams(max_new_tokens=NEW_TOKENS)
@@ -99,7 +98,7 @@ def cached_equals_recompute(configs: list[list]) -> dict[str, Any]:
         for tokens, _ in references:
             cut = tokens.index(eos) + 1 if eos in tokens else len(tokens)
             expected_stops.append((tokens[:cut], "eos" if eos in tokens else "length"))
-        results[f"{structure}{'-gqa' if gqa else ''}"] = {
+        results[f"{structure}{'-gqa' if gqa else ''}-tp{tp}"] = {
             "one_chunk": _compare(one_chunk, references),
             "chunked": _compare(chunked_output, long_references),
             "eos_stops": [(c.token_ids, c.finish_reason) for c in stopped.completions] == expected_stops,
@@ -124,7 +123,7 @@ def sampling_is_reproducible() -> dict[str, Any]:
 def pre_merge_modes(structures: list[str]) -> dict[str, Any]:
     """off / on / auto / a threshold between decode and prefill sizes: equal logits and tokens; nothing saved."""
     tp = _world()
-    cache = scratch_dir() / f"premerge-cache-{os.environ['RANK']}"
+    cache = scratch_dir() / f"premerge-cache-{os.environ['RANK']}"  # one per rank: rank 0's verdict rules
     results = {}
     params = SamplingParams(max_new_tokens=NEW_TOKENS)
     for structure in structures:
@@ -132,10 +131,13 @@ def pre_merge_modes(structures: list[str]) -> dict[str, Any]:
         decoder = Decoder(model, eos_id=None, context_length=32)
         runs, uses = {}, {}
         for mode in ("off", "on", "auto", "mixed"):
-            report = apply_pre_merge(model, "on" if mode == "mixed" else mode, cache_dir=cache)
+            report = apply_pre_merge(model, "on" if mode == "mixed" else mode, cache_dir=cache,
+                                     calibration_max_tokens=64)
             if mode == "mixed":  # decode steps (3 tokens) merged, prefill (6 tokens) structured
                 for layer in structured_linears(model):
                     layer.merge_threshold = len(PROMPTS)
+                decode_merged = all(layer.uses_merged(len(PROMPTS)) for layer in structured_linears(model))
+                prefill_merged = any(layer.uses_merged(2 * len(PROMPTS)) for layer in structured_linears(model))
             runs[mode] = decoder.generate(PROMPTS, params, keep_logits=True)
             uses[mode] = {"bytes": report.extra_bytes, "thresholds": sorted(set(report.thresholds.values()))}
         reference = [(c.token_ids, c.logits) for c in runs["off"].completions]
@@ -150,8 +152,20 @@ def pre_merge_modes(structures: list[str]) -> dict[str, Any]:
             "expected_bytes": expected_bytes,
             "merged_in_checkpoint": any("merged" in key for key in state_keys),
             "structured_layers": len(layers),
+            "mixed_branches": (decode_merged, prefill_merged),
         }
     return results
+
+
+def train_run(config_path: str) -> str:
+    """Train the run of ``config_path`` with the project's trainer, in this launch; returns its run dir."""
+    from megatron_sffn.config.loading import load_config
+    from megatron_sffn.config.train import TrainConfig
+    from megatron_sffn.training.loop import run_training
+
+    config = load_config(TrainConfig, config_path)
+    run_training(config)
+    return config.run_dir
 
 
 def tp2_checkpoint_generates(run_dir: str, tokenizer: str) -> dict[str, Any]:
