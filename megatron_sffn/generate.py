@@ -190,7 +190,7 @@ def _json_report(generator, prompts, completions, output, params: SamplingParams
         "sampling": dataclasses.asdict(params),
         "completions": [
             {"prompt": p, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
-            for p, c in zip(prompts, completions)
+            for p, c in zip(prompts, completions, strict=True)
         ],
         "prefill_tokens": output.prefill_tokens,
         "prefill_tokens_per_s": output.prefill_tokens_per_s,

@@ -39,8 +39,8 @@ def tiny_run(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("generate")
     dataset = write_dataset(tmp / "data")
     tokenizer = tokenizer_file(tmp / "tokenizer.json")
-    config = run_config(tmp / "run", dataset, parallel={"tensor_parallel": 2},
-                        training={"micro_batch_size": 2, "global_batch_size": 4, "train_steps": 3, "seed": 11})  # fmt: skip
+    training = {"micro_batch_size": 2, "global_batch_size": 4, "train_steps": 3, "seed": 11}
+    config = run_config(tmp / "run", dataset, parallel={"tensor_parallel": 2}, training=training)
     config_path = write_config(tmp / "run.yaml", config)
     checks = ["train_run", "tp2_checkpoint_generates", "cached_equals_recompute", "sampling_is_reproducible",
               "pre_merge_modes"]  # fmt: skip
@@ -166,7 +166,8 @@ def _refusal(capsys, fake_run: Path, *args: str) -> str:
         (["--prompt", "t1", "--prompt", " ", "--max-new-tokens", "2"], "prompt 1 is empty (no tokens)"),
         (["--prompt", " ".join(f"t{i}" for i in range(1, 10)), "--max-new-tokens", "1"],
          "prompt 0 has 9 tokens, longer than the model's context of 8"),
-        (["--prompt", "t1 t2 t3", "--max-new-tokens", "6"], "3 tokens + max_new_tokens=6 = 9 exceeds the model's context of 8"),
+        (["--prompt", "t1 t2 t3", "--max-new-tokens", "6"],
+         "3 tokens + max_new_tokens=6 = 9 exceeds the model's context of 8"),
         (["--prompt", "t1", "--max-new-tokens", "2", "--temperature", "-0.5"], "temperature=-0.5 must be >= 0"),
         (["--prompt", "t1", "--max-new-tokens", "2", "--top-p", "0"], "top_p=0.0 must be in (0, 1]"),
         (["--prompt", "t1", "--max-new-tokens", "2", "--top-p", "1.5"], "top_p=1.5 must be in (0, 1]"),
@@ -174,7 +175,8 @@ def _refusal(capsys, fake_run: Path, *args: str) -> str:
         (["--prompt", "t1", "--max-new-tokens", "0"], "max_new_tokens=0 must be at least 1"),
         (["--prompt", "t1", "--max-new-tokens", "2", "--step", "7"], "has no checkpoint of step 7"),
         (["--prompt", "t1", "--max-new-tokens", "2", "--pipeline-parallel", "2"], "pipeline_parallel=2"),
-        (["--prompt", "t1", "--max-new-tokens", "2", "--tensor-parallel", "2"], "must be >= 1 and divide the world size 1"),
+        (["--prompt", "t1", "--max-new-tokens", "2", "--tensor-parallel", "2"],
+         "must be >= 1 and divide the world size 1"),
     ],
 )  # fmt: skip
 def test_bad_input_is_refused_naming_the_value(capsys, fake_run, args, message):
@@ -191,7 +193,8 @@ def test_run_dir_without_checkpoint_is_refused(capsys, tmp_path):
 def test_prompt_file_blank_line_is_refused(capsys, fake_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("t1 t2\n\nt3\n")
-    assert f"{prompts}: line 2 is blank" in _refusal(capsys, fake_run, "--prompt-file", str(prompts), "--max-new-tokens", "1")
+    err = _refusal(capsys, fake_run, "--prompt-file", str(prompts), "--max-new-tokens", "1")
+    assert f"{prompts}: line 2 is blank" in err
 
 
 def test_stream_printer_shows_prompts_in_order_as_tokens_arrive():

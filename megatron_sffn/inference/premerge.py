@@ -14,12 +14,14 @@ size is broadcast, so all ranks measure the same sizes and take the same
 branch.  Results are cached in a
 JSON table keyed by device and shape (``$SFFN_CACHE_DIR`` or
 ``~/.cache/megatron-sffn``, file ``premerge_thresholds.json``), so a shape
-is calibrated once per machine; ``benchmarks/decode_bench.py --write-cache``
-fills the same table from its longer measurement.
+is calibrated once per machine (delete the file to measure again, e.g. on a
+machine that became busier or idler).  ``benchmarks/decode_bench.py``
+measures the same crossover at the level of the FFN and the model step.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -130,7 +132,7 @@ def calibrate(layer: TPStructuredLinear, *, max_tokens: int = CALIBRATION_MAX_TO
         for round_index in range(repeats + 1):  # round 0 warms up
             for setting in (ALWAYS, NEVER):
                 layer.merge_threshold = setting
-                seconds = _time(lambda: layer(x), merged.device)
+                seconds = _time(functools.partial(layer, x), merged.device)
                 if round_index:
                     timings[setting].append(seconds)
         merged_won = statistics.median(timings[ALWAYS]) <= statistics.median(timings[NEVER])

@@ -72,10 +72,11 @@ def recompute_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], l
 def _compare(output, references) -> dict[str, Any]:
     """Tokens identical; logits at every generated step close in fp32 (rtol = atol = 1e-5)."""
     tokens_equal, logits_close, worst = True, True, 0.0
-    for completion, (ref_tokens, ref_logits) in zip(output.completions, references):
+    for completion, (ref_tokens, ref_logits) in zip(output.completions, references, strict=True):
         tokens_equal &= completion.token_ids == ref_tokens
-        logits_close &= len(completion.logits) == len(ref_logits)
-        for got, want in zip(completion.logits, ref_logits):
+        if len(completion.logits) != len(ref_logits):
+            return {"tokens_equal": False, "logits_close": False, "max_logit_diff": float("inf")}
+        for got, want in zip(completion.logits, ref_logits, strict=True):
             worst = max(worst, float((got - want).abs().max()))
             logits_close &= torch.allclose(got, want, rtol=1e-5, atol=1e-5)
     return {"tokens_equal": tokens_equal, "logits_close": logits_close, "max_logit_diff": worst}
