@@ -11,7 +11,7 @@ with this project's structured linears, ``GPTModel.forward`` with a
    (logits of the last token only), for the dense, structured and pre-merged
    model of each shape;
 3. **decode tokens/s** of :class:`megatron_sffn.inference.Decoder` at several
-   batch sizes (16-token prompts, greedy, no EOS), same three models.
+   batch sizes (short prompts, greedy, no EOS), same three models.
 
 The crossover is the smallest measured token count from which on the
 factors are faster than the merged shards; below it the pre-merged form
@@ -212,7 +212,9 @@ def _decode(module: torch.nn.Module, prompts, params, context: int):
 
 
 @torch.no_grad()
-def decode_throughput(shapes, structure, ratio, batches: Sequence[int], new_tokens: int, repeats: int) -> list[dict]:
+def decode_throughput(
+    shapes, structure, ratio, batches: Sequence[int], prompt_tokens: int, new_tokens: int, repeats: int
+) -> list[dict]:
     from megatron_sffn.inference import SamplingParams
 
     rows = []
@@ -222,7 +224,7 @@ def decode_throughput(shapes, structure, ratio, batches: Sequence[int], new_toke
         context = dense.max_sequence_length
         for batch in batches:
             progress(f"decode {shape} {structure}: batch {batch}")
-            prompts = torch.randint(0, dense.vocab_size, (batch, 16)).tolist()
+            prompts = torch.randint(0, dense.vocab_size, (batch, prompt_tokens)).tolist()
             rates: dict[str, list[float]] = {name: [] for name in FORMS}
             run = functools.partial(_decode, prompts=prompts, params=params, context=context)
             for round_index in range(repeats + 1):
@@ -285,13 +287,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="model-step token counts above this are skipped (default: 4096 for tiny, 256 otherwise)")
     p.add_argument("--model-structure", default="lowrank", choices=STRUCTURED, help="structure of the model runs")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--prompt-tokens", type=int, default=8, help="prompt length of the decode runs")
     p.add_argument("--new-tokens", type=int, default=8, help="decoded tokens per prompt")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
     p.add_argument("--sections", nargs="+", default=["ffn", "model", "decode"], choices=["ffn", "model", "decode"])
     p.add_argument("--threads", type=int, default=None, help="CPU threads (None: all cores available)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
-    for name in ("repeats", "new_tokens"):
+    for name in ("repeats", "prompt_tokens", "new_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -329,9 +332,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print("Crossover per model:\n" + format_crossovers(rows, ("shape", "structure")))
         result["model"] = rows
     if "decode" in args.sections:
-        rows = decode_throughput(args.shapes, args.model_structure, args.ratio, args.batches, args.new_tokens,
-                                 args.repeats)  # fmt: skip
-        print(f"\nDecode tokens/s (16-token prompts, {args.new_tokens} new tokens, greedy)\n{format_decode(rows)}")
+        rows = decode_throughput(args.shapes, args.model_structure, args.ratio, args.batches, args.prompt_tokens,
+                                 args.new_tokens, args.repeats)  # fmt: skip
+        print(f"\nDecode tokens/s ({args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy)\n"
+              f"{format_decode(rows)}")  # fmt: skip
         result["decode"] = rows
     result["load_average_end"] = load_average()
     progress(f"load average at the end {' '.join(result['load_average_end'])}")

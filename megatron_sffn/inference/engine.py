@@ -43,6 +43,9 @@ class Completion:
 
 @dataclass
 class GenerationOutput:
+    """Completions and timings.  Prefill counts the tokens of the batched prefill (batch x shortest
+    prompt); every later forward is a one-token step, and decode tokens/s counts the tokens generated."""
+
     completions: list[Completion]
     prefill_tokens: int
     prefill_seconds: float

@@ -170,7 +170,8 @@ def _agree(value: int) -> int:
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
-    tensor = torch.tensor([value], dtype=torch.long)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None  # NCCL
+    tensor = torch.tensor([value], dtype=torch.long, device=device)
     dist.broadcast(tensor, 0)
     return int(tensor)
 

@@ -18,14 +18,9 @@ from megatron_sffn.config import ModelConfig
 from megatron_sffn.inference import Decoder, SamplingParams, apply_pre_merge, structured_linears
 from megatron_sffn.model import build_gpt_model, initialize_model_parallel, seed_model_parallel
 from tests.mp_harness import scratch_dir
+from tests.workers.model_parallel import STRUCTURES
 
 TINY = dict(hidden_size=64, num_layers=2, num_attention_heads=4, vocab_size=128, seq_length=32, init_std=0.25)
-STRUCTURES = {
-    "dense": {},
-    "lowrank": {"rank": 16},
-    "blockdense": {"rank": 32, "blocks": 4},
-    "blockshuffle": {"blocks": 4},
-}
 PROMPTS = [[5, 17, 99, 3, 64], [42, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9]]  # different lengths
 # Shortest 6, so 2-token prefill chunks run at offsets 2 and 4 over a filled cache.
 LONG_PROMPTS = [[9, 8, 7, 6, 5, 4, 3], [11, 22, 33, 44, 55, 66], [2, 4, 6, 8, 10, 12, 14, 16, 18]]
