@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence, TextIO
 
@@ -139,8 +140,20 @@ class StreamPrinter:
             self._advance()
 
 
+# Printed by megatron-core's imports on machines without Transformer Engine / Apex; harmless here.
+_KNOWN_HARMLESS_WARNINGS = (
+    "Transformer Engine and Apex are not installed",
+    "Apex is not installed",
+    "full scope is deprecated",
+    "When using async grad allreduce",
+    "`load_state_dict` is deprecated",
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    for message in _KNOWN_HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     try:
         plan, prompts, params = prepare(args)
     except (ValueError, FileNotFoundError) as exc:
@@ -149,6 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch.distributed as dist
 
+    if os.environ.get("RANK", "0") == "0" and not args.json:
+        print(f"[generate] loading {plan.checkpoint} at tensor_parallel={plan.tensor_parallel}", file=sys.stderr,
+              flush=True)  # fmt: skip
     try:
         generator = TextGenerator.load(plan, pre_merge=args.pre_merge, prefill_chunk=args.prefill_chunk)
         rank0 = dist.get_rank() == 0
@@ -172,10 +188,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report_setup(generator: TextGenerator) -> None:
+    from .parallel.premerge import ALWAYS
+
     merge = generator.pre_merge
-    line = f"[generate] {generator.plan.checkpoint} at tensor_parallel={generator.plan.tensor_parallel}"
-    if merge.mode != "off" and merge.extra_bytes:
-        line += f"; pre-merge {merge.mode}: +{merge.extra_bytes / 2**20:.1f} MiB per rank"
+    if merge.mode == "off" or not merge.extra_bytes:
+        return
+    line = f"[generate] pre-merge {merge.mode}: +{merge.extra_bytes / 2**20:.1f} MiB per rank"
+    if merge.mode == "auto":
+        limits = ", ".join(
+            f"{key.split('|')[1]} {'always' if tokens == ALWAYS else f'<= {tokens} tokens'}"
+            for key, tokens in merge.thresholds.items()
+        )
+        line += f"; merged shards used for {limits}"
+        if merge.calibrated:
+            line += f" (calibrated now in {merge.calibration_seconds:.1f} s, cached)"
     print(line, file=sys.stderr, flush=True)
 
 

@@ -52,6 +52,7 @@ class PreMergeReport:
     extra_bytes: int = 0
     thresholds: dict[str, int] = field(default_factory=dict)  # shape key -> largest token count on the merged shard
     calibrated: list[str] = field(default_factory=list)  # keys measured now (not from the cache)
+    calibration_seconds: float = 0.0
 
 
 def structured_linears(model: torch.nn.Module) -> list[TPStructuredLinear]:
@@ -94,7 +95,9 @@ def apply_pre_merge(
             cached = cache.get(key)
             threshold = _agree(-1 if cached is None else cached)  # ranks' caches may differ; rank 0 decides
             if threshold < 0:
+                started = time.perf_counter()
                 threshold = calibrate(layer, max_tokens=calibration_max_tokens)
+                report.calibration_seconds += time.perf_counter() - started
                 cache.put(key, threshold)
                 report.calibrated.append(key)
             report.thresholds[key] = threshold
