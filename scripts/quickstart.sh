@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Quickstart on CPU: build the embedded corpus, its tokenizer and prepared shards (each only if
 # missing), then pretrain configs/tiny.yaml (a 32% LowRank GPT) for a few minutes, writing
-# checkpoints and TensorBoard logs under runs/tiny. Extra arguments are config overrides, e.g.
+# checkpoints and TensorBoard logs under runs/tiny, and end by generating text from the trained
+# model (a greedy and a sampled completion of two prompts). Extra arguments are config overrides, e.g.
 #   bash scripts/quickstart.sh training.train_steps=20
 # Re-running resumes the run from its latest checkpoint (remove runs/tiny to start over).
 set -euo pipefail
@@ -30,10 +31,18 @@ fi
 echo "[quickstart] training configs/tiny.yaml on CPU (checkpoints and TensorBoard logs in runs/tiny)" >&2
 "$py" -m megatron_sffn.train configs/tiny.yaml "$@"
 
+prompts=(--prompt "The os module" --prompt "To create a Django project,")
+echo "[quickstart] greedy completions from runs/tiny" >&2
+"$py" -m megatron_sffn.generate runs/tiny "${prompts[@]}" --max-new-tokens 32
+echo "[quickstart] sampled completions (temperature 0.8, top-p 0.95, seed 1)" >&2
+"$py" -m megatron_sffn.generate runs/tiny "${prompts[@]}" --max-new-tokens 32 --temperature 0.8 --top-p 0.95 --seed 1
+
 cat >&2 <<EOF
 
 [quickstart] done. Validation perplexity of the latest checkpoint:
   $py -m megatron_sffn.evaluate runs/tiny
+More text (see README, Generation):
+  $py -m megatron_sffn.generate runs/tiny --prompt "Your prompt" --max-new-tokens 64 --temperature 0.8
 Training curves:
   $venv/bin/tensorboard --logdir runs/tiny/tensorboard   # then open http://localhost:6006
 EOF

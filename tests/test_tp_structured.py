@@ -82,13 +82,18 @@ def test_group_major_w1_holds_the_rows_each_shuffle_group_reads():
 # -- TP=1 equals the pure layers ------------------------------------------------------
 
 
-def _pure_ffn(case: Case, x: torch.Tensor) -> torch.Tensor:
-    """fc1, activation, fc2 from the pure layers with the MLP's draw order and seed."""
+def _pure_layers(case: Case) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """fc1 and fc2 as pure layers with the MLP's draw order and seed."""
     sizes = {"rank": case.rank, "blocks": case.blocks}
     torch.manual_seed(SEED)
     order = {"interleave_output": False} if case.structure == "blockshuffle" else {}
     fc1 = build_linear(case.structure, HIDDEN, FFN_HIDDEN * (2 if case.gated else 1), **sizes, **order)
     fc2 = build_linear(case.structure, FFN_HIDDEN, HIDDEN, **sizes)
+    return fc1, fc2
+
+
+def _pure_ffn(case: Case, x: torch.Tensor) -> torch.Tensor:
+    fc1, fc2 = _pure_layers(case)
     h = fc1(x)
     if case.gated:
         gate, value = h.chunk(2, dim=-1)
@@ -104,6 +109,24 @@ def test_single_rank_mlp_equals_pure_layers(case):
     x, _ = inputs((5, 3))
     out, bias = mlp(x)
     torch.testing.assert_close(out + bias, _pure_ffn(case, x), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", STRUCTURED_CASES, ids=lambda c: c.name)
+def test_single_rank_merged_shard_is_the_exact_dense_matrix(case):
+    """Pre-merge at TP=1: the merged matrix is ``to_dense()``, stays out of the state dict, switches per call."""
+    mlp = build_mlp(case, ShapeOnlyGroup(0, 1))
+    x, _ = inputs((5, 3))
+    structured_out = mlp(x)[0]
+    for layer, pure in zip((mlp.linear_fc1, mlp.linear_fc2), _pure_layers(case), strict=True):
+        extra = layer.attach_merged(threshold=15)
+        torch.testing.assert_close(layer.merged, pure.to_dense(), rtol=1e-5, atol=1e-6)
+        assert extra == pure.to_dense().numel() * 4
+        assert layer.uses_merged(15) and not layer.uses_merged(16)
+    assert not any("merged" in key for key in mlp.state_dict())
+    torch.testing.assert_close(mlp(x)[0], structured_out, rtol=1e-5, atol=1e-6)  # 15 tokens: merged
+    for layer in (mlp.linear_fc1, mlp.linear_fc2):
+        layer.merge_threshold = 14
+    assert torch.equal(mlp(x)[0], structured_out)  # 15 tokens > 14: the factors, as before the merge
 
 
 # -- shards of all ranks rebuild the full factors ----------------------------------------

@@ -35,6 +35,7 @@ from . import comm, grads
 from .guide import GuideMixin
 from .layout import TPLayout, padded_tokens, shard_ranges, take_rows
 from .plan import FFNShape, TPStrategy, choose_strategy, require_shardable
+from .premerge import PreMergeMixin
 
 SHARDED, REPLICATED, TOKEN_SPLIT = "sharded", "replicated", "token_split"
 
@@ -53,7 +54,7 @@ class FactorSpec:
     strided: bool = False
 
 
-class TPStructuredLinear(GuideMixin, MegatronModule):
+class TPStructuredLinear(GuideMixin, PreMergeMixin, MegatronModule):
     """Base of the fc1/fc2 classes; ``kind`` is the structure, ``role`` is "fc1" or "fc2".
 
     ``init_method`` and ``tp_comm_buffer_name`` belong to megatron's contract
@@ -118,6 +119,7 @@ class TPStructuredLinear(GuideMixin, MegatronModule):
             self._add_factor(factor, spec, source.to(config.params_dtype))
         self._add_bias(bias, config.params_dtype)
         self._init_guide()
+        self._init_merged()
         # Checkpoints written by modules that carry no _extra_state still load.
         self._register_load_state_dict_pre_hook(
             lambda state_dict, prefix, *args, **kwargs: state_dict.setdefault(f"{prefix}_extra_state")
@@ -180,7 +182,7 @@ class TPStructuredLinear(GuideMixin, MegatronModule):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
-        out = self._guided(x, self._project(x))
+        out = self._guided(x, self._structured_or_merged(x))
         out = out.reshape(*lead, out.shape[-1])
         if self.skip_bias_add or self.bias is None:
             return out, self.bias if self.skip_bias_add else None

@@ -83,8 +83,10 @@ class GuideMixin:
         """The layer's output on ``(tokens, features)`` input: mixed with the guide when it runs."""
         if self.guide is None or self.guide_alpha <= 0.0:
             return structured_out
+        return mix_guided(self.guide_alpha, self._dense_apply(x, self.guide), structured_out)
+
+    def _dense_apply(self, x: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
+        """A dense shard of this layer applied as megatron's column (fc1) / row (fc2) parallel linear would."""
         if self.role == "fc1":
-            guide_out = linear(comm.copy_to_region(x, self.tp_group), self.guide)
-        else:
-            guide_out = comm.reduce_from_region(linear(x, self.guide), self.tp_group)
-        return mix_guided(self.guide_alpha, guide_out, structured_out)
+            return linear(comm.copy_to_region(x, self.tp_group), shard)
+        return comm.reduce_from_region(linear(x, shard), self.tp_group)
