@@ -31,7 +31,7 @@ HF_MODELS: dict[str, dict[str, Any]] = {
         rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
     ),
     "llama-biases-tied": dict(
-        model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+        model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=96, rms_norm_eps=1e-5, tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
     ),
     "mistral": dict(
@@ -174,7 +174,8 @@ def save_our_model(name: str, run_dir: Path, tp: int, seed: int) -> torch.Tensor
     cfg = ModelConfig(**{**OUR_BASE, **OURS[name]})
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = run_dir / "tok"
-    write_tokenizer(tokenizer_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_tokenizer(tokenizer_dir)
     config = from_dict(TrainConfig, {
         "run_dir": str(run_dir), "model": to_dict(cfg),
         "data": {"path": str(run_dir / "data"), "tokenizer": str(tokenizer_dir / "tokenizer.json")},
@@ -327,3 +328,61 @@ def save_structured_at_tp2(root: str, name: str = "blockdense") -> torch.Tensor:
     if int(os.environ["RANK"]) == 0:
         torch.save(logits, Path(root) / "tp2" / name / "reference_logits.pt")
     return logits
+
+
+def _validation_rows(data: str) -> torch.Tensor:
+    import numpy as np
+
+    from megatron_sffn.data.loader import open_dataset
+    from megatron_sffn.data.tar_shards import SampleFormat, read_shard, split_shards
+
+    manifest = open_dataset(data)
+    rows = [read_shard(spec, SampleFormat.of(manifest)) for spec in split_shards(manifest, "validation")]
+    return torch.from_numpy(np.concatenate(rows).astype("int64"))
+
+
+def _hf_mean_loss(hf_dir: Path, rows: torch.Tensor) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(rows[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1)).item()
+
+
+def evaluate_imported_at_tp2(root: str, data: str, name: str = "mistral") -> dict[str, float]:
+    """``evaluate`` of an imported run at TP=2 against transformers' loss on the same validation tokens."""
+    from megatron_sffn.config.loading import load_config
+    from megatron_sffn.config.train import TrainConfig
+    from megatron_sffn.evaluate import evaluate_checkpoint
+    from megatron_sffn.training.checkpointing import CONFIG_FILE, check_same_model, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(Path(root) / "runs" / name)
+    overrides = [f"data.path={data}", "data.tokenizer=null", "parallel.tensor_parallel=2", "eval.max_batches=null",
+                 "training.micro_batch_size=2", "training.global_batch_size=4"]  # fmt: skip
+    config = load_config(TrainConfig, checkpoint / CONFIG_FILE, overrides)
+    check_same_model(checkpoint, config)
+    report = evaluate_checkpoint(checkpoint, config)
+    return {"ours": report["val_loss"], "hf": _hf_mean_loss(Path(root) / "hf" / name, _validation_rows(data))}
+
+
+def train_from_import_at_tp2(root: str, data: str, name: str = "llama") -> float:
+    """Continued pretraining from an imported run (``checkpoint.load``) at TP=2, one step at a tiny LR.
+
+    Returns how far the trained model's logits are from transformers' (the
+    weights moved by at most the tiny step, so a run that did not start from
+    the import would be far off).
+    """
+    from megatron_sffn.config.loading import load_config
+    from megatron_sffn.config.train import TrainConfig
+    from megatron_sffn.training.loop import run_training
+
+    imported = Path(root) / "runs" / name
+    run_dir = Path(root) / "continued" / name
+    overrides = [f"run_dir={run_dir}", f"data.path={data}", "data.tokenizer=null", f"checkpoint.load={imported}",
+                 "parallel.tensor_parallel=2", "training.micro_batch_size=2", "training.global_batch_size=4",
+                 "training.train_steps=1", "optimizer.lr=1e-7", "optimizer.warmup_fraction=0.0", "eval.at_end=false",
+                 "eval.interval=null", "logging.tensorboard=false", "checkpoint.save_interval=1"]  # fmt: skip
+    run_training(load_config(TrainConfig, imported / "config.yaml", overrides))
+    model, _ = load_run(run_dir, tp=2)
+    return _max_diff(our_logits(model), torch.load(Path(root) / "hf" / name / "reference_logits.pt"))
