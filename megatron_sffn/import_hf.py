@@ -59,7 +59,9 @@ def check_tensors(weights, expected: dict[str, tuple[int, ...]], tied: bool) -> 
                 f"{list(shape)}"
             )
     ignorable = ("lm_head.weight",) if tied else ()
-    extra = [n for n in weights.names() if n not in expected and n not in ignorable and not n.endswith(_IGNORED_SUFFIXES)]
+    extra = [
+        n for n in weights.names() if n not in expected and n not in ignorable and not n.endswith(_IGNORED_SUFFIXES)
+    ]
     if extra:
         raise ValueError(
             f"{weights.file_of(extra[0])}: tensor {extra[0]} (and {len(extra) - 1} more) has no place in the model "

@@ -150,7 +150,8 @@ def test_exported_tokenizer_loads_with_eos_and_bos(single, root):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(root / "export" / "dense"))
-    assert (tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.bos_token, tokenizer.bos_token_id) == ("</s>", 1, "<s>", 0)
+    special = (tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.bos_token, tokenizer.bos_token_id)
+    assert special == ("</s>", 1, "<s>", 0)
     assert tokenizer("w5 w17", add_special_tokens=False)["input_ids"] == [5, 17]
     generation = json.loads((root / "export" / "dense" / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"]) == (0, 1)
@@ -222,7 +223,8 @@ def test_wrong_architecture_is_named(tmp_path, capsys):
     from megatron_sffn.import_hf import main
 
     (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     assert main([str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "config.json" in err and "model_type='gpt2'" in err and "starcoder2" in err
@@ -231,7 +233,7 @@ def test_wrong_architecture_is_named(tmp_path, capsys):
 @pytest.mark.parametrize(
     "name, field, value, message",
     [
-        ("llama", "rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}, "rope_parameters.rope_type"),
+        ("llama", "rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}, "rope_type"),
         ("mistral", "sliding_window", 16, "sliding_window=16"),
         ("llama", "mlp_bias", True, "attention_bias=False"),
         ("llama", "hidden_act", "gelu", "hidden_act='gelu'"),

@@ -96,7 +96,9 @@ def links(cfg: ModelConfig, family: Family) -> list[Link]:
             for a in linear_attrs
         ]  # fmt: skip
         table += [Link(f"{ours}.self_attention.linear_proj", a, (f"{attn}.o_proj.{a}",)) for a in linear_attrs]
-        table += [Link(f"{ours}.pre_mlp_layernorm", a, (f"{theirs}.post_attention_layernorm.{a}",)) for a in norm_attrs]
+        table += [
+            Link(f"{ours}.pre_mlp_layernorm", a, (f"{theirs}.post_attention_layernorm.{a}",)) for a in norm_attrs
+        ]
         table += [
             Link(f"{ours}.mlp.linear_fc1", a, tuple(f"{theirs}.mlp.{p}.{a}" for p in family.ffn_in), fc1_split, fc1_merge)
             for a in linear_attrs

@@ -182,6 +182,7 @@ def save_weights_checkpoint(dirs: CheckpointDirs, *, config: TrainConfig, model:
         "progress": progress.state_dict(),
         "data": None,
         "sgt": None,
+        "weights_only": True,
     }
     dist_checkpointing.save(state, str(partial), sharded_strategy=_save_strategy())
     if rank0:
@@ -269,6 +270,11 @@ def load_checkpoint(path: str | Path, *, model: list, optimizer=None, scheduler=
 
     path = Path(path)
     header = read_checkpoint_header(path)
+    if optimizer is not None and header.get("weights_only"):
+        raise ValueError(
+            f"{path} holds weights only (no optimizer state to resume, e.g. an imported model); start a run in "
+            f"another run_dir with checkpoint.load={path}"
+        )
     restore_rng = optimizer is not None and _same_rank_layout(header["layout"])
     model_state = _model_state(model)
     request: dict[str, Any] = {"model": model_state}
