@@ -5,8 +5,8 @@
 
 For each shape (``configs/models/<shape>.yaml``, dense, random weights) a
 weights checkpoint is written first (not timed); then each phase runs in a
-fresh process, which reports its wall time and peak resident memory
-(``ru_maxrss``, the interpreter and megatron's imports included):
+fresh process, which reports its wall time (library imports excluded) and
+peak resident memory (``ru_maxrss``, the interpreter and libraries included):
 
 ``load``      our checkpoint into the single-process model (the baseline of ``export``);
 ``export``    ``export_hf`` of that checkpoint (load + dense weights + safetensors + tokenizer);
@@ -128,7 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     parser.add_argument("--make", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.phase or args.make:  # one measured step, in its own process
+    if args.phase or args.make:  # one measured step, in its own process; library imports are not timed
+        import megatron.core  # noqa: F401
+        import transformers  # noqa: F401
+
+        import megatron_sffn.export_hf  # noqa: F401
+        import megatron_sffn.import_hf  # noqa: F401
+
         start = time.monotonic()
         if args.make:
             make_checkpoint(args.make, args.work)

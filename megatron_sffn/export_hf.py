@@ -125,14 +125,12 @@ def _generation_config(special):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        export_checkpoint(
-            args.run_dir, args.out, step=args.step, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 10**9)
-        )
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    from .hf import run_command
+
+    shard_bytes = int(args.max_shard_gb * 10**9)
+    return run_command(
+        lambda: export_checkpoint(args.run_dir, args.out, step=args.step, dtype=args.dtype, max_shard_bytes=shard_bytes)
+    )
 
 
 if __name__ == "__main__":

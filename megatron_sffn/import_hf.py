@@ -128,12 +128,9 @@ def import_model(hf_dir: Path, out: Path, *, seq_length: int | None = None, data
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        import_model(args.hf_dir, args.out, seq_length=args.seq_length, data=args.data)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    from .hf import run_command
+
+    return run_command(lambda: import_model(args.hf_dir, args.out, seq_length=args.seq_length, data=args.data))
 
 
 if __name__ == "__main__":

@@ -99,9 +99,9 @@ def links(cfg: ModelConfig, family: Family) -> list[Link]:
         table += [
             Link(f"{ours}.pre_mlp_layernorm", a, (f"{theirs}.post_attention_layernorm.{a}",)) for a in norm_attrs
         ]
+        fc1_names = [tuple(f"{theirs}.mlp.{p}.{a}" for p in family.ffn_in) for a in linear_attrs]
         table += [
-            Link(f"{ours}.mlp.linear_fc1", a, tuple(f"{theirs}.mlp.{p}.{a}" for p in family.ffn_in), fc1_split, fc1_merge)
-            for a in linear_attrs
+            Link(f"{ours}.mlp.linear_fc1", a, names, fc1_split, fc1_merge) for a, names in zip(linear_attrs, fc1_names)
         ]
         table += [Link(f"{ours}.mlp.linear_fc2", a, (f"{theirs}.mlp.{family.ffn_out}.{a}",)) for a in linear_attrs]
     table += [Link("decoder.final_layernorm", a, (f"model.norm.{a}",)) for a in norm_attrs]
