@@ -107,7 +107,7 @@ class SafetensorsWeights:
                 f"{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE} (PyTorch .bin weights found: {', '.join(others)}); "
                 f"only safetensors weights are read"
             )
-        self._open: dict[Path, object] = {}
+        self._open: tuple[Path, object] | None = None
 
     @staticmethod
     def _names_in(path: Path) -> list[str]:
@@ -125,11 +125,16 @@ class SafetensorsWeights:
         return self._file_of[name]
 
     def _handle(self, path: Path):
+        """The open file ``path``; only one is kept open, so one shard at a time is memory-mapped.
+
+        Tensors are read in the order they were written, so each shard is opened once.
+        """
         from safetensors import safe_open
 
-        if path not in self._open:
-            self._open[path] = safe_open(str(path), framework="pt")
-        return self._open[path]
+        if self._open is None or self._open[0] != path:
+            self._open = None  # unmap the previous shard before mapping the next
+            self._open = (path, safe_open(str(path), framework="pt"))
+        return self._open[1]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(self.file_of(name)).get_slice(name).get_shape())
