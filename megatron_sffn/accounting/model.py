@@ -1,8 +1,9 @@
 """Parameters and FLOPs of a :class:`ModelConfig`.
 
 Parameters are counted the way megatron-core's ``GPTModel`` builds the model
-(pre-LN LayerNorm with bias, biased qkv/proj/fc linears, RoPE with no
-position table, a final LayerNorm, tied or untied output layer), so the count
+(pre-LN LayerNorm with bias or RMSNorm, qkv/proj/fc linears with or without
+biases, RoPE with no position table, a final norm, tied or untied output
+layer), so the count
 can be checked against ``sum(p.numel())`` of a built model.  FLOPs follow the
 formula of "Building on Efficient Foundations" (Wei et al., 2024)::
 
@@ -88,13 +89,15 @@ def count_parameters(cfg: ModelConfig) -> ParameterCount:
     """Every parameter megatron-core's GPTModel allocates for this configuration."""
     d, layers = cfg.hidden_size, cfg.num_layers
     qkv_out = cfg.attention_width + 2 * cfg.kv_width
-    attention_per_layer = d * qkv_out + qkv_out + cfg.attention_width * d + d
+    biases = 1 if cfg.linear_bias else 0
+    attention_per_layer = d * qkv_out + cfg.attention_width * d + biases * (qkv_out + d)
+    per_norm = 2 * d if cfg.normalization == "LayerNorm" else d  # RMSNorm has a scale and no bias
     return ParameterCount(
         embedding=cfg.vocab_size * d,
         attention=layers * attention_per_layer,
-        layernorm=(2 * layers + 1) * 2 * d,
+        layernorm=(2 * layers + 1) * per_norm,
         ffn_weights=ffn_weight_params(cfg),
-        ffn_biases=layers * sum(m for _, m in cfg.ffn_shapes()),
+        ffn_biases=biases * layers * sum(m for _, m in cfg.ffn_shapes()),
         output_layer=0 if cfg.tie_embeddings else cfg.vocab_size * d,
     )
 

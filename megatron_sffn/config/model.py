@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from ..structured import counts
 
 ACTIVATIONS = ("gelu", "swiglu")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 
 
 @dataclass
@@ -35,7 +36,14 @@ class FFNConfig:
 
 @dataclass
 class ModelConfig:
-    """A GPT in the paper's architecture (pre-LN, biases, RoPE, tied embeddings, no dropout)."""
+    """A GPT in the paper's architecture (pre-LN, biases, RoPE, tied embeddings, no dropout).
+
+    ``normalization`` and ``linear_bias`` describe the variants of other model
+    families (Llama and Mistral use RMSNorm and no biases, with SwiGLU and an
+    untied output layer), so that imported checkpoints are represented
+    exactly; the defaults are the paper's architecture.  ``layernorm_epsilon``
+    is the epsilon of either norm.
+    """
 
     hidden_size: int
     num_layers: int
@@ -51,6 +59,9 @@ class ModelConfig:
     init_std: float = 0.02
     layernorm_epsilon: float = 1e-5
     ffn: FFNConfig = field(default_factory=FFNConfig)
+    # Architecture variants of other model families (see the class docstring).
+    normalization: str = "LayerNorm"
+    linear_bias: bool = True  # biases on the qkv, attention-output and FFN linears
 
     def __post_init__(self) -> None:
         if isinstance(self.ffn, dict):
@@ -73,6 +84,8 @@ class ModelConfig:
             )
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation={self.activation!r}; expected one of {ACTIVATIONS}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization={self.normalization!r}; expected one of {NORMALIZATIONS}")
         bad = [i for i in self.ffn.dense_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"ffn.dense_layers={self.ffn.dense_layers} names layers outside 0..{self.num_layers - 1}")

@@ -78,7 +78,7 @@ def layer_spec(model_cfg: ModelConfig, layer: int, provider):
 
     from ..parallel.mlp_spec import mlp_spec
 
-    norm = provider.layer_norm()
+    norm = provider.layer_norm(rms_norm=model_cfg.normalization == "RMSNorm")
     fused_norm_linear = provider.column_parallel_layer_norm_linear() if provider.fuse_layernorm_and_linear() else None
     mlp = mlp_spec(model_cfg, layer, provider=provider)
     # The pre-MLP norm is fused only when fc1 is exactly the provider's layernorm-linear.
@@ -131,4 +131,5 @@ def decoder_block_spec(
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
     specs = [layer_spec(model_cfg, layer, provider) for layer in range(offset, offset + count)]
-    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=provider.layer_norm())
+    final_norm = provider.layer_norm(rms_norm=model_cfg.normalization == "RMSNorm")
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)

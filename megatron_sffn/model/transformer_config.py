@@ -40,7 +40,8 @@ def transformer_config(
     * every weight N(0, init_std²), the output projections included: the paper
       uses no depth-scaled residual init, unlike megatron's default; the
       embeddings draw from their own RNG stream (see ``init_streams``);
-    * pre-LN LayerNorm with bias, biases on every linear, no dropout;
+    * pre-LN LayerNorm with bias, biases on every linear, no dropout (RMSNorm
+      and bias-free linears when the model config asks for them);
     * ``fused_kernels`` (default: when CUDA is present) turns on the fusions
       whose unfused maths is identical and whose kernels are installed:
       bias-dropout-add and bias-SwiGLU (TorchScript), masked softmax (Apex's
@@ -80,10 +81,10 @@ def transformer_config(
         pipeline_dtype=torch.bfloat16 if bf16 else params_dtype,  # dtype of activations between stages
         params_dtype=params_dtype,
         bf16=bf16,
-        normalization="LayerNorm",
+        normalization=model_cfg.normalization,
         layernorm_epsilon=model_cfg.layernorm_epsilon,
-        add_bias_linear=True,
-        add_qkv_bias=True,
+        add_bias_linear=model_cfg.linear_bias,
+        add_qkv_bias=model_cfg.linear_bias,
         gated_linear_unit=model_cfg.activation == "swiglu",
         activation_func=_activation(model_cfg),
         hidden_dropout=0.0,

@@ -51,7 +51,8 @@ from typing import Any
 import torch.distributed as dist
 import yaml
 
-from ..config.loading import save_config, to_dict
+from ..config.loading import from_dict, save_config, to_dict
+from ..config.model import ModelConfig
 from ..config.train import TrainConfig
 from .checkpoint_dirs import LATEST_FILE, CheckpointDirs, step_dir_name
 from .faults import FaultPlan
@@ -158,6 +159,41 @@ def save_checkpoint(
     return dirs.root / step_dir_name(progress.step)
 
 
+def save_weights_checkpoint(dirs: CheckpointDirs, *, config: TrainConfig, model: list) -> Path:
+    """Collective: a checkpoint of the weights alone at step 0 (no optimizer, schedule, data or RNG state).
+
+    What an imported model becomes: :func:`load_checkpoint` without an
+    optimizer reads it at any layout (evaluation, generation, or a new run's
+    ``checkpoint.load``); resuming a run from it is not possible (there is no
+    optimizer state to resume).
+    """
+    from megatron.core import dist_checkpointing
+
+    progress = TrainProgress()
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        dirs.begin(progress.step)
+    dist.barrier()
+    partial = dirs.partial_path(progress.step)
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "layout": current_layout(),
+        "model": _model_state(model),
+        "progress": progress.state_dict(),
+        "data": None,
+        "sgt": None,
+        "weights_only": True,
+    }
+    dist_checkpointing.save(state, str(partial), sharded_strategy=_save_strategy())
+    if rank0:
+        save_config(config, partial / CONFIG_FILE)
+    dist.barrier()
+    if rank0:
+        dirs.commit(progress.step)
+    dist.barrier()
+    return dirs.root / step_dir_name(progress.step)
+
+
 @dataclass
 class RestoredState:
     """What a checkpoint gives back beyond the tensors loaded in place."""
@@ -200,7 +236,10 @@ def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
 
 def check_same_model(checkpoint: Path, config: TrainConfig) -> None:
     """A checkpoint of another architecture fails here with the differing keys, not deep in a shape check."""
-    saved = yaml.safe_load((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))["model"]
+    path = checkpoint / CONFIG_FILE
+    saved = yaml.safe_load(path.read_text(encoding="utf-8"))["model"]
+    # Through the dataclass, so that fields added since the checkpoint was written compare as their defaults.
+    saved = to_dict(from_dict(ModelConfig, saved, f"{path}:model"))
     diffs = _differences(saved, to_dict(config.model), "model.")
     if diffs:
         raise ValueError(f"{checkpoint} holds a different model than this run's config:\n  " + "\n  ".join(diffs))
@@ -231,6 +270,11 @@ def load_checkpoint(path: str | Path, *, model: list, optimizer=None, scheduler=
 
     path = Path(path)
     header = read_checkpoint_header(path)
+    if optimizer is not None and header.get("weights_only"):
+        raise ValueError(
+            f"{path} holds weights only (no optimizer state to resume, e.g. an imported model); start a run in "
+            f"another run_dir with checkpoint.load={path}"
+        )
     restore_rng = optimizer is not None and _same_rank_layout(header["layout"])
     model_state = _model_state(model)
     request: dict[str, Any] = {"model": model_state}
