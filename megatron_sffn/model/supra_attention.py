@@ -110,9 +110,16 @@ def _supra_class() -> type:
                 linear.bias.copy_(full.chunk(self.world_size)[rank].to(linear.bias.dtype))
             return linear
 
+        def new_submodule_names(self) -> list[str]:
+            """The submodules SUPRA adds to a softmax layer (names relative to this module)."""
+            return [name for name in ("feature_map", "feature_map_k") if getattr(self, name) is not None]
+
         def new_parameter_names(self) -> list[str]:
             """The parameters SUPRA adds to a softmax layer (names relative to this module)."""
-            return [name for name, _ in self.named_parameters() if name.startswith("feature_map")]
+            return [
+                f"{sub}.{name}" for sub in self.new_submodule_names()
+                for name, _ in getattr(self, sub).named_parameters()
+            ]  # fmt: skip
 
         def _features(self, x: torch.Tensor, linear) -> torch.Tensor:
             """``ReLU(W x + b)`` of the full all-head vector, this rank's heads: [s, b, heads, d]."""
@@ -206,10 +213,10 @@ def supra_attention_class() -> type:
     return _SUPRA_CLASS
 
 
-def new_parameter_names(model: torch.nn.Module) -> list[str]:
-    """Full names of every parameter that SUPRA layers add to ``model`` (the weights an uptraining initialises)."""
+def new_submodule_prefixes(model: torch.nn.Module) -> list[str]:
+    """State-dict prefixes (``decoder.layers.0.self_attention.feature_map.``) of what SUPRA layers add to ``model``."""
     cls = supra_attention_class()
     return [
-        f"{prefix}.{name}" for prefix, module in model.named_modules() if isinstance(module, cls)
-        for name in module.new_parameter_names()
+        f"{prefix}.{name}." for prefix, module in model.named_modules() if isinstance(module, cls)
+        for name in module.new_submodule_names()
     ]  # fmt: skip

@@ -40,6 +40,7 @@ from .checkpointing import (
     read_checkpoint_header,
     resolve_checkpoint,
     save_checkpoint,
+    saved_model_config,
 )
 from .data_setup import RunData, build_run_data
 from .evaluation import EvalResult, evaluate
@@ -54,6 +55,7 @@ from .signals import StopRequest
 from .state import TrainProgress
 from .step import to_device, train_step
 from .trace import StepTrace, tokens_digest
+from .uptraining import describe_new_weights, load_softmax_into_supra
 
 
 def say(message: str) -> None:
@@ -147,12 +149,20 @@ class Trainer:
             say(f"checkpoint.resume is false: ignoring {latest} and starting at step 0 (later saves replace it)")
         if cfg.load is not None:
             source = resolve_checkpoint(cfg.load)
-            check_same_model(source, self.config)
+            swap = check_same_model(source, self.config, allow_attention_swap=True)
             with self.guidance.guides_hidden():  # guides start from the loaded structure, not from saved guides
-                load_checkpoint(source, model=self.model)
+                if swap:
+                    new = load_softmax_into_supra(source, model=self.model, saved=saved_model_config(source))
+                else:
+                    load_checkpoint(source, model=self.model)
             self.guidance.reset_guides()
             self.optimizer.reload_model_params()  # bf16 runs: refresh the fp32 master copy from the loaded weights
             say(f"initialised the weights from {source} (optimizer, schedule and data start fresh)")
+            if swap:
+                say(
+                    "SUPRA uptraining: every softmax weight loaded; stage's "
+                    f"{describe_new_weights(new)} start at torch's default Linear init"
+                )
 
     def _continue_from(self, restored: RestoredState) -> None:
         self.progress = restored.progress
