@@ -40,7 +40,6 @@ from .checkpointing import (
     read_checkpoint_header,
     resolve_checkpoint,
     save_checkpoint,
-    saved_model_config,
 )
 from .data_setup import RunData, build_run_data
 from .evaluation import EvalResult, evaluate
@@ -55,7 +54,7 @@ from .signals import StopRequest
 from .state import TrainProgress
 from .step import to_device, train_step
 from .trace import StepTrace, tokens_digest
-from .uptraining import describe_new_weights, load_softmax_into_supra
+from .uptraining import describe_new_weights, load_start_weights
 
 
 def say(message: str) -> None:
@@ -151,10 +150,7 @@ class Trainer:
             source = resolve_checkpoint(cfg.load)
             swap = check_same_model(source, self.config, allow_attention_swap=True)
             with self.guidance.guides_hidden():  # guides start from the loaded structure, not from saved guides
-                if swap:
-                    new = load_softmax_into_supra(source, model=self.model, saved=saved_model_config(source))
-                else:
-                    load_checkpoint(source, model=self.model)
+                new = load_start_weights(source, model=self.model, current=self.config.model)
             self.guidance.reset_guides()
             self.optimizer.reload_model_params()  # bf16 runs: refresh the fp32 master copy from the loaded weights
             say(f"initialised the weights from {source} (optimizer, schedule and data start fresh)")

@@ -22,7 +22,13 @@ from typing import Iterator
 from ..config.model import ModelConfig
 from ..model.supra_attention import new_submodule_prefixes
 from ..model.transformer_config import layers_differ
-from .checkpointing import read_checkpoint_header, sharded_model_state
+from .checkpointing import (
+    is_attention_swap,
+    load_checkpoint,
+    read_checkpoint_header,
+    saved_model_config,
+    sharded_model_state,
+)
 
 
 @contextlib.contextmanager
@@ -56,6 +62,20 @@ def load_softmax_into_supra(path: Path, *, model: list, saved: ModelConfig) -> l
             f"unloaded and {sorted(result.unexpected_keys)} unexpected; only SUPRA's feature maps may be new"
         )
     return [k for k in new if not k.endswith("_extra_state")]
+
+
+def load_start_weights(path: Path, *, model: list, current: ModelConfig) -> list[str]:
+    """Collective: the weights of ``path`` (not its optimizer or progress) into ``model``.
+
+    Returns the names of the weights the checkpoint could not provide: SUPRA's
+    new ones when a softmax checkpoint starts a SUPRA model, none otherwise.
+    The caller has checked the architectures with ``check_same_model``.
+    """
+    saved = saved_model_config(path)
+    if is_attention_swap(saved, current):
+        return load_softmax_into_supra(path, model=model, saved=saved)
+    load_checkpoint(path, model=model)
+    return []
 
 
 def describe_new_weights(names: list[str]) -> str:
