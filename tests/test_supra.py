@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from megatron_sffn.accounting.model import attention_score_flops, count_parameters, forward_flops_per_token
 from megatron_sffn.config import ModelConfig
 from megatron_sffn.linear_attention import (
     alibi_slopes,
@@ -146,11 +147,12 @@ def test_config_selects_linear_layers():
 def model_checks():
     run = launch(
         "tests.workers.supra_checks",
-        ["attention_matches_reference", "greedy_decode_matches_full_forward"],
+        ["attention_matches_reference", "greedy_decode_matches_full_forward", "parameter_counts"],
         nproc=1,
         timeout=300,
         kwargs={
             "attention_matches_reference": {"names": ["gqa", "mha", "six_heads"]},
+            "parameter_counts": {"names": ["gqa", "mha"]},
             "greedy_decode_matches_full_forward": {"models": {
                 "all": {"model": "gqa"},
                 "hybrid": {"model": "six_heads", "supra": {"every": 2}},
@@ -185,3 +187,34 @@ def test_greedy_decoding_with_the_recurrent_state_equals_full_forward(model_chec
         else:
             assert state == "kv-cache"
     assert result["linear_layers"] == ([2] if label == "hybrid" else [1, 2])
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("name", ["gqa", "mha"])
+def test_parameter_count_includes_the_feature_maps(model_checks, name):
+    from tests.workers.supra_checks import model_config
+
+    built = model_checks["parameter_counts"]
+    for label, supra in ((name, {}), (f"{name}-every2", {"every": 2})):
+        cfg = model_config(name, **supra)
+        softmax = count_parameters(ModelConfig(**{**vars(cfg), "attention": "softmax"})).total
+        maps = [cfg.attention_width] + ([cfg.kv_width] if name == "gqa" else [])
+        linear = len(cfg.linear_attention_layers())
+        assert built[label] == count_parameters(cfg).total == softmax + linear * sum(w * w + w for w in maps)
+
+
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_score_flops_are_what_the_chunked_form_computes(chunk):
+    """The accounting's per-token count equals the matmul FLOPs torch counts in the chunked form."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=4, seq_length=64, attention="supra",
+                      supra={"chunk_size": chunk})  # fmt: skip
+    q, k, v = qkv(1, 4, cfg.seq_length, cfg.kv_channels)
+    with FlopCounterMode(display=False) as counter:
+        chunked_decay_attention(q, k, v, log_decays("lightning", 4), chunk)
+    assert attention_score_flops(cfg, 0) == counter.get_total_flops() / cfg.seq_length
+    softmax = ModelConfig(**{**vars(cfg), "attention": "softmax"})
+    flops, base = forward_flops_per_token(cfg), forward_flops_per_token(softmax)
+    assert flops.attention_projections - base.attention_projections == 2 * 2 * 2 * 64 * 64  # q and k maps, 2 layers
+    assert flops.ffn == base.ffn and flops.logits == base.logits

@@ -144,3 +144,12 @@ def greedy_decode_matches_full_forward(models: dict[str, dict[str, Any]], new_to
             "linear_layers": [layer + 1 for layer in cfg.linear_attention_layers()],
         }
     return results
+
+
+def parameter_counts(names: list[str]) -> dict[str, int]:
+    """Parameters of each built SUPRA model (all layers, and a hybrid)."""
+    counts = {}
+    for name in names:
+        for label, supra in ((name, {}), (f"{name}-every2", {"every": 2})):
+            counts[label] = sum(p.numel() for p in _build(model_config(name, **supra)).parameters())
+    return counts
