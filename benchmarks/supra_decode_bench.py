@@ -32,7 +32,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from megatron_sffn.config import ModelConfig  # noqa: E402
-from megatron_sffn.model import build_gpt_model, initialize_model_parallel, seed_model_parallel  # noqa: E402
+from megatron_sffn.model import (  # noqa: E402
+    build_gpt_model,
+    initialize_model_parallel,
+    seed_model_parallel,
+)
 
 
 def build(attention: str, hidden: int, max_context: int):

@@ -33,8 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from sgt_study import CONTEXT, GLOBAL_BATCH, LOWRANK32, MICRO_BATCH, MODEL, REPO_ROOT, ensure_data  # noqa: E402
+from sgt_study import (  # noqa: E402  (also puts the repository on sys.path)
+    GLOBAL_BATCH,
+    LOWRANK32,
+    MICRO_BATCH,
+    MODEL,
+    REPO_ROOT,
+    ensure_data,
+)
 
 from megatron_sffn.training.trace import read_trace  # noqa: E402
 
@@ -176,5 +182,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO_ROOT))
     sys.exit(main())

@@ -12,7 +12,11 @@ import math
 import pytest
 import torch
 
-from megatron_sffn.accounting.model import attention_score_flops, count_parameters, forward_flops_per_token
+from megatron_sffn.accounting.model import (
+    attention_score_flops,
+    count_parameters,
+    forward_flops_per_token,
+)
 from megatron_sffn.config import ModelConfig
 from megatron_sffn.linear_attention import (
     alibi_slopes,

@@ -66,10 +66,12 @@ class HeadGroupNorm(torch.nn.Module):
 
 
 def _supra_class() -> type:
-    from megatron.core.tensor_parallel import ColumnParallelLinear
-    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
     from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
     from megatron.core.parallel_state import get_tensor_model_parallel_rank
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.tensor_parallel.mappings import (
+        gather_from_tensor_model_parallel_region,
+    )
     from megatron.core.transformer.attention import SelfAttention
     from megatron.core.utils import deprecate_inference_params
 

@@ -82,12 +82,12 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..accounting.model import (
-    supra_feature_map_widths,
     ForwardFlops,
     ParameterCount,
     count_parameters,
     ffn_layer_kinds,
     forward_flops_per_token,
+    supra_feature_map_widths,
     training_flops_per_token,
 )
 from ..config.loading import load_config, to_dict

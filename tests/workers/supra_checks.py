@@ -15,7 +15,11 @@ from typing import Any
 import torch
 
 from megatron_sffn.config import ModelConfig
-from megatron_sffn.model import build_gpt_model, initialize_model_parallel, seed_model_parallel
+from megatron_sffn.model import (
+    build_gpt_model,
+    initialize_model_parallel,
+    seed_model_parallel,
+)
 
 SEED = 4321
 # Slopes s_h of the decays exp(-s_h), written out: 4 heads (2^(-8/4))^(h+1), and 6 heads by the ALiBi
@@ -86,7 +90,7 @@ def attention_matches_reference(names: list[str], length: int = 11) -> dict[str,
         model = _build(cfg)
         attention = model.decoder.layers[0].self_attention
         captured = []
-        hook = attention.head_norm.register_forward_hook(lambda mod, args, out: captured.append(args[0]))
+        hook = attention.head_norm.register_forward_hook(lambda mod, args, out, keep=captured: keep.append(args[0]))
         x = torch.randn(length, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(7))
         freqs = model.rotary_pos_emb(length)
         with torch.no_grad():
