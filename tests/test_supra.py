@@ -7,6 +7,7 @@ Outputs are compared before any GroupNorm (which would hide scale errors).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -222,3 +223,17 @@ def test_score_flops_are_what_the_chunked_form_computes(chunk):
     flops, base = forward_flops_per_token(cfg), forward_flops_per_token(softmax)
     assert flops.attention_projections - base.attention_projections == 2 * 2 * 2 * 64 * 64  # q and k maps, 2 layers
     assert flops.ffn == base.ffn and flops.logits == base.logits
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("fla") is None, reason="needs CUDA and fla"
+)
+def test_fla_kernel_on_cuda_equals_the_pytorch_form():
+    q, k, v = (t.cuda() for t in qkv(2, 4, 200, 64))
+    log_gamma = log_decays("lightning", 4)
+    state = torch.randn(2, 4, 64, 64, device="cuda") * 0.1
+    ours, ours_state = chunked_decay_attention(q, k / 8, v, log_gamma, 64, state)
+    fla, fla_state = decay_attention(q, k / 8, v, log_gamma, 64, state)
+    scale = ours.abs().max().item()
+    assert (fla - ours).abs().max().item() <= 1e-3 * scale
+    assert (fla_state - ours_state).abs().max().item() <= 1e-3 * ours_state.abs().max().item()
