@@ -38,3 +38,20 @@ def test_uptraining_runs_start_from_their_softmax_run(name):
     if name.startswith("xl"):
         assert run.tokens_per_step() == 2**21 and run.optimizer.adam_beta2 == 0.95
         assert run.training.train_tokens == pytest.approx(0.05 * source.training.train_tokens, rel=1e-3)
+
+
+def test_model_check_accepts_checkpoints_written_before_the_attention_keys(tmp_path):
+    import yaml
+
+    from megatron_sffn.config.loading import from_dict
+    from megatron_sffn.training.checkpointing import CONFIG_FILE, check_same_model
+    from tests.workers.train_checks import run_config
+
+    raw = run_config(tmp_path / "run", tmp_path / "data")
+    (tmp_path / CONFIG_FILE).write_text(yaml.safe_dump(raw))  # no model.attention / model.supra keys
+    softmax = from_dict(TrainConfig, raw)
+    assert check_same_model(tmp_path, softmax) is False
+    supra = from_dict(TrainConfig, {**raw, "model": {**raw["model"], "attention": "supra"}})
+    assert check_same_model(tmp_path, supra, allow_attention_swap=True) is True
+    with pytest.raises(ValueError, match=r"model\.attention: checkpoint 'softmax', this run 'supra'"):
+        check_same_model(tmp_path, supra)  # resuming is not a swap
