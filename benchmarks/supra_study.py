@@ -166,13 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uptrain-lrs", type=float, nargs="+", default=[1e-3, 3e-3])
     parser.add_argument("--eval-interval", type=int, default=1000)
     parser.add_argument("--ffns", nargs="+", choices=list(FFNS), default=list(FFNS))
+    parser.add_argument("--only-seed", type=int, help="run this seed only (several processes can share --out)")
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.uptrain_steps < 10 or args.pretrain_steps < 10:
         parser.error("--seeds must be >= 1 and the step counts >= 10 (10% warmup)")
     out = args.out.resolve()
     data = ensure_data(out)
-    results = {ffn: {seed: study_seed(out, data, ffn, seed, args) for seed in range(1, args.seeds + 1)}
-               for ffn in args.ffns}  # fmt: skip
+    seeds = [args.only_seed] if args.only_seed else range(1, args.seeds + 1)
+    results = {ffn: {seed: study_seed(out, data, ffn, seed, args) for seed in seeds} for ffn in args.ffns}
+    if args.only_seed:
+        log(f"seed {args.only_seed} done; run without --only-seed for the table")
+        return 0
     (out / "results.json").write_text(json.dumps({"args": vars(args) | {"out": str(out)}, "results": results},
                                                  indent=2))  # fmt: skip
     text = table(results, args)
