@@ -113,11 +113,12 @@ def test_gradients_of_chunked_equal_naive(chunk):
     log_gamma = log_decays("lightning", 6)
     weights = torch.randn(2, 6, 19, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     grads = []
-    for forward in (lambda: chunked_decay_attention(q, k, v, log_gamma, chunk)[0], lambda: naive(q, k, v, log_gamma.exp())):
+    forms = (lambda: chunked_decay_attention(q, k, v, log_gamma, chunk)[0], lambda: naive(q, k, v, log_gamma.exp()))
+    for forward in forms:
         q.grad = k.grad = v.grad = None
         (forward() * weights).sum().backward()
         grads.append([t.grad.clone() for t in (q, k, v)])
-    for ours, ref in zip(*grads):
+    for ours, ref in zip(*grads, strict=True):
         assert torch.allclose(ours, ref, rtol=0, atol=1e-10)
 
 

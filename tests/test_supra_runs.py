@@ -110,9 +110,9 @@ def test_evaluation_right_after_the_swap_is_the_same_at_tp2(tmp_path, softmax_ru
     for nproc in (1, 2):
         out = tmp_path / f"tp{nproc}.json"
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-        done = subprocess.run([sys.executable, *launcher, "-m", "megatron_sffn.evaluate", str(softmax_run), "model.attention=supra", f"parallel.tensor_parallel={nproc}",
-                               "--json", str(out)], cwd=REPO_ROOT, env=train_env(), capture_output=True, text=True,
-                              timeout=240)  # fmt: skip
+        command = [sys.executable, *launcher, "-m", "megatron_sffn.evaluate", str(softmax_run),
+                   "model.attention=supra", f"parallel.tensor_parallel={nproc}", "--json", str(out)]  # fmt: skip
+        done = subprocess.run(command, cwd=REPO_ROOT, env=train_env(), capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
         losses.append(json.loads(out.read_text())["val_loss"])
     assert math.isfinite(losses[0]) and losses[1] == pytest.approx(losses[0], rel=1e-5)
