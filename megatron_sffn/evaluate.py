@@ -7,7 +7,9 @@
 The run configuration comes from the checkpoint's own ``config.yaml``;
 overrides change the layout (``parallel.*``), the data location
 (``data.path``) or the amount evaluated (``eval.max_batches``; null is a
-full pass over the validation split).  Only the weights are read, so the
+full pass over the validation split).  ``model.attention=supra`` evaluates
+a softmax checkpoint right after the swap to SUPRA attention (new weights
+at their initialisation, drawn from ``training.seed``).  Only the weights are read, so the
 checkpoint may have been saved at any other tensor/pipeline/data layout.
 """
 
@@ -40,11 +42,13 @@ def evaluate_checkpoint(checkpoint: Path, config: TrainConfig) -> dict:
 
     from . import cpu_compat
     from .model import seed_model_parallel
-    from .training.checkpointing import load_checkpoint
+    from .training.checkpointing import read_checkpoint_header
     from .training.data_setup import build_validation
     from .training.evaluation import evaluate
     from .training.loop import init_distributed
     from .training.model_setup import Numerics, build_model
+    from .training.state import TrainProgress
+    from .training.uptraining import load_start_weights
 
     on_gpu = torch.cuda.is_available()
     cpu_compat.enable_if_no_cuda()
@@ -53,7 +57,9 @@ def evaluate_checkpoint(checkpoint: Path, config: TrainConfig) -> dict:
     world_size = dist.get_world_size()
     micro_batches = config.num_micro_batches(world_size)
     model = [build_model(config, Numerics.resolve(config, on_gpu))]
-    restored = load_checkpoint(checkpoint, model=model)
+    load_start_weights(checkpoint, model=model, current=config.model)
+    header = read_checkpoint_header(checkpoint)
+    progress = TrainProgress.from_state_dict(header["progress"])
     validation = build_validation(
         config,
         dp_rank=parallel_state.get_data_parallel_rank(),
@@ -70,8 +76,8 @@ def evaluate_checkpoint(checkpoint: Path, config: TrainConfig) -> dict:
     )
     return {
         "checkpoint": str(checkpoint),
-        "step": restored.progress.step,
-        "consumed_tokens": restored.progress.consumed_tokens,
+        "step": progress.step,
+        "consumed_tokens": progress.consumed_tokens,
         "val_loss": result.loss,
         "val_perplexity": result.perplexity,
         "val_tokens": result.tokens,
@@ -80,7 +86,7 @@ def evaluate_checkpoint(checkpoint: Path, config: TrainConfig) -> dict:
             "tensor_parallel": config.parallel.tensor_parallel,
             "pipeline_parallel": config.parallel.pipeline_parallel,
         },
-        "saved_layout": restored.layout,
+        "saved_layout": header["layout"],
     }
 
 
@@ -93,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         checkpoint = resolve_checkpoint(args.checkpoint)
         config = load_config(TrainConfig, checkpoint / CONFIG_FILE, args.overrides)
-        check_same_model(checkpoint, config)
+        check_same_model(checkpoint, config, allow_attention_swap=True)
         config.validate_layout(world_size)
         check_dataset(config)
     except (ValueError, FileNotFoundError) as exc:

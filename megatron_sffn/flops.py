@@ -9,6 +9,7 @@ Examples::
     python -m megatron_sffn.flops --settings    # the paper's R/B settings, from the solver
     python -m megatron_sffn.flops --model s --structure lowrank --ratio 0.32 --sgt same_flops
                                                 # self-guided training at the dense model's FLOPs
+    python -m megatron_sffn.flops --model xl --attention supra   # SUPRA linear attention in every layer
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .accounting.paper import reproduce_table1
 from .accounting.ratio import ffn_param_ratio
 from .accounting.sgt import MODES as SGT_MODES
 from .accounting.sgt import sgt_run_flops, sgt_steps
-from .config.model import FFNConfig, ModelConfig
+from .config.model import ATTENTIONS, FFNConfig, ModelConfig, SupraConfig
 from .config.presets import PRESETS, preset, settings_table, training_budget, with_structure
 from .structured.counts import STRUCTURES
 from .structured.guided import SCHEDULES
@@ -71,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--seq-length", type=_count)
     model.add_argument("--swiglu", action="store_true", help="gated FFN: fc1 is d -> 2f")
     model.add_argument("--untied-embeddings", action="store_true", help="separate output layer")
+    model.add_argument("--attention", choices=ATTENTIONS, help="softmax (default) or SUPRA linear attention")
+    model.add_argument("--supra-chunk-size", type=_count, help="SUPRA's training chunk (default 64)")
+    model.add_argument("--supra-every", type=_count, help="SUPRA in every k-th layer only (hybrid); default all")
 
     ffn = p.add_argument_group("FFN structure")
     ffn.add_argument("--structure", choices=STRUCTURES)
@@ -109,6 +113,12 @@ def build_config(args: argparse.Namespace) -> ModelConfig:
         common["activation"] = "swiglu"
     if args.untied_embeddings:
         common["tie_embeddings"] = False
+    if (args.supra_chunk_size or args.supra_every) and args.attention != "supra":
+        raise ValueError("--supra-chunk-size/--supra-every need --attention supra")
+    if args.attention:
+        common["attention"] = args.attention
+        supra = {"chunk_size": args.supra_chunk_size, "every": args.supra_every}
+        common["supra"] = SupraConfig(**{k: v for k, v in supra.items() if v is not None})
     shapes = {flag: getattr(args, flag) for flag in _SHAPE_FLAGS if getattr(args, flag) is not None}
     sizes = dict(ratio=args.ratio, rank=args.rank, blocks=args.blocks, rank_multiple=args.rank_multiple)
     if args.structure is None and any(v is not None for v in sizes.values()):
@@ -223,6 +233,12 @@ def _describe_ffn(cfg: ModelConfig, layer_ratio: float) -> str:
     )
 
 
+def _describe_supra(cfg: ModelConfig) -> str:
+    layers = cfg.linear_attention_layers()
+    where = "every layer" if len(layers) == cfg.num_layers else f"layers {layers} (softmax elsewhere)"
+    return f"SUPRA linear attention ({cfg.supra.decay} decay, chunk {cfg.supra.chunk_size}) in {where}"
+
+
 def format_model(name: str, cfg: ModelConfig, report: dict[str, Any]) -> str:
     p, f = report["parameters"], report["forward_flops_per_token"]
     heads = f"{cfg.num_attention_heads}x{cfg.kv_channels}"
@@ -233,6 +249,7 @@ def format_model(name: str, cfg: ModelConfig, report: dict[str, Any]) -> str:
         f"vocab {cfg.vocab_size}, context {cfg.seq_length}, {cfg.activation}, "
         f"{'tied' if cfg.tie_embeddings else 'untied'} embeddings",
         _describe_ffn(cfg, report["ffn_layer_ratio"]),
+        *([_describe_supra(cfg)] if cfg.attention == "supra" else []),
         "",
         f"{'parameters':<34}{p['total']:>18,}  {_millions(p['total'])}",
     ]

@@ -35,7 +35,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def preflight(config: TrainConfig, world_size: int) -> None:
     """The checks that need no process group, in the order a user would fix them."""
-    from .training.checkpointing import resolve_checkpoint
+    from .training.checkpointing import check_same_model, resolve_checkpoint
     from .training.data_setup import check_dataset
     from .training.model_setup import check_optimizer_choice
     from .training.schedule import check_warmup
@@ -45,7 +45,7 @@ def preflight(config: TrainConfig, world_size: int) -> None:
     check_optimizer_choice(config)
     check_dataset(config)
     if config.checkpoint.load is not None:
-        resolve_checkpoint(config.checkpoint.load)
+        check_same_model(resolve_checkpoint(config.checkpoint.load), config, allow_attention_swap=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

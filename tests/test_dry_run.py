@@ -235,11 +235,12 @@ def tiny_dataset(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_memory_estimate_of_tiny_is_within_25_percent_of_a_real_run(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("attention", ["softmax", "supra"])
+def test_memory_estimate_of_tiny_is_within_25_percent_of_a_real_run(tiny_dataset, tmp_path, attention):
     overrides = [
         f"data.path={tiny_dataset.prepared}", f"data.tokenizer={tiny_dataset.tokenizer}", f"run_dir={tmp_path / 'run'}",
         "training.train_steps=2", "checkpoint.save_interval=null", "eval.interval=null", "eval.at_end=false",
-        "logging.tensorboard=false", "logging.peak_tflops_per_device=1",
+        "logging.tensorboard=false", "logging.peak_tflops_per_device=1", f"model.attention={attention}",
     ]  # fmt: skip
     out = tmp_path / "measured.json"
     script = (
@@ -257,7 +258,7 @@ def test_memory_estimate_of_tiny_is_within_25_percent_of_a_real_run(tiny_dataset
     stage = plan.peak_stage
     static = stage.weights + stage.gradients + stage.optimizer
     summary = (
-        f"tiny, 1 CPU process: estimated {stage.total / 2**20:.1f} MiB (static {static / 2**20:.1f}, activations "
+        f"tiny ({attention}), 1 CPU process: estimated {stage.total / 2**20:.1f} MiB (static {static / 2**20:.1f}, activations "
         f"{stage.activations / 2**20:.1f}); measured peak live tensors {measured['peak_live_bytes'] / 2**20:.1f} MiB "
         f"(after a step {measured['live_after_last_step'] / 2**20:.1f}); peak RSS growth "
         f"{measured['peak_rss_growth'] / 2**20:.1f} MiB"

@@ -162,3 +162,26 @@ def test_errors_exit_with_a_message(capsys, argv, message):
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_supra_attention_counts_feature_maps_and_chunked_scores(capsys):
+    softmax = run_json(capsys, "--model", "xl")["model"]
+    supra = run_json(capsys, "--model", "xl", "--attention", "supra")["model"]
+    d_attn, layers, head_dim = 2048, 24, 128
+    assert supra["parameters"]["attention"] - softmax["parameters"]["attention"] == layers * (d_attn**2 + d_attn)
+    f, g = supra["forward_flops_per_token"], softmax["forward_flops_per_token"]
+    assert f["attention_projections"] - g["attention_projections"] == layers * 2 * 2 * d_attn**2
+    assert f["attention_scores"] == layers * 2 * 2 * d_attn * (64 + head_dim)  # chunk 64, not the 1024 context
+    assert g["attention_scores"] == layers * 2 * 2 * 1024 * d_attn
+    hybrid = run_json(capsys, "--model", "xl", "--attention", "supra", "--supra-every", "2", "--supra-chunk-size", "32")
+    scores = hybrid["model"]["forward_flops_per_token"]["attention_scores"]
+    assert scores == 12 * 2 * 2 * d_attn * (32 + head_dim) + 12 * 2 * 2 * 1024 * d_attn
+    code, out = run(capsys, "--model", "xl", "--attention", "supra")
+    assert code == 0 and "SUPRA linear attention (lightning decay, chunk 64) in every layer" in out
+
+
+def test_supra_options_need_supra_attention(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "xl", "--supra-every", "2"])
+    assert exit_info.value.code == 2
+    assert "--supra-chunk-size/--supra-every need --attention supra" in capsys.readouterr().err

@@ -12,6 +12,15 @@ formula of "Building on Efficient Foundations" (Wei et al., 2024)::
 with training = 3 × forward.  MFU must come from these numbers, never from a
 dense formula, or a structured model would be credited with FLOPs it skips.
 
+SUPRA layers ("Linearizing Large Language Models", Mercat et al., 2024) replace
+the ``2·seq·d_attn`` score term by what their chunked training form computes,
+counted the same way (no causal halving): per token, the chunk's scores and
+weighted values ``2·C·d_attn`` plus the inter-chunk state read and update
+``2·d_head·d_attn``, with ``C = min(chunk_size, seq)``; their feature maps add
+``2·d_attn² + 2·d_kv²`` (a query-width map on q, and the shared map again on k
+or, with GQA, a kv-width map) to the projections, and ``d_attn² + d_attn``
+(+ ``d_kv² + d_kv`` with GQA) parameters.
+
 Extra compute that is not part of the model itself (the dense guides of
 self-guided training, which run for a fraction of the steps) enters as
 ``extra_forward_flops``: forward FLOPs, trained at the same 3× rate.
@@ -85,16 +94,23 @@ def ffn_weight_params(cfg: ModelConfig) -> int:
     return sum(_ffn_weights(cfg, kind) for kind in ffn_layer_kinds(cfg))
 
 
+def supra_feature_map_widths(cfg: ModelConfig) -> list[int]:
+    """Widths of a SUPRA layer's square feature maps: one shared by q and k, or with GQA one each."""
+    grouped = cfg.num_query_groups < cfg.num_attention_heads
+    return [cfg.attention_width, cfg.kv_width] if grouped else [cfg.attention_width]
+
+
 def count_parameters(cfg: ModelConfig) -> ParameterCount:
     """Every parameter megatron-core's GPTModel allocates for this configuration."""
     d, layers = cfg.hidden_size, cfg.num_layers
     qkv_out = cfg.attention_width + 2 * cfg.kv_width
     biases = 1 if cfg.linear_bias else 0
     attention_per_layer = d * qkv_out + cfg.attention_width * d + biases * (qkv_out + d)
+    feature_maps = sum(w * w + w for w in supra_feature_map_widths(cfg)) * len(cfg.linear_attention_layers())
     per_norm = 2 * d if cfg.normalization == "LayerNorm" else d  # RMSNorm has a scale and no bias
     return ParameterCount(
         embedding=cfg.vocab_size * d,
-        attention=layers * attention_per_layer,
+        attention=layers * attention_per_layer + feature_maps,
         layernorm=(2 * layers + 1) * per_norm,
         ffn_weights=ffn_weight_params(cfg),
         ffn_biases=biases * layers * sum(m for _, m in cfg.ffn_shapes()),
@@ -102,12 +118,21 @@ def count_parameters(cfg: ModelConfig) -> ParameterCount:
     )
 
 
+def attention_score_flops(cfg: ModelConfig, layer: int) -> int:
+    """Forward FLOPs per token of one layer's attention over its context (softmax or SUPRA's chunked form)."""
+    if cfg.is_linear_attention(layer):
+        chunk = min(cfg.supra.chunk_size, cfg.seq_length)
+        return 2 * 2 * cfg.attention_width * (chunk + cfg.kv_channels)
+    return 2 * 2 * cfg.seq_length * cfg.attention_width
+
+
 def forward_flops_per_token(cfg: ModelConfig) -> ForwardFlops:
     """Forward FLOPs per token (2 per multiply-add; norms, activations and softmax are not counted)."""
     d, layers = cfg.hidden_size, cfg.num_layers
+    feature_maps = 2 * (cfg.attention_width**2 + cfg.kv_width**2) * len(cfg.linear_attention_layers())
     return ForwardFlops(
-        attention_projections=2 * layers * (2 * cfg.attention_width * d + 2 * cfg.kv_width * d),
-        attention_scores=2 * layers * 2 * cfg.seq_length * cfg.attention_width,
+        attention_projections=2 * layers * (2 * cfg.attention_width * d + 2 * cfg.kv_width * d) + feature_maps,
+        attention_scores=sum(attention_score_flops(cfg, layer) for layer in range(layers)),
         ffn=2 * ffn_weight_params(cfg),
         logits=2 * cfg.vocab_size * d,
     )

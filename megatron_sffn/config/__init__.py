@@ -1,5 +1,5 @@
 """Typed configuration dataclasses."""
 
-from .model import FFNConfig, ModelConfig
+from .model import FFNConfig, ModelConfig, SupraConfig
 
-__all__ = ["FFNConfig", "ModelConfig"]
+__all__ = ["FFNConfig", "ModelConfig", "SupraConfig"]

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..linear_attention.decay import DECAYS as SUPRA_DECAYS
 from ..structured import counts
 
 ACTIVATIONS = ("gelu", "swiglu")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+ATTENTIONS = ("softmax", "supra")
 
 
 @dataclass
@@ -32,6 +34,40 @@ class FFNConfig:
 
     def is_structured(self, layer: int) -> bool:
         return self.structure != "dense" and layer not in self.dense_layers
+
+
+@dataclass
+class SupraConfig:
+    """SUPRA linear attention ("Linearizing Large Language Models", Mercat et al., 2024).
+
+    Used when ``model.attention`` is ``supra``.  ``decay`` picks the fixed
+    per-head decay (``lightning``, the paper's, or ``retnet``);
+    ``chunk_size`` is the chunk of the parallel training form (64 in the
+    reference kernel).  Which layers are linear: all (both ``layers`` and
+    ``every`` unset), the 0-based ``layers`` listed, or every ``every``-th
+    layer (0-based layers ``every-1``, ``2*every-1``, ...); the others keep
+    softmax attention (hybrids).
+    """
+
+    decay: str = "lightning"
+    chunk_size: int = 64
+    layers: list[int] | None = None
+    every: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.decay not in SUPRA_DECAYS:
+            raise ValueError(f"supra.decay={self.decay!r}; expected one of {SUPRA_DECAYS}")
+        if self.chunk_size < 1:
+            raise ValueError(f"supra.chunk_size={self.chunk_size} must be positive")
+        if self.layers is not None and self.every is not None:
+            raise ValueError(f"set at most one of supra.layers={self.layers} and supra.every={self.every}")
+        if self.every is not None and self.every < 1:
+            raise ValueError(f"supra.every={self.every} must be positive")
+
+    def is_linear(self, layer: int) -> bool:
+        if self.layers is not None:
+            return layer in self.layers
+        return self.every is None or (layer + 1) % self.every == 0
 
 
 @dataclass
@@ -62,10 +98,15 @@ class ModelConfig:
     # Architecture variants of other model families (see the class docstring).
     normalization: str = "LayerNorm"
     linear_bias: bool = True  # biases on the qkv, attention-output and FFN linears
+    attention: str = "softmax"  # or "supra": linear attention in the layers model.supra selects
+    supra: SupraConfig = field(default_factory=SupraConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.ffn, dict):
             self.ffn = FFNConfig(**self.ffn)
+        if isinstance(self.supra, dict):
+            self.supra = SupraConfig(**self.supra)
+        self._validate_attention()
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
         if self.num_query_groups is None:
@@ -92,6 +133,22 @@ class ModelConfig:
         if self.ffn.structure != "dense":
             for n, m in self.ffn_shapes():
                 counts.validate_structure(self.ffn.structure, n, m, self.ffn.rank, self.ffn.blocks)
+
+    def _validate_attention(self) -> None:
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention={self.attention!r}; expected one of {ATTENTIONS}")
+        bad = [i for i in self.supra.layers or [] if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"supra.layers={self.supra.layers} names layers outside 0..{self.num_layers - 1}")
+        if self.attention == "supra" and not self.linear_attention_layers():
+            raise ValueError(f"attention='supra' but model.supra selects none of the {self.num_layers} layers")
+
+    def is_linear_attention(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` (0-based) uses SUPRA linear attention."""
+        return self.attention == "supra" and self.supra.is_linear(layer)
+
+    def linear_attention_layers(self) -> list[int]:
+        return [layer for layer in range(self.num_layers) if self.is_linear_attention(layer)]
 
     @property
     def attention_width(self) -> int:

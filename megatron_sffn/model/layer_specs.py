@@ -13,6 +13,7 @@ from typing import Literal
 from .. import cpu_compat
 from ..config import ModelConfig
 from .init_streams import init_stream, layer_stream
+from .supra_attention import supra_attention_class
 from .transformer_config import transformer_engine_available
 
 Backend = Literal["auto", "local", "te"]
@@ -62,7 +63,7 @@ def _layer_class() -> type:
 
 
 def layer_spec(model_cfg: ModelConfig, layer: int, provider):
-    """Spec of decoder layer ``layer`` (0-based): pre-LN attention, then the layer's FFN.
+    """Spec of decoder layer ``layer`` (0-based): pre-LN attention (softmax or SUPRA), then the layer's FFN.
 
     Transformer Engine fuses a norm into the linear that follows it.  That is
     used for the QKV projection; the pre-MLP norm is fused only when the FFN's
@@ -88,12 +89,13 @@ def layer_spec(model_cfg: ModelConfig, layer: int, provider):
         keys_map.update(_INPUT_NORM_KEYS)
     if not mlp_norm_fused:
         keys_map.update(_PRE_MLP_NORM_KEYS)
+    linear = model_cfg.is_linear_attention(layer)
     attention = ModuleSpec(
-        module=SelfAttention,
-        params={"attn_mask_type": AttnMaskType.causal},
+        module=supra_attention_class() if linear else SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal, **({"supra": model_cfg.supra} if linear else {})},
         submodules=SelfAttentionSubmodules(
             linear_qkv=fused_norm_linear or provider.column_parallel_linear(),
-            core_attention=_core_attention(provider),
+            core_attention=IdentityOp if linear else _core_attention(provider),  # SUPRA computes its own
             linear_proj=provider.row_parallel_linear(),
             q_layernorm=IdentityOp,
             k_layernorm=IdentityOp,

@@ -55,8 +55,9 @@ def transformer_config(
       seed before slicing, so a given seed yields the same model at any TP size
       (what makes TP=2-vs-TP=1 comparisons and TP-independent restarts exact);
     * checkpoints key each layer separately when the layers' FFNs differ
-      (structured with dense layer 0): megatron's default stacks all layers
-      into one tensor per name, which cannot hold a dense and a structured FFN.
+      (structured with dense layer 0, or SUPRA hybrids): megatron's default
+      stacks all layers into one tensor per name, which cannot hold a dense
+      and a structured FFN, or a layer with feature maps and one without.
 
     ``overrides`` go to ``TransformerConfig`` unchanged (e.g. recompute options).
     """
@@ -102,14 +103,18 @@ def transformer_config(
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         apply_rope_fusion=fused and transformer_engine_available(),
-        hetereogenous_dist_checkpoint=_layers_differ(model_cfg),
+        hetereogenous_dist_checkpoint=layers_differ(model_cfg),
     )
     settings.update(overrides)
     return TransformerConfig(**settings)
 
 
-def _layers_differ(model_cfg: ModelConfig) -> bool:
-    kinds = {model_cfg.ffn.is_structured(layer) for layer in range(model_cfg.num_layers)}
+def layers_differ(model_cfg: ModelConfig) -> bool:
+    """Whether some layers hold other parameters than others (structured FFNs beside dense, SUPRA hybrids)."""
+    kinds = {
+        (model_cfg.ffn.is_structured(layer), model_cfg.is_linear_attention(layer))
+        for layer in range(model_cfg.num_layers)
+    }
     return len(kinds) > 1
 
 

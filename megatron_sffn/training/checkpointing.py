@@ -83,7 +83,7 @@ def _same_rank_layout(saved: dict[str, int]) -> bool:
     return all(saved.get(k) == now[k] for k in ("world_size", "tensor_parallel", "pipeline_parallel"))
 
 
-def _model_state(model_chunks: list) -> dict[str, Any]:
+def sharded_model_state(model_chunks: list) -> dict[str, Any]:
     from megatron.core.utils import unwrap_model
 
     if len(model_chunks) != 1:
@@ -134,7 +134,7 @@ def save_checkpoint(
         dirs.begin(progress.step)
     dist.barrier()
     partial = dirs.partial_path(progress.step)
-    model_state = _model_state(model)
+    model_state = sharded_model_state(model)
     state = {
         "format": CHECKPOINT_FORMAT,
         "layout": current_layout(),
@@ -234,15 +234,35 @@ def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return found
 
 
-def check_same_model(checkpoint: Path, config: TrainConfig) -> None:
-    """A checkpoint of another architecture fails here with the differing keys, not deep in a shape check."""
+def saved_model_config(checkpoint: Path) -> ModelConfig:
+    """The model a checkpoint holds, with defaults for keys added since it was written."""
     path = checkpoint / CONFIG_FILE
-    saved = yaml.safe_load(path.read_text(encoding="utf-8"))["model"]
-    # Through the dataclass, so that fields added since the checkpoint was written compare as their defaults.
-    saved = to_dict(from_dict(ModelConfig, saved, f"{path}:model"))
-    diffs = _differences(saved, to_dict(config.model), "model.")
+    return from_dict(ModelConfig, yaml.safe_load(path.read_text(encoding="utf-8"))["model"], source=str(path))
+
+
+def is_attention_swap(saved: ModelConfig, current: ModelConfig) -> bool:
+    """Softmax weights starting a SUPRA model: the uptraining of "Linearizing Large Language Models"."""
+    return saved.attention == "softmax" and current.attention == "supra"
+
+
+def check_same_model(checkpoint: Path, config: TrainConfig, *, allow_attention_swap: bool = False) -> bool:
+    """A checkpoint of another architecture fails here with the differing keys, not deep in a shape check.
+
+    With ``allow_attention_swap`` (starting from weights, not resuming), a
+    softmax checkpoint may start a SUPRA model of otherwise the same
+    architecture; returns whether that is the case.  The ``supra`` options
+    matter only to models that use them.
+    """
+    saved, current = saved_model_config(checkpoint), config.model
+    swap = allow_attention_swap and is_attention_swap(saved, current)
+    ignored = {"attention", "supra"} if swap else set()
+    if saved.attention == current.attention == "softmax":
+        ignored.add("supra")
+    a, b = ({k: v for k, v in to_dict(m).items() if k not in ignored} for m in (saved, current))
+    diffs = _differences(a, b, "model.")
     if diffs:
         raise ValueError(f"{checkpoint} holds a different model than this run's config:\n  " + "\n  ".join(diffs))
+    return swap
 
 
 def read_checkpoint_header(path: str | Path) -> dict[str, Any]:
@@ -276,7 +296,7 @@ def load_checkpoint(path: str | Path, *, model: list, optimizer=None, scheduler=
             f"another run_dir with checkpoint.load={path}"
         )
     restore_rng = optimizer is not None and _same_rank_layout(header["layout"])
-    model_state = _model_state(model)
+    model_state = sharded_model_state(model)
     request: dict[str, Any] = {"model": model_state}
     if optimizer is not None:
         request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=_OPTIMIZER_METADATA)

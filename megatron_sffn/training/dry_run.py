@@ -39,6 +39,15 @@ parallelism (so norm inputs and outputs are replicated over TP):
   LowRank and BlockDense (gathered over TP), ``min(n, m)/t`` for BlockShuffle;
 * 16 bytes of fp32 norm statistics.
 
+A SUPRA layer ("Linearizing Large Language Models", Mercat et al., 2024)
+keeps instead of the softmax attention's tensors: the feature maps' inputs,
+all-gathered over TP (``(d_attn + d_kv)·e``), the ReLU outputs
+(``(d_attn + d_kv)/t·e``), fp32 q, k, v after RoPE and the GQA
+repeat (``3·d_attn/t·4``), the chunk's score matrices (``2·C·heads/t·4``),
+the chunk states amortised per token (``2·heads·d_head²/(C·t)·4``), the fp32
+outputs before and after GroupNorm and the projection input.  Selective
+recomputation does not apply to it.
+
 The last stage adds the final norm, the fp32 logits that the cross entropy
 keeps (``V/t·4``, plus the ``V/t·e`` copy that bf16 casts through) and, at
 the start of the backward pass, the output layer's weight gradient and input
@@ -78,6 +87,7 @@ from ..accounting.model import (
     count_parameters,
     ffn_layer_kinds,
     forward_flops_per_token,
+    supra_feature_map_widths,
     training_flops_per_token,
 )
 from ..config.loading import load_config, to_dict
@@ -327,12 +337,15 @@ def _ffn_params_per_rank(model: ModelConfig, kind: str, tp: int) -> int:
     return rank_cost(shape, strategy, tp).params
 
 
-def _layer_params_per_rank(model: ModelConfig, kind: str, tp: int) -> int:
-    """One decoder layer's parameters on one TP rank (norms and row-parallel biases are replicated)."""
+def _layer_params_per_rank(model: ModelConfig, layer: int, tp: int) -> int:
+    """One decoder layer's parameters on one TP rank (norms and row-parallel biases are replicated;
+    SUPRA's feature maps are column-parallel)."""
     d = model.hidden_size
     qkv = model.attention_width + 2 * model.kv_width
     attention = (d * qkv + qkv) // tp + model.attention_width * d // tp + d
-    return 2 * 2 * d + attention + _ffn_params_per_rank(model, kind, tp)
+    if model.is_linear_attention(layer):
+        attention += sum(w * w + w for w in supra_feature_map_widths(model)) // tp
+    return 2 * 2 * d + attention + _ffn_params_per_rank(model, ffn_layer_kinds(model)[layer], tp)
 
 
 def stage_layers(num_layers: int, pp: int, stage: int) -> range:
@@ -348,8 +361,7 @@ def stage_params_per_rank(model: ModelConfig, tp: int, pp: int, stage: int) -> i
     their gradients), so it counts there too.
     """
     d, vocab = model.hidden_size, model.vocab_size
-    kinds = ffn_layer_kinds(model)
-    params = sum(_layer_params_per_rank(model, kinds[i], tp) for i in stage_layers(model.num_layers, pp, stage))
+    params = sum(_layer_params_per_rank(model, i, tp) for i in stage_layers(model.num_layers, pp, stage))
     if stage == 0:
         params += vocab * d // tp
     if stage == pp - 1:
@@ -371,16 +383,31 @@ def _structured_inner_features(model: ModelConfig, kind: str, tp: int) -> int:
     return 0
 
 
-def layer_activation_bytes_per_token(model: ModelConfig, kind: str, tp: int, element_bytes: int,
+def _supra_attention_bytes_per_token(model: ModelConfig, tp: int, element_bytes: int) -> int:
+    """What a SUPRA layer's attention keeps per token (see the module docstring); it has no selective recompute."""
+    e, heads, width = element_bytes, model.num_attention_heads // tp, model.attention_width // tp
+    chunk = min(model.supra.chunk_size, model.seq_length)
+    qk = model.attention_width + model.kv_width
+    kept = qk * e + qk // tp * e  # the feature maps' all-gathered inputs, their ReLU outputs
+    kept += 3 * width * _FP32 + 2 * chunk * heads * _FP32  # fp32 q, k, v; intra-chunk scores
+    kept += 2 * heads * model.kv_channels**2 // chunk * _FP32  # chunk states, amortised over the chunk
+    return kept + 2 * width * _FP32 + width * e  # pre- and post-GroupNorm outputs, projection input
+
+
+def layer_activation_bytes_per_token(model: ModelConfig, layer: int, tp: int, element_bytes: int,
                                      selective_recompute: bool = False) -> int:
     """Bytes one decoder layer keeps per token for the backward pass (see the module docstring)."""
     d, e = model.hidden_size, element_bytes
     (_, fc1_out), _ = model.ffn_shapes()
+    kind = ffn_layer_kinds(model)[layer]
     norms = 4 * d * e + 2 * 2 * _FP32
-    attention = (2 * model.attention_width + 2 * model.kv_width) // tp * e + model.attention_width // tp * e
-    attention += model.num_attention_heads // tp * _FP32
-    if selective_recompute:
-        attention -= model.attention_width // tp * e + model.num_attention_heads // tp * _FP32
+    if model.is_linear_attention(layer):
+        attention = _supra_attention_bytes_per_token(model, tp, e)
+    else:
+        attention = (2 * model.attention_width + 2 * model.kv_width) // tp * e + model.attention_width // tp * e
+        attention += model.num_attention_heads // tp * _FP32
+        if selective_recompute:
+            attention -= model.attention_width // tp * e + model.num_attention_heads // tp * _FP32
     ffn = (fc1_out + model.ffn_hidden_size) // tp * e + _structured_inner_features(model, kind, tp) * e
     return norms + attention + ffn
 
@@ -390,10 +417,9 @@ def stage_activation_bytes(cfg: TrainConfig, stage: int, element_bytes: int, rec
     """Activations of one micro-batch on one rank of ``stage`` under a recomputation setting."""
     model, tp, pp = cfg.model, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
     tokens = cfg.training.micro_batch_size * model.seq_length
-    kinds = ffn_layer_kinds(model)
     layers = stage_layers(model.num_layers, pp, stage)
     selective = recompute == "selective"
-    per_layer = [layer_activation_bytes_per_token(model, kinds[i], tp, element_bytes, selective) for i in layers]
+    per_layer = [layer_activation_bytes_per_token(model, i, tp, element_bytes, selective) for i in layers]
     if recompute != "full":
         return tokens * sum(per_layer)
     checkpoint_input = model.hidden_size * element_bytes

@@ -54,6 +54,7 @@ from .signals import StopRequest
 from .state import TrainProgress
 from .step import to_device, train_step
 from .trace import StepTrace, sample_digests, tokens_digest
+from .uptraining import describe_new_weights, load_start_weights
 
 
 def say(message: str) -> None:
@@ -147,12 +148,17 @@ class Trainer:
             say(f"checkpoint.resume is false: ignoring {latest} and starting at step 0 (later saves replace it)")
         if cfg.load is not None:
             source = resolve_checkpoint(cfg.load)
-            check_same_model(source, self.config)
+            swap = check_same_model(source, self.config, allow_attention_swap=True)
             with self.guidance.guides_hidden():  # guides start from the loaded structure, not from saved guides
-                load_checkpoint(source, model=self.model)
+                new = load_start_weights(source, model=self.model, current=self.config.model)
             self.guidance.reset_guides()
             self.optimizer.reload_model_params()  # bf16 runs: refresh the fp32 master copy from the loaded weights
             say(f"initialised the weights from {source} (optimizer, schedule and data start fresh)")
+            if swap:
+                say(
+                    "SUPRA uptraining: every softmax weight loaded; stage's "
+                    f"{describe_new_weights(new)} start at torch's default Linear init"
+                )
 
     def _continue_from(self, restored: RestoredState) -> None:
         self.progress = restored.progress
