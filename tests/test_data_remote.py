@@ -7,6 +7,8 @@ permanent failure, and ``prepare`` from URLs must write the bytes it writes from
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -105,6 +107,31 @@ def test_permanent_failures_name_the_url(corpus, server):
     server.fail(names()[0], ["503"] * 10)
     with pytest.raises(SourceError, match=rf"{server.url(names()[0])}: HEAD failed after 5 attempts \(last: HTTP 503"):
         list(numbered_records(expand_inputs([server.url(names()[0])])[0]))
+
+
+def test_skip_mode_leaves_out_an_unreadable_file_and_counts_it_at_any_layout(corpus, server, tmp_path, caplog):
+    root, tokenizer = corpus
+    files = [*names(), "part-9.parquet"]  # the server has no part-9: HTTP 404
+    for name in names():
+        shutil.copy(root / name, tmp_path / name)
+    pq.write_table(pa.table({"content": pa.array([], pa.string())}), tmp_path / "part-9.parquet")
+    # Reference: the same files with part-9 holding no documents.
+    expected = stream(loader([str(tmp_path / n) for n in files], tokenizer, lanes=2, micro_batch_size=1), 240)
+
+    def build(**layout):
+        return loader([server.url(n) for n in files], tokenizer, lanes=2, skip_bad_files=True, **layout)
+
+    whole = build(micro_batch_size=1)
+    assert stream(whole, 240) == expected
+    counted = whole.state_dict()["stats"]
+    missing = server.url("part-9.parquet")
+    assert list(counted["bad_shards"]) == [missing] and "HTTP 404" in counted["bad_shards"][missing]
+    assert counted["bad_shard_reads"] >= 2  # once per lane-epoch reading it: 240 samples pass an epoch
+    assert "skipping unreadable file" in caplog.text and missing in caplog.text
+
+    seen, states = run_chain([(1, 0, 5, 20), (2, 1, 3, 10), (1, 2, 4, 20)], build, stream)
+    assert seen == expected[: len(seen)] and len(seen) == 240
+    assert states[-1]["stats"]["bad_shard_reads"] == counted["bad_shard_reads"]
 
 
 def test_prepare_from_urls_writes_the_local_bytes(corpus, server, tmp_path):

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
 
-from .remote import glob_remote, is_remote, open_remote, url_name
+from .remote import RemoteReadError, glob_remote, is_remote, open_remote, url_name
 
 PARQUET_TEXT_COLUMN = "content"
 PARQUET_METADATA_COLUMNS = ("url", "timestamp", "dump", "segment")
@@ -28,6 +28,7 @@ _PARQUET_SUFFIXES = (".parquet",)
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 BAD_DOCUMENT_MODES = ("error", "skip")
 SKIP_HINT = "to skip and count such documents use --bad-documents skip (data.bad_documents=skip in raw mode)"
+FILE_SKIP_HINT = "to leave out and count files that cannot be read use data.skip_bad_shards=true"
 SIGNATURE_BLOCK = 1 << 16
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,15 @@ Record = Document | BadDocument
 
 class SourceError(ValueError):
     """Unreadable input; the message names the file and the row or line."""
+
+
+class UnreadableFile(SourceError):
+    """A whole file (or the rest of it) cannot be read: it cannot be opened, is not parquet, or its
+    data or the network fails for good; a schema that does not fit is a plain ``SourceError``."""
+
+
+# What a reader raises when a file cannot be read (on): a remote failure mid-read surfaces as it is.
+UNREADABLE_FILE_ERRORS = (UnreadableFile, RemoteReadError)
 
 
 @dataclass(frozen=True)
@@ -207,7 +217,7 @@ def iter_parquet(path: str, text_column: str = PARQUET_TEXT_COLUMN, batch_rows: 
     try:
         f = open_remote(path)
     except OSError as exc:
-        raise SourceError(f"{path}: cannot open ({exc})") from exc
+        raise UnreadableFile(f"{path}: cannot open ({exc})") from exc
     with f:
         yield from _parquet_records(f, path, text_column, batch_rows, metadata, first_row)
 
@@ -220,7 +230,7 @@ def _parquet_records(f: str | BinaryIO, path: str, text_column: str, batch_rows:
     try:
         pf = pq.ParquetFile(f)
     except (pa.ArrowException, OSError) as exc:
-        raise SourceError(f"{path}: not a readable parquet file ({exc})") from exc
+        raise UnreadableFile(f"{path}: not a readable parquet file ({exc})") from exc
     schema = pf.schema_arrow
     if text_column not in schema.names:
         raise SourceError(
@@ -241,7 +251,7 @@ def _parquet_records(f: str | BinaryIO, path: str, text_column: str, batch_rows:
         try:
             batch = next(batches, None)
         except (pa.ArrowException, OSError) as exc:
-            raise SourceError(f"{path}: unreadable parquet data after row {row} ({exc})") from exc
+            raise UnreadableFile(f"{path}: unreadable parquet data after row {row} ({exc})") from exc
         if batch is None:
             break
         texts = _column_values(batch.column(0), lambda raw: raw)

@@ -94,7 +94,7 @@ def build_validation(config: TrainConfig, *, dp_rank: int, dp_size: int, micro_b
         return build_text_validation_loader(
             data.raw, tokenizer=data.tokenizer, context_length=config.model.seq_length, micro_batch_size=micro,
             dp_rank=dp_rank, dp_size=dp_size, bad_documents=data.bad_documents,
-            batches_multiple_of=micro_batches_per_step,
+            skip_bad_files=data.skip_bad_shards, batches_multiple_of=micro_batches_per_step,
         )  # fmt: skip
     return build_validation_loader(
         manifest or check_dataset(config), micro_batch_size=micro, dp_rank=dp_rank, dp_size=dp_size,
@@ -111,7 +111,7 @@ def build_run_data(config: TrainConfig, *, dp_rank: int, dp_size: int, micro_bat
     if data.raw is not None:
         train = build_text_train_loader(
             data.raw, tokenizer=data.tokenizer, context_length=config.model.seq_length,
-            bad_documents=data.bad_documents, **common,
+            bad_documents=data.bad_documents, skip_bad_files=data.skip_bad_shards, **common,
         )  # fmt: skip
     else:
         train = build_train_loader(
