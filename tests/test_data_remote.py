@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,6 +20,7 @@ from test_loader_on_the_fly import full_rows, stream
 
 from data_tools.prepare import PrepareOptions, prepare
 from megatron_sffn.data import remote
+from megatron_sffn.data.input_list import INPUT_LIST_FILE, record_inputs, recorded_inputs
 from megatron_sffn.data.on_the_fly import build_text_train_loader
 from megatron_sffn.data.text_sources import SourceError, expand_inputs, numbered_records
 from tests.workers.train_checks import word_level_tokenizer
@@ -147,3 +149,28 @@ def test_prepare_from_urls_writes_the_local_bytes(corpus, server, tmp_path):
         return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.tar"))}
 
     assert shards(tmp_path / "remote") == shards(tmp_path / "local") != {}
+
+
+def test_a_glob_is_resolved_once_per_run_and_a_resume_keeps_the_recorded_files(corpus, tmp_path, caplog):
+    """Any fsspec filesystem (here the in-memory one) is globbed, read, and its listing pinned to the run."""
+    root, tokenizer = corpus
+    memory, prefix = fsspec.filesystem("memory"), f"/{tmp_path.name}"
+    for name in names():
+        memory.pipe(f"{prefix}/{name}", (root / name).read_bytes())
+    pattern, run_dir = f"memory://{prefix}/*.parquet", tmp_path / "run"
+    try:
+        files = record_inputs([pattern], run_dir)
+        assert [f.path for f in files] == [f"memory://{prefix}/{n}" for n in names()]
+        assert (run_dir / INPUT_LIST_FILE).is_file()
+        local = stream(loader([str(root / n) for n in names()], tokenizer, micro_batch_size=1), 40)
+        assert stream(loader(files, tokenizer, micro_batch_size=1), 40) == local
+
+        memory.pipe(f"{prefix}/part-00.parquet", (root / names()[0]).read_bytes())  # the listing changes
+        memory.rm(f"{prefix}/{names()[2]}")
+        assert record_inputs([pattern], run_dir) == files == recorded_inputs([pattern], run_dir)
+        assert "now resolves to 3 files (new: memory:///" in caplog.text and "part-00.parquet" in caplog.text
+        assert f"gone: memory://{prefix}/{names()[2]}" in caplog.text and "keeps the 3 files" in caplog.text
+        with pytest.raises(ValueError, match=r"resolved from data.raw=.*but data.raw is now"):
+            recorded_inputs([pattern, "more.parquet"], run_dir)
+    finally:
+        memory.rm(prefix, recursive=True)
