@@ -7,6 +7,7 @@ permanent failure, and ``prepare`` from URLs must write the bytes it writes from
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import fsspec
@@ -149,6 +150,26 @@ def test_prepare_from_urls_writes_the_local_bytes(corpus, server, tmp_path):
         return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.tar"))}
 
     assert shards(tmp_path / "remote") == shards(tmp_path / "local") != {}
+    remote_sources = json.loads((tmp_path / "remote" / "manifest.json").read_text())["sources"]
+    assert [sorted(s) for s in remote_sources] == [["path", "signature", "size"]] * 3
+    assert [s["size"] for s in remote_sources] == [(root / n).stat().st_size for n in names()]
+
+
+def test_prepare_downloads_a_remote_file_once(server, tmp_path):
+    """Hashing the whole file for the manifest would download it a second time."""
+    rng = np.random.default_rng(3)
+    docs = [" ".join(rng.choice(WORDS, 50)) for _ in range(6000)]
+    pq.write_table(pa.table({"content": docs}), server.root / "big.parquet", row_group_size=500)
+    size = (server.root / "big.parquet").stat().st_size
+    tokenizer = word_level_tokenizer(WORDS, tmp_path / "tokenizer.json")
+    try:
+        before = server.bytes_sent
+        prepare(expand_inputs([server.url("big.parquet")]), PrepareOptions(
+            tokenizer=tokenizer, out=tmp_path / "out", context_length=64, samples_per_shard=512), progress=False)
+        # Footer and signature reads cost a few 64 KiB blocks; a sha256 would cost the whole file again.
+        assert size > 640 << 10 and server.bytes_sent - before < size + (384 << 10)
+    finally:
+        (server.root / "big.parquet").unlink()
 
 
 def test_a_glob_is_resolved_once_per_run_and_a_resume_keeps_the_recorded_files(corpus, tmp_path, caplog):

@@ -108,9 +108,10 @@ def _listed(patterns: list[str]) -> list[str]:
     return out
 
 
-def open_source(path: str) -> BinaryIO:
-    """A local file or a URL (range requests, see ``remote``) opened for binary reading."""
-    return open_remote(path) if is_remote(path) else open(path, "rb")
+def open_source(path: str, readahead: int | None = None) -> BinaryIO:
+    """A local file or a URL (range requests of at least ``readahead`` bytes, see ``remote``) opened for
+    binary reading."""
+    return open_remote(path, readahead) if is_remote(path) else open(path, "rb")
 
 
 def source_name(path: str) -> str:
@@ -363,7 +364,10 @@ def known_document_count(sources: list[SourceFile]) -> int | None:
 
 
 def file_identity(path: str, chunk_bytes: int = 1 << 20) -> dict[str, Any]:
-    """Path, size and sha256 of an input file, as recorded in the manifest's ``sources``."""
+    """Path, size and sha256 of a local input file, as recorded in the manifest's ``sources``; for a URL
+    its content signature instead of the sha256 (which would download the whole file once more)."""
+    if is_remote(path):
+        return {"path": path, "size": source_size(path), "signature": content_signature(path)}
     h, size = hashlib.sha256(), 0
     with open_source(path) as f:
         while chunk := f.read(chunk_bytes):
@@ -387,7 +391,7 @@ def content_signature(path: str, block: int = SIGNATURE_BLOCK) -> str:
     parquet) every page size of the file is not detected.
     """
     h = hashlib.sha256()
-    with open_source(path) as f:
+    with open_source(path, readahead=block) as f:
         size = f.seek(0, os.SEEK_END)
         f.seek(0)
         h.update(size.to_bytes(8, "little"))
