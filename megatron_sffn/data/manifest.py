@@ -227,8 +227,8 @@ def manifest_from_dict(raw: Any, file: Path | None = None) -> Manifest:
         identity = {key: check.value(src, key, str, prefix) for key in ("sha256", "signature") if key in src}
         if len(identity) != 1:
             check.fail(f"sources[{i}]", "must have exactly one of sha256 (a local file) or signature (a URL)")
-        sources.append(SourceInfo(path=check.value(src, "path", str, prefix), size=check.value(src, "size", int, prefix),
-                                  **identity))  # fmt: skip
+        path, size = check.value(src, "path", str, prefix), check.value(src, "size", int, prefix)
+        sources.append(SourceInfo(path=path, size=size, **identity))
     return Manifest(
         format=fmt,
         context_length=context,

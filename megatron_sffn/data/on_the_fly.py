@@ -309,7 +309,8 @@ class TextSource:
             epoch, slot = epoch + 1, 0
 
 
-def file_records(settings: TextSettings, source: SourceFile, first_document: int = 0) -> Iterator[tuple[int, Record | BadFile]]:
+def file_records(settings: TextSettings, source: SourceFile,
+                 first_document: int = 0) -> Iterator[tuple[int, Record | BadFile]]:
     """``numbered_records`` of one file; a file that cannot be read (on) raises unless ``skip_bad_files``,
     and then ends with one ``BadFile`` (numbered -1)."""
     try:
