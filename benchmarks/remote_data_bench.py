@@ -36,14 +36,15 @@ from megatron_sffn.data.text_sources import expand_inputs, iter_documents  # noq
 from megatron_sffn.data.tokenizer import load_tokenizer  # noqa: E402
 
 
-def parquet_corpus(root: Path, documents: int, row_group: int) -> list[Path]:
-    jsonl = synthetic_corpus(root / "jsonl", documents)
+def parquet_corpus(root: Path, documents: int, row_group: int, files: int) -> list[Path]:
+    """The synthetic documents in ``files`` parquet files of consecutive documents."""
+    texts = [doc.text for doc in iter_documents(synthetic_corpus(root / "jsonl", documents))]
+    (root / "parquet").mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, source in enumerate(jsonl):
+    for i in range(files):
         path = root / "parquet" / f"part-{i}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        texts = [doc.text for doc in iter_documents([source])]
-        pq.write_table(pa.table({"content": texts}), path, row_group_size=row_group)
+        part = texts[i * len(texts) // files:(i + 1) * len(texts) // files]
+        pq.write_table(pa.table({"content": part}), path, row_group_size=row_group)
         paths.append(path)
     return paths
 
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--row-group", type=int, default=128, help="parquet rows per row group")
     parser.add_argument("--context-length", type=int, default=1024)
     parser.add_argument("--lanes", type=int, default=4)
+    parser.add_argument("--files", type=int, default=4,
+                        help="parquet files; with fewer files than lanes several lanes download each file")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--micro-batch-size", type=int, default=4)
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
-        files = parquet_corpus(scratch, args.documents, args.row_group)
+        files = parquet_corpus(scratch, args.documents, args.row_group, args.files)
         sources = expand_inputs([str(p) for p in files])
         tokenizer = str(train_tokenizer(sources, 4096, scratch / "tokenizer.json", progress=False))
         corpus_bytes = sum(p.stat().st_size for p in files)
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     local, http = (statistics.median(results[c]) for c in results)
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
-    print(f"\nRaw-mode loader, one reader (= one worker), context {args.context_length}, {os.cpu_count()} CPUs, "
+    print(f"\nRaw-mode loader, one reader (= one worker), {args.files} files, {args.lanes} lanes, "
+          f"context {args.context_length}, {os.cpu_count()} CPUs, "
           f"load average {' '.join(load)}\n")
     print("| input | tokens/s per worker (median of %d) | vs local files |" % args.repeats)
     print("|---|---:|---:|")

@@ -107,17 +107,18 @@ def prepare(sources: list[SourceFile], options: PrepareOptions, progress: bool =
         manifest = _confirm_finished(out, settings, source_ids, identity)
         store.clear()  # left behind only if the run stopped right after writing the manifest
         return PrepareResult(manifest, True, 0, 0, time.perf_counter() - start)
-    if next(iter_documents(sources, options.text_key, options.bad_documents, metadata=False), None) is None:
+    # Skipped documents are counted from the first file on, also when resuming.
+    skipped = SkippedDocuments()
+    documents = iter_documents(sources, options.text_key, options.bad_documents, skipped, metadata=False)
+    first = next(documents, None)  # read once: a remote file is not downloaded again to tokenize it
+    if first is None:
         raise ValueError(f"the corpus is empty: {', '.join(s.path for s in sources)} hold no documents")
 
     fingerprint = hashlib.sha256(
         json.dumps({"settings": settings, "sources": source_ids, "tokenizer": identity}, sort_keys=True).encode()
     ).hexdigest()
     writer = _SplitWriter(out, store, fingerprint, options, tokenizer.eos_id, token_dtype_for_vocab(tokenizer.vocab_size))
-    # Skipped documents are counted from the first file on, also when resuming.
-    skipped = SkippedDocuments()
-    documents = iter_documents(sources, options.text_key, options.bad_documents, skipped, metadata=False)
-    docs = itertools.islice(documents, writer.state.documents_done, None)
+    docs = itertools.islice(itertools.chain([first], documents), writer.state.documents_done, None)
     batches = _batched((doc.text for doc in docs), options.batch_documents)
     encoded = encode_batches(batches, tokenizer, options.eos_token, options.validation_fraction, options.seed, options.workers)
     run_docs = run_tokens = 0
@@ -232,7 +233,7 @@ def _confirm_finished(out: Path, settings: dict[str, Any], sources: list[dict[st
         name
         for name, mine, theirs in (
             ("settings", settings, manifest.settings),
-            ("sources", sources, [asdict(s) for s in manifest.sources]),
+            ("sources", [SourceInfo(**s) for s in sources], manifest.sources),
             ("tokenizer", identity, asdict(manifest.tokenizer)),
         )
         if mine != theirs

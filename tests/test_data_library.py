@@ -297,6 +297,8 @@ def test_manifest_round_trips_and_names_shards_relative_to_itself(tmp_path: Path
         (lambda r: r["splits"]["validation"].update(samples=4), r"key 'splits.validation.samples' is 4, expected the sum"),
         (lambda r: r["splits"].pop("validation"), r"key 'splits.validation' is missing"),
         (lambda r: r.update(token_dtype="int8"), r"key 'token_dtype' is 'int8'"),
+        (lambda r: r.update(sources=[{"path": "https://x/a.parquet", "size": 1}]),
+         r"key 'sources\[0\]' must have exactly one of sha256 \(a local file\) or signature \(a URL\)"),
     ],
 )
 def test_invalid_manifest_names_file_and_key(tmp_path: Path, edit, message: str) -> None:

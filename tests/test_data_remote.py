@@ -7,6 +7,10 @@ permanent failure, and ``prepare`` from URLs must write the bytes it writes from
 
 from __future__ import annotations
 
+import json
+import shutil
+
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,6 +21,7 @@ from test_loader_on_the_fly import full_rows, stream
 
 from data_tools.prepare import PrepareOptions, prepare
 from megatron_sffn.data import remote
+from megatron_sffn.data.input_list import INPUT_LIST_FILE, record_inputs, recorded_inputs
 from megatron_sffn.data.on_the_fly import build_text_train_loader
 from megatron_sffn.data.text_sources import SourceError, expand_inputs, numbered_records
 from tests.workers.train_checks import word_level_tokenizer
@@ -107,6 +112,31 @@ def test_permanent_failures_name_the_url(corpus, server):
         list(numbered_records(expand_inputs([server.url(names()[0])])[0]))
 
 
+def test_skip_mode_leaves_out_an_unreadable_file_and_counts_it_at_any_layout(corpus, server, tmp_path, caplog):
+    root, tokenizer = corpus
+    files = [*names(), "part-9.parquet"]  # the server has no part-9: HTTP 404
+    for name in names():
+        shutil.copy(root / name, tmp_path / name)
+    pq.write_table(pa.table({"content": pa.array([], pa.string())}), tmp_path / "part-9.parquet")
+    # Reference: the same files with part-9 holding no documents.
+    expected = stream(loader([str(tmp_path / n) for n in files], tokenizer, lanes=2, micro_batch_size=1), 240)
+
+    def build(**layout):
+        return loader([server.url(n) for n in files], tokenizer, lanes=2, skip_bad_files=True, **layout)
+
+    whole = build(micro_batch_size=1)
+    assert stream(whole, 240) == expected
+    counted = whole.state_dict()["stats"]
+    missing = server.url("part-9.parquet")
+    assert list(counted["bad_shards"]) == [missing] and "HTTP 404" in counted["bad_shards"][missing]
+    assert counted["bad_shard_reads"] >= 2  # once per lane-epoch reading it: 240 samples pass an epoch
+    assert "skipping unreadable file" in caplog.text and missing in caplog.text
+
+    seen, states = run_chain([(1, 0, 5, 20), (2, 1, 3, 10), (1, 2, 4, 20)], build, stream)
+    assert seen == expected[: len(seen)] and len(seen) == 240
+    assert states[-1]["stats"]["bad_shard_reads"] == counted["bad_shard_reads"]
+
+
 def test_prepare_from_urls_writes_the_local_bytes(corpus, server, tmp_path):
     root, tokenizer = corpus
     options = dict(tokenizer=tokenizer, context_length=CONTEXT, samples_per_shard=16, validation_fraction=0.1)
@@ -120,3 +150,48 @@ def test_prepare_from_urls_writes_the_local_bytes(corpus, server, tmp_path):
         return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.tar"))}
 
     assert shards(tmp_path / "remote") == shards(tmp_path / "local") != {}
+    remote_sources = json.loads((tmp_path / "remote" / "manifest.json").read_text())["sources"]
+    assert [sorted(s) for s in remote_sources] == [["path", "signature", "size"]] * 3
+    assert [s["size"] for s in remote_sources] == [(root / n).stat().st_size for n in names()]
+
+
+def test_prepare_downloads_a_remote_file_once(server, tmp_path):
+    """Hashing the whole file for the manifest would download it a second time."""
+    rng = np.random.default_rng(3)
+    docs = [" ".join(rng.choice(WORDS, 50)) for _ in range(6000)]
+    pq.write_table(pa.table({"content": docs}), server.root / "big.parquet", row_group_size=500)
+    size = (server.root / "big.parquet").stat().st_size
+    tokenizer = word_level_tokenizer(WORDS, tmp_path / "tokenizer.json")
+    try:
+        before = server.bytes_sent
+        prepare(expand_inputs([server.url("big.parquet")]), PrepareOptions(
+            tokenizer=tokenizer, out=tmp_path / "out", context_length=64, samples_per_shard=512), progress=False)
+        # Footer and signature reads cost a few 64 KiB blocks; a sha256 would cost the whole file again.
+        assert size > 640 << 10 and server.bytes_sent - before < size + (384 << 10)
+    finally:
+        (server.root / "big.parquet").unlink()
+
+
+def test_a_glob_is_resolved_once_per_run_and_a_resume_keeps_the_recorded_files(corpus, tmp_path, caplog):
+    """Any fsspec filesystem (here the in-memory one) is globbed, read, and its listing pinned to the run."""
+    root, tokenizer = corpus
+    memory, prefix = fsspec.filesystem("memory"), f"/{tmp_path.name}"
+    for name in names():
+        memory.pipe(f"{prefix}/{name}", (root / name).read_bytes())
+    pattern, run_dir = f"memory://{prefix}/*.parquet", tmp_path / "run"
+    try:
+        files = record_inputs([pattern], run_dir)
+        assert [f.path for f in files] == [f"memory://{prefix}/{n}" for n in names()]
+        assert (run_dir / INPUT_LIST_FILE).is_file()
+        local = stream(loader([str(root / n) for n in names()], tokenizer, micro_batch_size=1), 40)
+        assert stream(loader(files, tokenizer, micro_batch_size=1), 40) == local
+
+        memory.pipe(f"{prefix}/part-00.parquet", (root / names()[0]).read_bytes())  # the listing changes
+        memory.rm(f"{prefix}/{names()[2]}")
+        assert record_inputs([pattern], run_dir) == files == recorded_inputs([pattern], run_dir)
+        assert "now resolves to 3 files (new: memory:///" in caplog.text and "part-00.parquet" in caplog.text
+        assert f"gone: memory://{prefix}/{names()[2]}" in caplog.text and "keeps the 3 files" in caplog.text
+        with pytest.raises(ValueError, match=r"resolved from data.raw=.*but data.raw is now"):
+            recorded_inputs([pattern, "more.parquet"], run_dir)
+    finally:
+        memory.rm(prefix, recursive=True)

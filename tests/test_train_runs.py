@@ -9,8 +9,9 @@ Every claim is checked against an independent run rather than a stored number:
   continues the killed run's own trajectory;
 * NaN steps are skipped without touching the weights, and a streak stops the run;
 * activation recomputation does not change the losses;
-* a raw-text run at DP=2 pre-empted and resumed at DP=2 and at DP=1 reads exactly the
-  uninterrupted stream, and its saved skip counters are the sum over ranks.
+* a raw-text run at DP=2 pre-empted and resumed at DP=2 and at DP=1 (its glob now matching
+  one more file) reads exactly the uninterrupted stream, and its saved skip counters are the
+  sum over ranks.
 
 Runs are tiny (4 layers, hidden 64, sequence 16) and use the step trace
 (``SFFN_STEP_TRACE``) for exact per-step losses and token digests.
@@ -261,12 +262,14 @@ def test_raw_text_run_resumes_at_dp2_and_dp1_exactly_with_skip_counters_summed(t
     the losses an uninterrupted DP=1 run; every saved skip counter must equal the DP=1 loader's.
     """
     files, tokenizer = write_text_corpus(tmp_path / "corpus")
-    data = {"path": None, "raw": files, "tokenizer": tokenizer, "lanes": 4, "bad_documents": "skip"}
+    glob = str(tmp_path / "corpus" / "part-*.jsonl")  # resolved at the first start, recorded in the run dir
+    data = {"path": None, "raw": [glob], "tokenizer": tokenizer, "lanes": 4, "bad_documents": "skip"}
     sections = {"data": data, "training": {"train_steps": STEPS}, "checkpoint": {"save_interval": 4}}
     reference, _ = _trained(tmp_path, tmp_path, "ref", **sections)
     stopped, out = _trained(tmp_path, tmp_path, "run", nproc=2, env_faults={"SFFN_FAULT_SIGNAL_AT_STEP": "4"},
                             **sections)  # fmt: skip
     assert "stopped by SIGTERM after step 4" in out
+    shutil.copy(files[0], tmp_path / "corpus" / "part-2.jsonl")  # the glob matches more now; resumes keep the list
     for resumed, nproc in (("dp2", 2), ("dp1", 1)):
         shutil.copytree(tmp_path / "run", tmp_path / resumed)
         shutil.copytree(stopped, tmp_path / f"{resumed}.trace")

@@ -49,6 +49,8 @@ class DataConfig:
     tokenizer: str | None = None
     seed: int = 1234
     num_workers: int = 1
+    # mask and count a shard that fails to read; in raw mode leave out and count a file that cannot be
+    # read (a remote one failing for good, a damaged parquet file) instead of stopping
     skip_bad_shards: bool = False
     # raw only: "error" stops at an unreadable document (naming file and row), "skip" leaves it out and counts it
     bad_documents: str = "error"

@@ -66,9 +66,14 @@ class SplitInfo:
 
 @dataclass(frozen=True)
 class SourceInfo:
+    """An input file of the dataset: a local file by the sha256 of its bytes; a URL by its content
+    signature (``text_sources.content_signature``: size, first and last 64 KiB, parquet footer), so
+    that ``prepare`` downloads a remote file once, to tokenize it, and not a second time to hash it."""
+
     path: str
     size: int
-    sha256: str
+    sha256: str | None = None
+    signature: str | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("location")
+        out["sources"] = [{k: v for k, v in source.items() if v is not None} for source in out["sources"]]
         out["sample_length"] = self.sample_length
         return out
 
@@ -218,13 +224,11 @@ def manifest_from_dict(raw: Any, file: Path | None = None) -> Manifest:
     for i, src in enumerate(check.value(obj, "sources", list)):
         src = check.mapping(src, f"sources[{i}]")
         prefix = f"sources[{i}]."
-        sources.append(
-            SourceInfo(
-                path=check.value(src, "path", str, prefix),
-                size=check.value(src, "size", int, prefix),
-                sha256=check.value(src, "sha256", str, prefix),
-            )
-        )
+        identity = {key: check.value(src, key, str, prefix) for key in ("sha256", "signature") if key in src}
+        if len(identity) != 1:
+            check.fail(f"sources[{i}]", "must have exactly one of sha256 (a local file) or signature (a URL)")
+        path, size = check.value(src, "path", str, prefix), check.value(src, "size", int, prefix)
+        sources.append(SourceInfo(path=path, size=size, **identity))
     return Manifest(
         format=fmt,
         context_length=context,

@@ -37,7 +37,12 @@ restart re-reads the held-out and bad documents in between.
 Bad documents (see ``text_sources``) stop the stream, or with
 ``bad_documents="skip"`` are left out and counted: each with the sample that
 holds the first token of the lane's next training document, so the count
-is exact across restarts (``LoaderStats.skipped_documents``).  Every rank
+is exact across restarts (``LoaderStats.skipped_documents``).  A file that
+cannot be read (a remote one failing for good: 404, 401/403, retries
+exhausted; a damaged parquet file) stops the stream naming it, or with
+``skip_bad_files`` its documents (from the point of failure on) are left out
+of every lane that reads it, and each such lane-epoch is counted like a bad
+shard (``LoaderStats.bad_shards`` / ``bad_shard_reads``) in the same way.  Every rank
 holds the state of its own lanes only: to resume at another data-parallel
 size, gather the states of all ranks and combine them with
 ``streaming.merge_states``.
@@ -52,6 +57,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from collections import deque
@@ -65,20 +71,24 @@ from .order import UNIT_ORDER_TAG, WINDOW_ORDER_TAG, ReaderSlot, permutation
 from .packing import TokenPacker, is_validation
 from .streaming import Row, StreamLayout, TrainStream
 from .text_sources import (
+    FILE_SKIP_HINT,
     SKIP_HINT,
+    UNREADABLE_FILE_ERRORS,
     BadDocument,
+    Document,
+    Record,
     SourceError,
     SourceFile,
     check_bad_documents_mode,
     content_signature,
     expand_inputs,
-    iter_documents,
     numbered_records,
     source_name,
 )
 from .tokenizer import Tokenizer, load_tokenizer
 from .validation import ArrayRows, ValidationLoader
 
+log = logging.getLogger(__name__)
 DEFAULT_SHUFFLE_WINDOW = 64
 DEFAULT_BATCH_DOCUMENTS = 16
 
@@ -110,6 +120,7 @@ class TextSettings:
     shuffle_window: int = DEFAULT_SHUFFLE_WINDOW
     batch_documents: int = DEFAULT_BATCH_DOCUMENTS
     bad_documents: str = "error"  # or "skip" (counted in the loader's stats)
+    skip_bad_files: bool = False  # leave out (and count) files that cannot be read instead of stopping
 
     def __post_init__(self) -> None:
         check_bad_documents_mode(self.bad_documents)
@@ -142,6 +153,19 @@ def _tokenizer(settings: TextSettings) -> Tokenizer:
     return _TOKENIZERS[key]
 
 
+class Skipped(NamedTuple):
+    """A bad document (``file`` None) or an unreadable file left out of a lane's stream, and why."""
+
+    error: str
+    file: str | None = None
+
+
+class BadFile(NamedTuple):
+    """The record in place of the rest of a file that cannot be read (``skip_bad_files``)."""
+
+    error: str
+
+
 class _Unit(NamedTuple):
     file: int
     stride: int
@@ -154,7 +178,7 @@ class LaneDocument(NamedTuple):
     cursor: Cursor  # resume point that reads this document on, from token ``cursor.offset``
     at: Cursor  # where the document itself is: its epoch, unit slot and number in its file
     text: str
-    skipped: list[str]  # errors of the lane's bad documents read since its previous training document
+    skipped: list[Skipped]  # bad documents and files met since the lane's previous training document
 
 
 class _Span:
@@ -162,7 +186,7 @@ class _Span:
 
     __slots__ = ("cursor", "left", "after", "skipped")
 
-    def __init__(self, cursor: Cursor, left: int, after: Cursor, skipped: list[str]) -> None:
+    def __init__(self, cursor: Cursor, left: int, after: Cursor, skipped: list[Skipped]) -> None:
         self.cursor, self.left, self.after, self.skipped = cursor, left, after, skipped
 
 
@@ -220,11 +244,10 @@ class TextSource:
             for i in order[skip:]:
                 count += 1
                 state = {"count": count, "window_start": list(start), "window_end": list(window_end)}
-                skipped = batch[i][2]
-                yield Row(batch[i][0], True, lane, cursor=state, event={"skipped_documents": skipped} if skipped else None)
+                yield Row(batch[i][0], True, lane, cursor=state, event=_skip_event(batch[i][2]))
             start, skip, window = window_end, 0, window + 1
 
-    def _lane_samples(self, lane: int, start: Cursor) -> Iterator[tuple[np.ndarray, Cursor, list[str]]]:
+    def _lane_samples(self, lane: int, start: Cursor) -> Iterator[tuple[np.ndarray, Cursor, list[Skipped]]]:
         """The lane's samples in stream order from ``start``, each with the cursor just after it and the
         bad documents counted with it."""
         length = self.sample_length
@@ -253,20 +276,21 @@ class TextSource:
         """The lane's training documents from ``start`` on, endlessly, epoch after epoch."""
         epoch, slot, first_doc, offset = start
         resume = start  # just after the previous training document
-        skipped: list[str] = []
+        skipped: list[Skipped] = []
         while True:
             found = False
             units = self.lane_units(lane, epoch)
             for slot in range(slot, len(units)):
                 unit = units[slot]
                 source = self.settings.files[unit.file]
-                for number, record in numbered_records(source, self.settings.text_key, first_doc):
+                for number, record in file_records(self.settings, source, first_doc):
+                    if isinstance(record, BadFile):
+                        skipped.append(Skipped(record.error, source.path))
+                        continue
                     if number < first_doc or number % unit.stride != unit.phase:
                         continue
                     if isinstance(record, BadDocument):
-                        if self.settings.bad_documents == "error":
-                            raise SourceError(f"{record.error}; {SKIP_HINT}")
-                        skipped.append(record.error)
+                        skipped.append(Skipped(_bad_document(self.settings, record)))
                         continue
                     if self.settings.is_held_out(record.text):
                         continue
@@ -285,7 +309,34 @@ class TextSource:
             epoch, slot = epoch + 1, 0
 
 
-def _advance(spans: deque[_Span], tokens: int) -> tuple[Cursor, list[str]]:
+def file_records(settings: TextSettings, source: SourceFile,
+                 first_document: int = 0) -> Iterator[tuple[int, Record | BadFile]]:
+    """``numbered_records`` of one file; a file that cannot be read (on) raises unless ``skip_bad_files``,
+    and then ends with one ``BadFile`` (numbered -1)."""
+    try:
+        yield from numbered_records(source, settings.text_key, first_document)
+    except UNREADABLE_FILE_ERRORS as exc:
+        if not settings.skip_bad_files:
+            raise SourceError(f"{exc}; {FILE_SKIP_HINT}") from exc
+        yield -1, BadFile(str(exc))
+
+
+def _bad_document(settings: TextSettings, record: BadDocument) -> str:
+    """The error of a bad document to skip; it stops the stream unless ``bad_documents="skip"``."""
+    if settings.bad_documents == "error":
+        raise SourceError(f"{record.error}; {SKIP_HINT}")
+    return record.error
+
+
+def _skip_event(skipped: list[Skipped]) -> dict[str, Any] | None:
+    """The loader event counting what a sample's lane left out (see ``LoaderStats.record``)."""
+    if not skipped:
+        return None
+    return {"skipped_documents": [s.error for s in skipped if s.file is None],
+            "bad_files": [[s.file, s.error] for s in skipped if s.file is not None]}
+
+
+def _advance(spans: deque[_Span], tokens: int) -> tuple[Cursor, list[Skipped]]:
     """Consume ``tokens`` from the pending documents: the cursor of the next token to come, and the
     skipped documents counted with this sample (those before each document it starts)."""
     last, skipped = None, []
@@ -333,6 +384,7 @@ def build_text_train_loader(
     shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
     batch_documents: int = DEFAULT_BATCH_DOCUMENTS,
     bad_documents: str = "error",
+    skip_bad_files: bool = False,
     prefetch_factor: int = 2,
     pin_memory: bool = False,
 ) -> TrainStream:
@@ -340,12 +392,13 @@ def build_text_train_loader(
 
     ``validation_fraction`` and ``split_seed`` hold out the same documents as
     ``prepare`` does with ``--validation-fraction`` / ``--seed``;
-    ``bad_documents`` is ``prepare``'s ``--bad-documents``.
+    ``bad_documents`` is ``prepare``'s ``--bad-documents``; ``skip_bad_files``
+    leaves out and counts files that cannot be read (``data.skip_bad_shards``).
     """
     settings = text_settings(files, tokenizer, context_length, text_key=text_key, eos_token=eos_token,
                              validation_fraction=validation_fraction, split_seed=split_seed,
                              shuffle_window=shuffle_window, batch_documents=batch_documents,
-                             bad_documents=bad_documents)
+                             bad_documents=bad_documents, skip_bad_files=skip_bad_files)
     layout = StreamLayout(micro_batch_size, dp_rank, dp_size, num_workers, prefetch_factor, pin_memory)
     identity = {"source": "text", "seed": seed, "data": _fingerprint(settings)}
     return TrainStream(TextSource(settings, seed, lanes), layout, identity, lanes,
@@ -365,16 +418,17 @@ def build_text_validation_loader(
     validation_fraction: float = 0.005,
     split_seed: int = 0,
     bad_documents: str = "error",
+    skip_bad_files: bool = False,
     batches_multiple_of: int = 1,
     pin_memory: bool = False,
 ) -> ValidationLoader:
     """The held-out documents of the files, packed as ``prepare`` packs its validation split.
 
-    Skipped bad documents are counted by the training stream, which reads every file too.
+    Skipped bad documents and files are counted by the training stream, which reads every file too.
     """
     settings = text_settings(files, tokenizer, context_length, text_key=text_key, eos_token=eos_token,
                              validation_fraction=validation_fraction, split_seed=split_seed,
-                             bad_documents=bad_documents)
+                             bad_documents=bad_documents, skip_bad_files=skip_bad_files)
     layout = StreamLayout(micro_batch_size, dp_rank, dp_size, 0, 2, pin_memory)
     return ValidationLoader(ArrayRows(held_out_samples(settings)), layout, batches_multiple_of)
 
@@ -384,8 +438,7 @@ def held_out_samples(settings: TextSettings) -> np.ndarray:
     (the trailing partial sample is dropped, as ``prepare`` does)."""
     tokenizer = _tokenizer(settings)
     packer = TokenPacker(settings.sample_length, tokenizer.eos_id)
-    documents = iter_documents(list(settings.files), settings.text_key, settings.bad_documents, metadata=False)
-    texts = (doc.text for doc in documents if settings.is_held_out(doc.text))
+    texts = _held_out_texts(settings)
     while batch := list(islice(texts, settings.batch_documents)):
         for ids in tokenizer.encode_batch(batch):
             packer.add_document(ids)
@@ -393,11 +446,20 @@ def held_out_samples(settings: TextSettings) -> np.ndarray:
     return samples
 
 
+def _held_out_texts(settings: TextSettings) -> Iterator[str]:
+    for source in settings.files:
+        for _, record in file_records(settings, source):
+            if isinstance(record, BadDocument):
+                _bad_document(settings, record)
+            elif isinstance(record, Document) and settings.is_held_out(record.text):
+                yield record.text
+
+
 def _fingerprint(settings: TextSettings) -> str:
     """Identifies what decides the stream: file names and content signatures, tokenizer definition,
     packing and split."""
     described = {
-        "files": [[source_name(f.path), content_signature(f.path)] for f in settings.files],
+        "files": [[source_name(f.path), _signature(settings, f)] for f in settings.files],
         "tokenizer": _tokenizer(settings).sha256,
         "context_length": settings.context_length,
         "text_key": settings.text_key,
@@ -405,3 +467,15 @@ def _fingerprint(settings: TextSettings) -> str:
         "shuffle_window": settings.shuffle_window,
     }
     return hashlib.sha256(json.dumps(described).encode()).hexdigest()[:16]
+
+
+def _signature(settings: TextSettings, source: SourceFile) -> str:
+    """The file's content signature; with ``skip_bad_files`` an unreadable file is named as such (a resume
+    after it became readable again would read other documents, so its fingerprint differs)."""
+    try:
+        return content_signature(source.path)
+    except UNREADABLE_FILE_ERRORS as exc:
+        if not settings.skip_bad_files:
+            raise SourceError(f"{exc}; {FILE_SKIP_HINT}") from exc
+        log.warning("cannot read %s, its documents are left out (data.skip_bad_shards): %s", source.path, exc)
+        return "unreadable"

@@ -89,11 +89,11 @@ def glob_remote(pattern: str) -> list[str]:
     ``http(s)`` URL is taken literally (HTTP has no listing)."""
     if urllib.parse.urlsplit(pattern).scheme in ("http", "https") or not any(c in pattern for c in "*?["):
         return [pattern]
-    import fsspec
+    from fsspec.core import url_to_fs
 
-    fs, _, paths = fsspec.get_fs_token_paths(pattern)
+    fs, path = url_to_fs(pattern)  # the pattern itself (get_fs_token_paths would expand it already)
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    return sorted(f"{protocol}://{p}" for p in fs.glob(paths[0]))
+    return sorted(f"{protocol}://{p}" for p in fs.glob(path))
 
 
 class HttpRangeFile(io.RawIOBase):

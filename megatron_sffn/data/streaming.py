@@ -200,8 +200,8 @@ class LoaderStats:
     """
 
     masked_samples: int = 0  # stand-in rows handed to the trainer
-    bad_shard_reads: int = 0  # failed shard reads (a shard can be read by several lanes)
-    bad_shards: dict[str, str] = field(default_factory=dict)  # shard -> first error seen
+    bad_shard_reads: int = 0  # failed shard or raw-file reads (one can be read by several lanes)
+    bad_shards: dict[str, str] = field(default_factory=dict)  # shard or raw file -> first error seen
     skipped_documents: int = 0  # unreadable raw-text documents left out (each epoch counts again)
 
     def record(self, events: list[dict[str, Any] | None]) -> None:
@@ -214,10 +214,15 @@ class LoaderStats:
                     more = "; further ones are only counted" if self.skipped_documents == LOGGED_DOCUMENTS else ""
                     log.warning("skipping bad document: %s%s", error, more)
             if "shard" in event:
-                self.bad_shard_reads += 1
-                if event["shard"] not in self.bad_shards:
-                    self.bad_shards[event["shard"]] = event["error"]
-                    log.warning("skipping bad shard (its samples are masked out): %s", event["error"])
+                self._bad_read(event["shard"], event["error"], "bad shard (its samples are masked out)")
+            for path, error in event.get("bad_files", ()):
+                self._bad_read(path, error, "unreadable file (its documents are left out)")
+
+    def _bad_read(self, name: str, error: str, what: str) -> None:
+        self.bad_shard_reads += 1
+        if name not in self.bad_shards:
+            self.bad_shards[name] = error
+            log.warning("skipping %s: %s", what, error)
 
     def add(self, other: "LoaderStats") -> None:
         self.masked_samples += other.masked_samples

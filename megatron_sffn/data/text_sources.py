@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
 
-from .remote import glob_remote, is_remote, open_remote, url_name
+from .remote import RemoteReadError, glob_remote, is_remote, open_remote, url_name
 
 PARQUET_TEXT_COLUMN = "content"
 PARQUET_METADATA_COLUMNS = ("url", "timestamp", "dump", "segment")
@@ -28,6 +28,7 @@ _PARQUET_SUFFIXES = (".parquet",)
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 BAD_DOCUMENT_MODES = ("error", "skip")
 SKIP_HINT = "to skip and count such documents use --bad-documents skip (data.bad_documents=skip in raw mode)"
+FILE_SKIP_HINT = "to leave out and count files that cannot be read use data.skip_bad_shards=true"
 SIGNATURE_BLOCK = 1 << 16
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,15 @@ Record = Document | BadDocument
 
 class SourceError(ValueError):
     """Unreadable input; the message names the file and the row or line."""
+
+
+class UnreadableFile(SourceError):
+    """A whole file (or the rest of it) cannot be read: it cannot be opened, is not parquet, or its
+    data or the network fails for good; a schema that does not fit is a plain ``SourceError``."""
+
+
+# What a reader raises when a file cannot be read (on): a remote failure mid-read surfaces as it is.
+UNREADABLE_FILE_ERRORS = (UnreadableFile, RemoteReadError)
 
 
 @dataclass(frozen=True)
@@ -98,9 +108,10 @@ def _listed(patterns: list[str]) -> list[str]:
     return out
 
 
-def open_source(path: str) -> BinaryIO:
-    """A local file or a URL (range requests, see ``remote``) opened for binary reading."""
-    return open_remote(path) if is_remote(path) else open(path, "rb")
+def open_source(path: str, readahead: int | None = None) -> BinaryIO:
+    """A local file or a URL (range requests of at least ``readahead`` bytes, see ``remote``) opened for
+    binary reading."""
+    return open_remote(path, readahead) if is_remote(path) else open(path, "rb")
 
 
 def source_name(path: str) -> str:
@@ -207,7 +218,7 @@ def iter_parquet(path: str, text_column: str = PARQUET_TEXT_COLUMN, batch_rows: 
     try:
         f = open_remote(path)
     except OSError as exc:
-        raise SourceError(f"{path}: cannot open ({exc})") from exc
+        raise UnreadableFile(f"{path}: cannot open ({exc})") from exc
     with f:
         yield from _parquet_records(f, path, text_column, batch_rows, metadata, first_row)
 
@@ -220,7 +231,7 @@ def _parquet_records(f: str | BinaryIO, path: str, text_column: str, batch_rows:
     try:
         pf = pq.ParquetFile(f)
     except (pa.ArrowException, OSError) as exc:
-        raise SourceError(f"{path}: not a readable parquet file ({exc})") from exc
+        raise UnreadableFile(f"{path}: not a readable parquet file ({exc})") from exc
     schema = pf.schema_arrow
     if text_column not in schema.names:
         raise SourceError(
@@ -241,7 +252,7 @@ def _parquet_records(f: str | BinaryIO, path: str, text_column: str, batch_rows:
         try:
             batch = next(batches, None)
         except (pa.ArrowException, OSError) as exc:
-            raise SourceError(f"{path}: unreadable parquet data after row {row} ({exc})") from exc
+            raise UnreadableFile(f"{path}: unreadable parquet data after row {row} ({exc})") from exc
         if batch is None:
             break
         texts = _column_values(batch.column(0), lambda raw: raw)
@@ -353,7 +364,10 @@ def known_document_count(sources: list[SourceFile]) -> int | None:
 
 
 def file_identity(path: str, chunk_bytes: int = 1 << 20) -> dict[str, Any]:
-    """Path, size and sha256 of an input file, as recorded in the manifest's ``sources``."""
+    """Path, size and sha256 of a local input file, as recorded in the manifest's ``sources``; for a URL
+    its content signature instead of the sha256 (which would download the whole file once more)."""
+    if is_remote(path):
+        return {"path": path, "size": source_size(path), "signature": content_signature(path)}
     h, size = hashlib.sha256(), 0
     with open_source(path) as f:
         while chunk := f.read(chunk_bytes):
@@ -377,7 +391,7 @@ def content_signature(path: str, block: int = SIGNATURE_BLOCK) -> str:
     parquet) every page size of the file is not detected.
     """
     h = hashlib.sha256()
-    with open_source(path) as f:
+    with open_source(path, readahead=block) as f:
         size = f.seek(0, os.SEEK_END)
         f.seek(0)
         h.update(size.to_bytes(8, "little"))

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config.train import TrainConfig
+from ..data.input_list import record_inputs, recorded_inputs
 from ..data.loader import build_train_loader, build_validation_loader, open_dataset
 from ..data.manifest import Manifest
 from ..data.on_the_fly import build_text_train_loader, build_text_validation_loader
 from ..data.streaming import TrainStream, merge_states
-from ..data.text_sources import expand_inputs
+from ..data.text_sources import SourceFile
 from ..data.tokenizer import load_tokenizer
 from ..data.validation import ValidationLoader
 
@@ -35,6 +36,19 @@ def _check_vocab(config: TrainConfig, vocab_size: int, where: str) -> None:
         )
 
 
+def record_run_inputs(config: TrainConfig) -> None:
+    """At a raw-mode run's first start write its resolved file list into the run directory; at a resume
+    report how a fresh listing differs from it (rank 0 only, before the other ranks read it)."""
+    if config.data.raw is not None:
+        record_inputs(config.data.raw, config.run_dir)
+
+
+def raw_sources(config: TrainConfig) -> list[SourceFile]:
+    """The raw files of the run: those recorded in its run directory at its first start (see ``input_list``)."""
+    assert config.data.raw is not None
+    return recorded_inputs(config.data.raw, config.run_dir)
+
+
 def check_dataset(config: TrainConfig) -> Manifest | None:
     """Open the data source and check it fits the model; cheap, so it runs before any heavy set-up.
 
@@ -44,7 +58,7 @@ def check_dataset(config: TrainConfig) -> Manifest | None:
     """
     data = config.data
     if data.raw is not None:
-        expand_inputs(data.raw)
+        raw_sources(config)
         _check_vocab(config, load_tokenizer(data.tokenizer).vocab_size, f"data.tokenizer={data.tokenizer}")
         return None
     manifest = open_dataset(data.path, data.tokenizer)
@@ -92,9 +106,9 @@ def build_validation(config: TrainConfig, *, dp_rank: int, dp_size: int, micro_b
     data, micro = config.data, config.training.micro_batch_size
     if data.raw is not None:
         return build_text_validation_loader(
-            data.raw, tokenizer=data.tokenizer, context_length=config.model.seq_length, micro_batch_size=micro,
-            dp_rank=dp_rank, dp_size=dp_size, bad_documents=data.bad_documents,
-            batches_multiple_of=micro_batches_per_step,
+            raw_sources(config), tokenizer=data.tokenizer, context_length=config.model.seq_length,
+            micro_batch_size=micro, dp_rank=dp_rank, dp_size=dp_size, bad_documents=data.bad_documents,
+            skip_bad_files=data.skip_bad_shards, batches_multiple_of=micro_batches_per_step,
         )  # fmt: skip
     return build_validation_loader(
         manifest or check_dataset(config), micro_batch_size=micro, dp_rank=dp_rank, dp_size=dp_size,
@@ -110,8 +124,8 @@ def build_run_data(config: TrainConfig, *, dp_rank: int, dp_size: int, micro_bat
                   seed=data.seed, lanes=data.lanes)  # fmt: skip
     if data.raw is not None:
         train = build_text_train_loader(
-            data.raw, tokenizer=data.tokenizer, context_length=config.model.seq_length,
-            bad_documents=data.bad_documents, **common,
+            raw_sources(config), tokenizer=data.tokenizer, context_length=config.model.seq_length,
+            bad_documents=data.bad_documents, skip_bad_files=data.skip_bad_shards, **common,
         )  # fmt: skip
     else:
         train = build_train_loader(

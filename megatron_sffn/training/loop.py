@@ -41,7 +41,7 @@ from .checkpointing import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from .data_setup import RunData, build_run_data
+from .data_setup import RunData, build_run_data, record_run_inputs
 from .evaluation import EvalResult, evaluate
 from .faults import FaultPlan
 from .metrics import MetricsLogger
@@ -99,6 +99,7 @@ class Trainer:
         self.dirs = CheckpointDirs(self.run_dir / CHECKPOINTS_SUBDIR)
         if self.rank == 0:
             save_config(config, self.run_dir / CONFIG_FILE)
+            record_run_inputs(config)  # raw-mode globs resolved once per run; every rank reads the list
             for stale in self.dirs.clean_stale():
                 say(f"removed {stale.name}, left behind by an interrupted save")
         dist.barrier()
