@@ -2,11 +2,9 @@
 
 The FFN is ``fc2(gelu_tanh(fc1(x)))`` with ``fc1: d -> f`` and ``fc2: f -> d``,
 both layers structured alike (one FFN, so the paper's layer-0-dense rule does
-not apply).  BlockShuffle's fc1 keeps its output block-major
-(``interleave_output=False``) as the model builds it: a fixed permutation of
-the hidden units, which leaves the FFN's function class unchanged and saves
-one activation copy each way; ``--interleave-fc1`` measures the paper's
-interleaved order instead.  R and B come from the project's ratio solver with the paper's
+not apply).  BlockShuffle is the paper's FFN: fc1's hidden units in the
+paper's interleaved order, which fc2's block-diagonal first factor reads.
+R and B come from the project's ratio solver with the paper's
 rounding (R a multiple of 256 where possible), BlockDense with B=4 as in the
 paper's m/xl settings.
 
@@ -79,15 +77,12 @@ class Case:
 class FFN(nn.Module):
     """fc1, GELU (tanh approximation, as in the paper), fc2."""
 
-    def __init__(
-        self, case: Case, d: int, f: int, dtype: torch.dtype, device: torch.device, interleave_fc1: bool = False
-    ) -> None:
+    def __init__(self, case: Case, d: int, f: int, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         # Timing does not depend on the values, so every structure uses the cheap
         # normal init instead of its SVD-based default (minutes at d=2048 on a CPU).
         common = dict(rank=case.rank, blocks=case.blocks, init_method="normal", dtype=dtype, device=device)
-        fc1_options = {"interleave_output": interleave_fc1} if case.structure == "blockshuffle" else {}
-        self.fc1 = build_linear(case.structure, d, f, **common, **fc1_options)
+        self.fc1 = build_linear(case.structure, d, f, **common)
         self.fc2 = build_linear(case.structure, f, d, **common)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +161,7 @@ def measure(
     workloads = {}
     for case in cases:
         progress(f"building {case.label}")
-        ffn = FFN(case, args.width, args.ffn_hidden, dtype, device, interleave_fc1=args.interleave_fc1)
+        ffn = FFN(case, args.width, args.ffn_hidden, dtype, device)
         workloads[case] = Workload(ffn, x, grad_out)
     times: dict[Case, dict[str, list[float]]] = {case: {"fwd": [], "fwd_bwd": []} for case in cases}
     rounds = args.warmup + args.repeats
@@ -266,9 +261,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--structures", default=",".join(STRUCTURED), help="comma list; dense is always measured")
     p.add_argument("--ratios", default="0.63,0.32", help="comma list of target FFN parameter ratios")
     p.add_argument("--blockdense-blocks", type=int, default=4, help="B of BlockDense (R is solved)")
-    p.add_argument(
-        "--interleave-fc1", action="store_true", help="BlockShuffle fc1 in the paper's interleaved output order"
-    )
     p.add_argument(
         "--keep-freed-memory", action="store_true", help="glibc malloc reuses freed memory (see the module doc)"
     )

@@ -131,10 +131,6 @@ class TPStructuredLinear(GuideMixin, MegatronModule):
         """The full factors in this class's storage layout, taken from the pure layer."""
         raise NotImplementedError
 
-    def _pure_options(self) -> dict[str, Any]:
-        """Extra keyword arguments of the pure layer (BlockShuffle's output order)."""
-        return {}
-
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         """The structured product on ``(tokens, features)``, bias excluded."""
         raise NotImplementedError
@@ -143,7 +139,7 @@ class TPStructuredLinear(GuideMixin, MegatronModule):
     def _draw_full_factors(self, init: str | None, std: float) -> dict[str, torch.Tensor]:
         pure = build_linear(
             self.kind, self.input_size, self.output_size, rank=self.shape.rank, blocks=self.shape.blocks,
-            bias=False, init_method=init, std=std, **self._pure_options(),
+            bias=False, init_method=init, std=std,
         )  # fmt: skip
         return {name: t.detach() for name, t in self._full_from_pure(pure).items()}
 
@@ -236,9 +232,9 @@ class TPStructuredLinear(GuideMixin, MegatronModule):
         return sharded
 
     def set_extra_state(self, state: Any) -> None:
-        """Nothing to restore; present so checkpoints match megatron's stock linears."""
+        """Nothing to restore here; a structure whose checkpoints need a check overrides this (BlockShuffle)."""
 
-    def get_extra_state(self) -> None:
+    def get_extra_state(self) -> Any:
         """Megatron's stock and Transformer Engine linears carry ``_extra_state``; keep the same keys."""
         return None
 
