@@ -12,7 +12,12 @@ from __future__ import annotations
 import pytest
 
 from megatron_sffn.parallel import ShapeOnlyGroup
-from tests.workers.blockshuffle_ffn import TOLERANCE, build_spec_mlp, compare_with_spec, spec_cases
+from tests.workers.blockshuffle_ffn import (
+    TOLERANCE,
+    build_spec_mlp,
+    compare_with_spec,
+    spec_cases,
+)
 
 
 @pytest.mark.parametrize("case", spec_cases(), ids=lambda c: c.name)

@@ -31,6 +31,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..structured import build_linear
+from ..structured.functional import block_diag_matmul
 from . import comm, grads
 from .guide import GuideMixin
 from .layout import TPLayout, padded_tokens, shard_ranges, take_rows
@@ -181,6 +182,19 @@ class TPStructuredLinear(GuideMixin, MegatronModule):
         if self.skip_bias_add or self.bias is None:
             return out, self.bias if self.skip_bias_add else None
         return out + self.bias, None
+
+    def _whole_block_diag(self, x: torch.Tensor, weight: torch.nn.Parameter) -> torch.Tensor:
+        """fc1's block-diagonal in-factor ``blockdiag(weight) · x``, complete on every rank.
+
+        ``split``: this rank's whole blocks on its d/tp input features, the
+        outputs all-gathered (partial gradients reduce-scattered back);
+        ``replicated``: every block on every rank, the input gradient all-reduced.
+        """
+        group = self.tp_group
+        if self.strategy.fc1_in == "split":
+            h_local = block_diag_matmul(comm.split_features(x, group), weight)
+            return comm.gather_features(h_local, group, partial_grad=True)
+        return comm.copy_to_region(block_diag_matmul(x, weight), group)
 
     def _token_split(self, param: torch.nn.Parameter) -> torch.Tensor:
         return grads.token_split_weight(param, self.layout.size)

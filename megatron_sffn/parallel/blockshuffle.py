@@ -85,12 +85,7 @@ class BlockShuffleFC1(_BlockShuffleLinear):
         return {"w1": pure.w1, "w2": pure.w2.transpose(0, 1)}
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
-        group = self.tp_group
-        if self.strategy.fc1_in == "split":
-            h_local = block_diag_matmul(comm.split_features(x, group), self.w1)
-            h = comm.gather_features(h_local, group, partial_grad=True)
-        else:
-            h = comm.copy_to_region(block_diag_matmul(x, self.w1), group)
+        h = self._whole_block_diag(x, self.w1)
         return shuffle_blocks_matmul(h, self.w2.transpose(0, 1))  # rows t of every group, interleaved
 
 

@@ -30,22 +30,22 @@ TOKENS = (3, 2)  # [s, b]
 TOLERANCE = 1e-5
 
 
-def shuffle_matrix(blocks: int, q: int, dtype: torch.dtype) -> torch.Tensor:
-    """0/1 matrix of the middle shuffle: group c position a receives h[a*B + c] (z is block-major)."""
-    p = torch.zeros(blocks * q, blocks * q, dtype=dtype)
-    for c in range(blocks):
-        for a in range(q):
-            p[c * q + a, a * blocks + c] = 1
+def _permutation(size: int, moves, dtype: torch.dtype) -> torch.Tensor:
+    """0/1 matrix with a one at every ``(row, column)`` of ``moves``."""
+    p = torch.zeros(size, size, dtype=dtype)
+    for row, column in moves:
+        p[row, column] = 1
     return p
+
+
+def shuffle_matrix(blocks: int, q: int, dtype: torch.dtype) -> torch.Tensor:
+    """The middle shuffle: group c position a receives h[a*B + c] (z is block-major)."""
+    return _permutation(blocks * q, ((c * q + a, a * blocks + c) for c in range(blocks) for a in range(q)), dtype)
 
 
 def interleave_matrix(blocks: int, s: int, dtype: torch.dtype) -> torch.Tensor:
-    """0/1 matrix of the output interleave: y[t*B + c] = u_c[t] = u[c*s + t]."""
-    p = torch.zeros(blocks * s, blocks * s, dtype=dtype)
-    for c in range(blocks):
-        for t in range(s):
-            p[t * blocks + c, c * s + t] = 1
-    return p
+    """The output interleave: y[t*B + c] = u_c[t] = u[c*s + t]."""
+    return _permutation(blocks * s, ((t * blocks + c, c * s + t) for c in range(blocks) for t in range(s)), dtype)
 
 
 def blockshuffle_matrix(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -113,12 +113,11 @@ def compare_with_spec(mlp, case: SpecCase, finish_grads=None) -> dict[str, float
     ``finish_grads(mlp)`` completes gradients that ranks hold in part (the
     step ``finalize_model_grads`` performs in training).
     """
-    from tests.workers.tp_structured import full_tensor_slice
     from megatron_sffn.parallel.layout import TPLayout
+    from tests.workers.tp_structured import full_tensor_slice
 
     weights = spec_weights(case)
     layout = TPLayout(mlp.linear_fc1.layout.rank, mlp.linear_fc1.layout.size)
-    expected_views: dict[str, Any] = {}
     with torch.no_grad():
         for role in ("linear_fc1", "linear_fc2"):
             linear = getattr(mlp, role)
