@@ -107,8 +107,14 @@ def build_cases(
     return cases
 
 
-def make_timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
-    """A function that runs a callable once and returns its wall time in ms (CUDA events on GPU)."""
+def make_timer(device: torch.device, clock: str = "wall") -> Callable[[Callable[[], None]], float]:
+    """A function that runs a callable once and returns its time in ms.
+
+    ``wall``: elapsed time (CUDA events on GPU).  ``process``: the CPU time of
+    this process, which other processes on a loaded machine do not inflate as
+    they do the wall time (they still share caches and memory bandwidth); with
+    one thread it is that thread's compute time.
+    """
     if device.type == "cuda":
 
         def cuda_time(fn: Callable[[], None]) -> float:
@@ -122,10 +128,12 @@ def make_timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
 
         return cuda_time
 
+    now = time.process_time if clock == "process" else time.perf_counter
+
     def cpu_time(fn: Callable[[], None]) -> float:
-        start = time.perf_counter()
+        start = now()
         fn()
-        return (time.perf_counter() - start) * 1e3
+        return (now() - start) * 1e3
 
     return cpu_time
 
@@ -157,7 +165,7 @@ def measure(
     x = torch.randn(args.tokens, args.width, generator=generator, dtype=dtype, device=device)
     grad_out = torch.randn(args.tokens, args.width, generator=generator, dtype=dtype, device=device)
     x.requires_grad_(True)  # the FFN input gradient is part of a training step
-    timer = make_timer(device)
+    timer = make_timer(device, args.clock)
     workloads = {}
     for case in cases:
         progress(f"building {case.label}")
@@ -267,6 +275,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per case first")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (None: all cores available)")
+    p.add_argument(
+        "--clock", choices=("wall", "process"), default="wall",
+        help="wall time, or this process's CPU time (robust on a shared machine; needs --threads 1 on cpu)",
+    )  # fmt: skip
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     args.ffn_hidden = args.ffn_hidden or 4 * args.width
@@ -283,6 +295,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
     if args.warmup < 0:
         p.error(f"--warmup={args.warmup} must be >= 0")
+    if args.clock == "process" and (args.device != "cpu" or args.threads != 1):
+        p.error("--clock process: CPU time equals compute time only for one thread on the CPU; add --threads 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     return args
@@ -306,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     rows = summarize(cases, measure(cases, args, dtype, device))
     print(
         f"FFN d={args.width} -> f={args.ffn_hidden} -> d, {args.tokens} tokens, {args.dtype}, {args.device}, "
-        f"{threads} threads, median of {args.repeats}"
+        f"{threads} threads, median of {args.repeats} ({args.clock} clock)"
     )
     print(format_table(rows))
     if args.json:
