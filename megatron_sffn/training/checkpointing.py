@@ -233,18 +233,18 @@ def check_module_markers(path: str | Path, model: list) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.utils import unwrap_model
 
-    chunk = unwrap_model(model[0])
-    requested = {
-        key: value
-        for key, value in _model_state(model).items()
-        if key.endswith(_EXTRA_STATE)
-        and getattr(chunk.get_submodule(key[: -len(_EXTRA_STATE)]), "validates_extra_state", False)
-    }
+    modules = dict(unwrap_model(model[0]).named_modules())
+
+    def validates(key: str) -> bool:
+        owner = modules.get(key.removesuffix(_EXTRA_STATE))
+        return key.endswith(_EXTRA_STATE) and getattr(owner, "validates_extra_state", False)
+
+    requested = {key: value for key, value in _model_state(model).items() if validates(key)}
     if not requested:
         return
     loaded = dist_checkpointing.load(requested, str(path))  # also returns the checkpoint's common objects
     for key in requested:
-        chunk.get_submodule(key[: -len(_EXTRA_STATE)]).set_extra_state(loaded[key])
+        modules[key.removesuffix(_EXTRA_STATE)].set_extra_state(loaded[key])
 
 
 def load_checkpoint(path: str | Path, *, model: list, optimizer=None, scheduler=None) -> RestoredState:
