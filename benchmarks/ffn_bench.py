@@ -14,6 +14,10 @@ case per round) rather than one case after another, so that a burst of load
 from other processes on a shared machine hits dense and structured alike and
 the speed-ups stay meaningful even when absolute times drift.
 
+On a machine shared with other jobs, ``--threads 1 --clock process`` times
+this process's own CPU time, which the other jobs do not inflate as they do
+the wall time (they still share caches and memory bandwidth).
+
 Speed-up is dense time over structured time from the same invocation; the
 ideal speed-up is the FLOP ratio (dense over structured FFN weight
 parameters, the paper's accounting); efficiency is their quotient.
