@@ -2,11 +2,9 @@
 
 The FFN is ``fc2(gelu_tanh(fc1(x)))`` with ``fc1: d -> f`` and ``fc2: f -> d``,
 both layers structured alike (one FFN, so the paper's layer-0-dense rule does
-not apply).  BlockShuffle's fc1 keeps its output block-major
-(``interleave_output=False``) as the model builds it: a fixed permutation of
-the hidden units, which leaves the FFN's function class unchanged and saves
-one activation copy each way; ``--interleave-fc1`` measures the paper's
-interleaved order instead.  R and B come from the project's ratio solver with the paper's
+not apply).  BlockShuffle is the paper's FFN: fc1's hidden units in the
+paper's interleaved order, which fc2's block-diagonal first factor reads.
+R and B come from the project's ratio solver with the paper's
 rounding (R a multiple of 256 where possible), BlockDense with B=4 as in the
 paper's m/xl settings.
 
@@ -15,6 +13,10 @@ Every reported number is a median over ``--repeats`` timed runs after
 case per round) rather than one case after another, so that a burst of load
 from other processes on a shared machine hits dense and structured alike and
 the speed-ups stay meaningful even when absolute times drift.
+
+On a machine shared with other jobs, ``--threads 1 --clock process`` times
+this process's own CPU time, which the other jobs do not inflate as they do
+the wall time (they still share caches and memory bandwidth).
 
 Speed-up is dense time over structured time from the same invocation; the
 ideal speed-up is the FLOP ratio (dense over structured FFN weight
@@ -79,15 +81,12 @@ class Case:
 class FFN(nn.Module):
     """fc1, GELU (tanh approximation, as in the paper), fc2."""
 
-    def __init__(
-        self, case: Case, d: int, f: int, dtype: torch.dtype, device: torch.device, interleave_fc1: bool = False
-    ) -> None:
+    def __init__(self, case: Case, d: int, f: int, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         # Timing does not depend on the values, so every structure uses the cheap
         # normal init instead of its SVD-based default (minutes at d=2048 on a CPU).
         common = dict(rank=case.rank, blocks=case.blocks, init_method="normal", dtype=dtype, device=device)
-        fc1_options = {"interleave_output": interleave_fc1} if case.structure == "blockshuffle" else {}
-        self.fc1 = build_linear(case.structure, d, f, **common, **fc1_options)
+        self.fc1 = build_linear(case.structure, d, f, **common)
         self.fc2 = build_linear(case.structure, f, d, **common)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,8 +111,14 @@ def build_cases(
     return cases
 
 
-def make_timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
-    """A function that runs a callable once and returns its wall time in ms (CUDA events on GPU)."""
+def make_timer(device: torch.device, clock: str = "wall") -> Callable[[Callable[[], None]], float]:
+    """A function that runs a callable once and returns its time in ms.
+
+    ``wall``: elapsed time (CUDA events on GPU).  ``process``: the CPU time of
+    this process, which other processes on a loaded machine do not inflate as
+    they do the wall time (they still share caches and memory bandwidth); with
+    one thread it is that thread's compute time.
+    """
     if device.type == "cuda":
 
         def cuda_time(fn: Callable[[], None]) -> float:
@@ -127,10 +132,12 @@ def make_timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
 
         return cuda_time
 
+    now = time.process_time if clock == "process" else time.perf_counter
+
     def cpu_time(fn: Callable[[], None]) -> float:
-        start = time.perf_counter()
+        start = now()
         fn()
-        return (time.perf_counter() - start) * 1e3
+        return (now() - start) * 1e3
 
     return cpu_time
 
@@ -162,11 +169,11 @@ def measure(
     x = torch.randn(args.tokens, args.width, generator=generator, dtype=dtype, device=device)
     grad_out = torch.randn(args.tokens, args.width, generator=generator, dtype=dtype, device=device)
     x.requires_grad_(True)  # the FFN input gradient is part of a training step
-    timer = make_timer(device)
+    timer = make_timer(device, args.clock)
     workloads = {}
     for case in cases:
         progress(f"building {case.label}")
-        ffn = FFN(case, args.width, args.ffn_hidden, dtype, device, interleave_fc1=args.interleave_fc1)
+        ffn = FFN(case, args.width, args.ffn_hidden, dtype, device)
         workloads[case] = Workload(ffn, x, grad_out)
     times: dict[Case, dict[str, list[float]]] = {case: {"fwd": [], "fwd_bwd": []} for case in cases}
     rounds = args.warmup + args.repeats
@@ -267,14 +274,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ratios", default="0.63,0.32", help="comma list of target FFN parameter ratios")
     p.add_argument("--blockdense-blocks", type=int, default=4, help="B of BlockDense (R is solved)")
     p.add_argument(
-        "--interleave-fc1", action="store_true", help="BlockShuffle fc1 in the paper's interleaved output order"
-    )
-    p.add_argument(
         "--keep-freed-memory", action="store_true", help="glibc malloc reuses freed memory (see the module doc)"
     )
     p.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per case first")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (None: all cores available)")
+    p.add_argument(
+        "--clock", choices=("wall", "process"), default="wall",
+        help="wall time, or this process's CPU time (robust on a shared machine; needs --threads 1 on cpu)",
+    )  # fmt: skip
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     args.ffn_hidden = args.ffn_hidden or 4 * args.width
@@ -291,6 +299,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
     if args.warmup < 0:
         p.error(f"--warmup={args.warmup} must be >= 0")
+    if args.clock == "process" and (args.device != "cpu" or args.threads != 1):
+        p.error("--clock process: CPU time equals compute time only for one thread on the CPU; add --threads 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     return args
@@ -314,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     rows = summarize(cases, measure(cases, args, dtype, device))
     print(
         f"FFN d={args.width} -> f={args.ffn_hidden} -> d, {args.tokens} tokens, {args.dtype}, {args.device}, "
-        f"{threads} threads, median of {args.repeats}"
+        f"{threads} threads, median of {args.repeats} ({args.clock} clock)"
     )
     print(format_table(rows))
     if args.json:

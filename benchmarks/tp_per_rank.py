@@ -55,6 +55,7 @@ COLUMNS = ("params", "fwd_flops", "overhead", "fwd_comm", "bwd_comm")
 class Setting:
     label: str
     shape: FFNShape
+    strategy: str = "auto"  # the modules' ``tp_strategy``
 
 
 SETTINGS = [  # the paper's xl settings (structured-ffn spec, section 1)
@@ -65,6 +66,8 @@ SETTINGS = [  # the paper's xl settings (structured-ffn spec, section 1)
     Setting("BlockDense 32% (B=4, R=768)", FFNShape("blockdense", HIDDEN, FFN_HIDDEN, rank=768, blocks=4)),
     Setting("BlockShuffle 63% (B=2)", FFNShape("blockshuffle", HIDDEN, FFN_HIDDEN, blocks=2)),
     Setting("BlockShuffle 32% (B=4)", FFNShape("blockshuffle", HIDDEN, FFN_HIDDEN, blocks=4)),
+    # the exact-FLOPs alternative the automatic plan rejects for its traffic
+    Setting("BlockShuffle 32% (B=4), split", FFNShape("blockshuffle", HIDDEN, FFN_HIDDEN, blocks=4), "split/reduce"),
 ]
 
 
@@ -83,10 +86,11 @@ def _total_flops(shape: FFNShape) -> Fraction:
     return rank_cost(shape, choose_strategy(shape, 1) if shape.kind != "dense" else None, 1).forward_flops
 
 
-def _build_rank0(shape: FFNShape, tp: int):
+def _build_rank0(setting: Setting, tp: int):
     from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    shape = setting.shape
     model_cfg = ModelConfig(
         hidden_size=HIDDEN, num_layers=2, num_attention_heads=16, ffn_hidden_size=FFN_HIDDEN,
         ffn=FFNConfig(structure=shape.kind, rank=shape.rank, blocks=shape.blocks),
@@ -96,8 +100,8 @@ def _build_rank0(shape: FFNShape, tp: int):
         use_cpu_initialization=True, perform_initialization=False, add_bias_linear=True,
         bias_activation_fusion=False, tensor_model_parallel_size=tp,
     )  # fmt: skip
-    mlp = build_module(mlp_spec(model_cfg, 1), config=config, ffn_hidden_size=FFN_HIDDEN,
-                       tp_group=ShapeOnlyGroup(0, tp))  # fmt: skip
+    mlp = build_module(mlp_spec(model_cfg, 1, tp_strategy=setting.strategy), config=config,
+                       ffn_hidden_size=FFN_HIDDEN, tp_group=ShapeOnlyGroup(0, tp))  # fmt: skip
     with torch.no_grad():
         for param in mlp.parameters():
             param.zero_()
@@ -113,7 +117,7 @@ def measure(setting: Setting, tp: int) -> Row:
         require_shardable(shape, tp)
     except ValueError as e:
         return Row(setting.label, tp, None, None, str(e))
-    mlp = _build_rank0(shape, tp)
+    mlp = _build_rank0(setting, tp)
     params = sum(p.numel() for p in mlp.parameters())
     share = _total_flops(shape) / tp
     if shape.kind == "dense":
@@ -145,7 +149,7 @@ def planned(setting: Setting, tp: int) -> Row:
         require_shardable(shape, tp)
     except ValueError as e:
         return Row(setting.label, tp, None, None, str(e))
-    strategy = None if shape.kind == "dense" else choose_strategy(shape, tp)
+    strategy = None if shape.kind == "dense" else choose_strategy(shape, tp, setting.strategy)
     cost = rank_cost(shape, strategy, tp)
     figures = dict(
         params=cost.params, fwd_flops=cost.forward_flops, overhead=cost.forward_flops - _total_flops(shape) / tp,

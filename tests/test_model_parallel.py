@@ -24,6 +24,7 @@ LAYOUTS = [
     ("dense", 1, 2),  # PP=2, DP=2: tied embedding split between first and last stage
     ("dense", 2, 2),  # TP=2 x PP=2
     ("lowrank", 2, 2),
+    ("blockshuffle", 2, 2),  # the paper's hidden-unit order split over TP, layers over PP
     *[(s, 2, 1) for s in STRUCTURES],  # TP=2, DP=2
 ]
 CONTROL = ("dense", 1, 2)  # trained without finalize_model_grads: must NOT match

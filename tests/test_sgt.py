@@ -94,7 +94,7 @@ LAYERS = [
     ("blockdense", 40, 24, dict(rank=8, blocks=4)),
     ("blockshuffle", 16, 32, dict(blocks=4)),
     ("blockshuffle", 32, 16, dict(blocks=4)),
-    ("blockshuffle", 16, 32, dict(blocks=2, interleave_output=False)),
+    ("blockshuffle", 16, 32, dict(blocks=2)),
 ]
 
 

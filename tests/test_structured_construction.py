@@ -59,7 +59,7 @@ def test_lowrank_svd_init_draws_from_normal_002():
         BlockDense(256, 64, rank=48, blocks=2),
         BlockShuffle(64, 256, blocks=4),
         BlockShuffle(256, 64, blocks=4),
-        BlockShuffle(64, 64, blocks=2, interleave_output=False),
+        BlockShuffle(64, 64, blocks=2),
     ],
     ids=["blockdense-up", "blockdense-down", "blockshuffle-up", "blockshuffle-down", "blockshuffle-square"],
 )

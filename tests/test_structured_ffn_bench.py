@@ -72,6 +72,7 @@ def test_benchmark_reports_every_case_with_paper_sizes(ffn_bench, tmp_path, caps
         (["--structures", "sparse"], "unknown sparse"),
         (["--ratios", "half"], "--ratios='half'"),
         (["--tokens", "0"], "--tokens=0 must be positive"),
+        (["--clock", "process", "--threads", "2"], "--clock process: CPU time equals compute time only"),
     ],
 )
 def test_bad_arguments_are_reported(ffn_bench, argv, message, capsys):
@@ -89,7 +90,7 @@ def test_command_line_with_glibc_memory_reuse(tmp_path):
     """Run as users do (a script, its own process: the malloc setting is process-wide)."""
     result = subprocess.run(
         [sys.executable, str(BENCH), "--width", "64", "--tokens", "16", "--repeats", "1", "--warmup", "0",
-         "--structures", "lowrank", "--ratios", "0.32", "--keep-freed-memory"],
+         "--structures", "lowrank", "--ratios", "0.32", "--keep-freed-memory", "--threads", "1", "--clock", "process"],
         capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stderr

@@ -3,7 +3,8 @@
 The references are built here, independently of the layer code: the dense
 matrix of each structure is composed from its factors with plain matrix
 products (``U @ V``, ``U @ block_diag(K)``, and for BlockShuffle two 0/1
-permutation matrices written from the spec's index formulas).  Outputs, input
+permutation matrices written from the spec's index formulas, shared with the
+FFN-level check in ``tests/workers/blockshuffle_ffn.py``).  Outputs, input
 gradients and factor gradients of the layers must match autograd through
 those compositions.
 """
@@ -14,6 +15,8 @@ import pytest
 import torch
 
 from megatron_sffn.structured import BlockShuffle, block_diag_matmul, build_linear, monarch_matmul
+from megatron_sffn.structured.functional import shuffle_blocks_matmul
+from tests.workers.blockshuffle_ffn import blockshuffle_matrix
 
 # (in, out) pairs: up-projection (in < out) and down-projection (in >= out).  The
 # 64/128 shapes are large enough that bmm takes the BLAS path rather than its
@@ -29,27 +32,8 @@ STRUCTURES = [
     ("blockdense", {"rank": 6, "blocks": 2}),
     ("blockshuffle", {"blocks": 4}),
     ("blockshuffle", {"blocks": 2}),
-    ("blockshuffle", {"blocks": 4, "interleave_output": False}),
 ]
 IDS = [kind + "".join(f"-{k}{v}" for k, v in opts.items()) for kind, opts in STRUCTURES]
-
-
-def shuffle_matrix(blocks: int, q: int, dtype: torch.dtype) -> torch.Tensor:
-    """0/1 matrix of the middle shuffle: group c position a receives h[a*B + c] (z is block-major)."""
-    p = torch.zeros(blocks * q, blocks * q, dtype=dtype)
-    for c in range(blocks):
-        for a in range(q):
-            p[c * q + a, a * blocks + c] = 1
-    return p
-
-
-def interleave_matrix(blocks: int, s: int, dtype: torch.dtype) -> torch.Tensor:
-    """0/1 matrix of the output interleave: y[t*B + c] = u_c[t] = u[c*s + t]."""
-    p = torch.zeros(blocks * s, blocks * s, dtype=dtype)
-    for c in range(blocks):
-        for t in range(s):
-            p[t * blocks + c, c * s + t] = 1
-    return p
 
 
 def compose_dense(layer, factors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -61,12 +45,7 @@ def compose_dense(layer, factors: dict[str, torch.Tensor]) -> torch.Tensor:
         return factors["u"] @ factors["v"]
     if kind == "blockdense":
         return factors["u"] @ torch.block_diag(*factors["k"])
-    w1, w2 = factors["w1"], factors["w2"]
-    blocks, q, _ = w1.shape
-    s = w2.shape[1]
-    dtype = w1.dtype
-    p_out = interleave_matrix(blocks, s, dtype) if layer.interleave_output else torch.eye(blocks * s, dtype=dtype)
-    return p_out @ torch.block_diag(*w2) @ shuffle_matrix(blocks, q, dtype) @ torch.block_diag(*w1)
+    return blockshuffle_matrix(factors["w1"], factors["w2"])
 
 
 def factor_names(layer) -> list[str]:
@@ -146,12 +125,11 @@ def test_non_contiguous_input(kind, opts):
     torch.testing.assert_close(layer(x), x @ layer.to_dense().detach().T + layer.bias.detach())
 
 
-@pytest.mark.parametrize("interleave", [True, False])
 @pytest.mark.parametrize("n,m", [(16, 48), (48, 16)])
-def test_blockshuffle_index_semantics_elementwise(n, m, interleave):
+def test_blockshuffle_index_semantics_elementwise(n, m):
     """Pin the spec's formulas on single vectors: z_c[a] = h[a*B + c], y[t*B + c] = u_c[t]."""
     blocks = 4
-    layer = BlockShuffle(n, m, blocks=blocks, interleave_output=interleave, bias=False, dtype=torch.float64)
+    layer = BlockShuffle(n, m, blocks=blocks, bias=False, dtype=torch.float64)
     x = torch.randn(n, dtype=torch.float64)
     w1, w2 = layer.w1.detach(), layer.w2.detach()
     q, s = w1.shape[1], w2.shape[1]
@@ -161,7 +139,7 @@ def test_blockshuffle_index_semantics_elementwise(n, m, interleave):
     y = torch.empty(m, dtype=torch.float64)
     for c in range(blocks):
         for t in range(s):
-            y[(t * blocks + c) if interleave else (c * s + t)] = u[c][t]
+            y[t * blocks + c] = u[c][t]
     torch.testing.assert_close(layer(x).detach(), y)
 
 
@@ -173,17 +151,17 @@ def test_block_diag_matmul_matches_block_diag_and_gradcheck():
     assert torch.autograd.gradcheck(block_diag_matmul, (x, weight))
 
 
-@pytest.mark.parametrize("interleave", [True, False])
-def test_monarch_matmul_gradcheck(interleave):
+def test_monarch_matmul_gradcheck():
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     w1 = torch.randn(2, 4, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     w2 = torch.randn(2, 6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(12, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: monarch_matmul(*t, interleave_output=interleave), (x, w1, w2))
-    assert torch.autograd.gradcheck(
-        lambda x, w1, w2, b: monarch_matmul(x, w1, w2, interleave_output=interleave, bias=b), (x, w1, w2, bias)
-    )
+    assert torch.autograd.gradcheck(monarch_matmul, (x, w1, w2))
+    assert torch.autograd.gradcheck(lambda x, w1, w2, b: monarch_matmul(x, w1, w2, bias=b), (x, w1, w2, bias))
+    h = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(shuffle_blocks_matmul, (h, w2))
+    torch.testing.assert_close(shuffle_blocks_matmul(block_diag_matmul(x, w1), w2), monarch_matmul(x, w1, w2))
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

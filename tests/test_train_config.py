@@ -131,8 +131,8 @@ def test_every_data_reader_owns_whole_lanes():
             "parallel.tensor_parallel=4: blockdense: blocks=2 is not divisible by tensor_model_parallel_size=4",
         ),
         (
-            {"model": {**BASE["model"], "ffn": {"structure": "blockshuffle", "blocks": 16}}, "parallel": {"tensor_parallel": 2}},
-            "blocks**2 divides hidden_size; got hidden_size=64, blocks=16",
+            {"model": {**BASE["model"], "ffn": {"structure": "blockshuffle", "blocks": 32}}, "parallel": {"tensor_parallel": 4}},
+            "blockshuffle: hidden_size/blocks=2 is not divisible by tensor_model_parallel_size=4",
         ),
         (
             {"model": {**BASE["model"], "ffn": {"structure": "lowrank", "rank": 16, "tp_strategy": "sideways"}},

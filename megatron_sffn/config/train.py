@@ -308,7 +308,7 @@ class TrainConfig:
         """Every tensor split across TP ranks must split evenly.
 
         The structured FFN's rules (whole blocks per rank, BlockShuffle's
-        shuffle layout, an explicit ``tp_strategy``) are those of the sharding
+        per-block widths, an explicit ``tp_strategy``) are those of the sharding
         code itself, asked here so that the config cannot drift from it.
         """
         model, tp = self.model, self.parallel.tensor_parallel

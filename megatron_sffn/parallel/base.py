@@ -31,6 +31,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..structured import build_linear
+from ..structured.functional import block_diag_matmul
 from . import comm, grads
 from .guide import GuideMixin
 from .layout import TPLayout, padded_tokens, shard_ranges, take_rows
@@ -133,10 +134,6 @@ class TPStructuredLinear(GuideMixin, PreMergeMixin, MegatronModule):
         """The full factors in this class's storage layout, taken from the pure layer."""
         raise NotImplementedError
 
-    def _pure_options(self) -> dict[str, Any]:
-        """Extra keyword arguments of the pure layer (BlockShuffle's output order)."""
-        return {}
-
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         """The structured product on ``(tokens, features)``, bias excluded."""
         raise NotImplementedError
@@ -145,7 +142,7 @@ class TPStructuredLinear(GuideMixin, PreMergeMixin, MegatronModule):
     def _draw_full_factors(self, init: str | None, std: float) -> dict[str, torch.Tensor]:
         pure = build_linear(
             self.kind, self.input_size, self.output_size, rank=self.shape.rank, blocks=self.shape.blocks,
-            bias=False, init_method=init, std=std, **self._pure_options(),
+            bias=False, init_method=init, std=std,
         )  # fmt: skip
         return {name: t.detach() for name, t in self._full_from_pure(pure).items()}
 
@@ -187,6 +184,19 @@ class TPStructuredLinear(GuideMixin, PreMergeMixin, MegatronModule):
         if self.skip_bias_add or self.bias is None:
             return out, self.bias if self.skip_bias_add else None
         return out + self.bias, None
+
+    def _whole_block_diag(self, x: torch.Tensor, weight: torch.nn.Parameter) -> torch.Tensor:
+        """fc1's block-diagonal in-factor ``blockdiag(weight) · x``, complete on every rank.
+
+        ``split``: this rank's whole blocks on its d/tp input features, the
+        outputs all-gathered (partial gradients reduce-scattered back);
+        ``replicated``: every block on every rank, the input gradient all-reduced.
+        """
+        group = self.tp_group
+        if self.strategy.fc1_in == "split":
+            h_local = block_diag_matmul(comm.split_features(x, group), weight)
+            return comm.gather_features(h_local, group, partial_grad=True)
+        return comm.copy_to_region(block_diag_matmul(x, weight), group)
 
     def _token_split(self, param: torch.nn.Parameter) -> torch.Tensor:
         return grads.token_split_weight(param, self.layout.size)
@@ -238,9 +248,9 @@ class TPStructuredLinear(GuideMixin, PreMergeMixin, MegatronModule):
         return sharded
 
     def set_extra_state(self, state: Any) -> None:
-        """Nothing to restore; present so checkpoints match megatron's stock linears."""
+        """Nothing to restore here; a structure whose checkpoints need a check overrides this (BlockShuffle)."""
 
-    def get_extra_state(self) -> None:
+    def get_extra_state(self) -> Any:
         """Megatron's stock and Transformer Engine linears carry ``_extra_state``; keep the same keys."""
         return None
 

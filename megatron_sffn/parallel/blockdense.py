@@ -37,13 +37,7 @@ class BlockDenseFC1(TPStructuredLinear):
         return {"k": pure.k, "u": pure.u}
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
-        group = self.tp_group
-        if self.strategy.fc1_in == "split":
-            h_local = block_diag_matmul(comm.split_features(x, group), self.k)
-            h = comm.gather_features(h_local, group, partial_grad=True)
-        else:
-            h = comm.copy_to_region(block_diag_matmul(x, self.k), group)
-        return linear(h, self.u)
+        return linear(self._whole_block_diag(x, self.k), self.u)
 
 
 class BlockDenseFC2(TPStructuredLinear):

@@ -1,67 +1,98 @@
 """BlockShuffle (Monarch) ``y = P_out · blockdiag(W2) · P_mid · blockdiag(W1) · x`` over a TP group.
 
-Both linears split exactly (1/tp of the FLOPs on every rank) with the dense
-FFN's traffic: no communication forward in fc1, one all-reduce of d forward
-in fc2, one all-reduce of the input gradient backward in fc1.
+The FFN is the paper's at every TP size: fc1's hidden units stay in the
+paper's interleaved order (``hidden[t·B + c] = u_c[t]``), which is part of
+the function, because fc2's first factor is block-diagonal over them (fc2
+block j reads hidden units ``j·f/B .. (j+1)·f/B``, i.e. f/B² units of every
+fc1 group c).
 
-fc1 (d -> f) keeps its output block-major (``interleave_output=False``, a
-fixed permutation of the hidden units, which changes nothing about the FFN),
-so a rank's hidden units are whole output blocks c in C_r of W2.  Group c of
-the shuffle reads ``z_c[a] = h[a*B + c]``: the rank needs only the rows of
-every W1 block whose index is c mod B for its c -- exactly 1/tp of W1, stored
-"group-major" (:func:`..layout.w1_to_group_major`) so that its shard is a
-contiguous axis-0 slice.  Requires blocks**2 to divide d.
+A rank owns a contiguous 1/tp range of the hidden units.  Then:
 
-fc2 (f -> d): a rank's hidden units are the inputs of its W1 blocks, giving
-it a contiguous d/tp slice of h, which feeds positions a of every group c in
-one contiguous range: a column slice of every W2 block.  Each rank forms the
-partial output of its columns; an all-reduce completes it.
+fc2 (f -> d): the range is ``B/tp`` whole blocks of W1, whose outputs are a
+contiguous d/tp slice of the middle vector; that slice feeds positions
+``a`` of every shuffle group ``c`` in one contiguous range, i.e. a column
+slice of every W2 block.  Each rank forms the partial output of its columns
+and an all-reduce of d completes it (megatron's row-parallel pattern).  Exact
+1/tp of the FLOPs.
+
+fc1 (d -> f): the range is rows ``t`` of every W2 group (hidden unit
+``t·B + c``), so W2 splits by rows inside every group, exactly.  Those rows
+read the *whole* middle vector ``h = blockdiag(W1) x`` (each group gathers one
+of every B consecutive entries of h), so W1 is either
+``replicated``: computed whole on every rank, no forward traffic and the
+    backward all-reduce of d that the dense fc1 also has; overhead (1 - 1/tp)
+    of W1's FLOPs; or
+``split``: whole W1 blocks per rank on their d/tp inputs, the middle vector
+    all-gathered (g·d forward, reduce-scatter of it and all-gather of the input
+    gradient backward); exact FLOPs, but g·d more forward traffic than the
+    dense FFN, so the automatic plan (:mod:`.plan`) takes ``replicated``.
+
+W2 is stored row-major, ``w2[t, c] = W2[c, t]`` with shape ``(f/B, B, d/B)``,
+so that a rank's rows are an axis-0 slice like every other fc1 output factor
+(megatron's gated-FFN checkpoint factory splits axis 0).
+
+Checkpoints carry :data:`HIDDEN_ORDER` in each module's ``_extra_state``;
+one without it was written when fc1's hidden units were block-major, a
+different FFN, and is refused on load (:meth:`BlockShuffleFC1.set_extra_state`).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from ..structured.functional import block_diag_matmul
+from ..structured.functional import block_diag_matmul, shuffle_blocks_matmul
 from . import comm
-from .base import SHARDED, FactorSpec, TPStructuredLinear
-from .layout import w1_to_group_major
+from .base import REPLICATED, SHARDED, FactorSpec, TPStructuredLinear
+
+HIDDEN_ORDER = "blockshuffle-hidden-units/paper-interleaved"
 
 
-class BlockShuffleFC1(TPStructuredLinear):
-    """Up-projection; output: this rank's hidden units (whole block-major output blocks)."""
+class _BlockShuffleLinear(TPStructuredLinear):
+    """What both linears share: the hidden-unit order recorded in and required of checkpoints."""
 
-    kind, role = "blockshuffle", "fc1"
+    kind = "blockshuffle"
+    validates_extra_state = True  # checked before tensors load (training.checkpointing.check_module_markers)
 
-    def _pure_options(self) -> dict:
-        return {"interleave_output": False}
+    def get_extra_state(self) -> dict[str, str]:
+        return {"hidden_order": HIDDEN_ORDER}
+
+    def set_extra_state(self, state: Any) -> None:
+        found = state.get("hidden_order") if isinstance(state, dict) else None
+        if found != HIDDEN_ORDER:
+            raise ValueError(
+                f"blockshuffle {self.role}: the checkpoint records hidden-unit order {found!r}, expected "
+                f"{HIDDEN_ORDER!r}. A BlockShuffle checkpoint without this marker was written with fc1's hidden "
+                f"units block-major, where fc2's block c read only fc1's block c: a different FFN from the "
+                f"paper's, whose weights do not compute the paper's BlockShuffle under any relabeling, so it is "
+                f"not loaded. Retrain (or fine-tune from a dense or other structured checkpoint) with this version."
+            )
+
+
+class BlockShuffleFC1(_BlockShuffleLinear):
+    """Up-projection; output: this rank's contiguous range of the (interleaved) hidden units."""
+
+    role = "fc1"
 
     def _factor_specs(self) -> dict[str, FactorSpec]:
         b, d = self.shape.blocks, self.input_size
-        return {
-            "w1": FactorSpec((b, b, d // b // b, d // b), SHARDED, 0, strided=True),
-            "w2": FactorSpec((b, self.output_size // b, d // b), SHARDED, 0, strided=True),
-        }
+        w1_shape = (b, d // b, d // b)
+        w1 = FactorSpec(w1_shape, SHARDED, 0) if self.strategy.fc1_in == "split" else FactorSpec(w1_shape, REPLICATED)
+        return {"w1": w1, "w2": FactorSpec((self.output_size // b, b, d // b), SHARDED, 0, strided=True)}
 
     def _full_from_pure(self, pure) -> dict[str, torch.Tensor]:
-        return {"w1": w1_to_group_major(pure.w1), "w2": pure.w2}
+        return {"w1": pure.w1, "w2": pure.w2.transpose(0, 1)}
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
-        groups, blocks, per, width = self.w1.shape  # (local groups, B, q/B, d/B)
-        tokens = x.shape[0]
-        x = comm.copy_to_region(x, self.tp_group)
-        x_blocks = x.reshape(tokens, blocks, width).transpose(0, 1)  # (B, T, d/B)
-        rows = self.w1.transpose(0, 1).reshape(blocks, groups * per, width)  # block j: rows (c, a') of my groups
-        h = torch.bmm(x_blocks, rows.transpose(1, 2)).reshape(blocks, tokens, groups, per)
-        z = h.permute(2, 1, 0, 3).reshape(groups, tokens, blocks * per)  # z_c[a], a = j*q/B + a'
-        u = torch.bmm(z, self.w2.transpose(1, 2))  # (local groups, T, f/B)
-        return u.transpose(0, 1).reshape(tokens, -1)
+        h = self._whole_block_diag(x, self.w1)
+        return shuffle_blocks_matmul(h, self.w2.transpose(0, 1))  # rows t of every group, interleaved
 
 
-class BlockShuffleFC2(TPStructuredLinear):
+class BlockShuffleFC2(_BlockShuffleLinear):
     """Down-projection; input: this rank's hidden units, output: complete on every rank."""
 
-    kind, role = "blockshuffle", "fc2"
+    role = "fc2"
 
     def _factor_specs(self) -> dict[str, FactorSpec]:
         b, d = self.shape.blocks, self.output_size
@@ -74,11 +105,7 @@ class BlockShuffleFC2(TPStructuredLinear):
         return {"w1": pure.w1, "w2": pure.w2}
 
     def _project(self, a: torch.Tensor) -> torch.Tensor:
-        blocks = self.w2.shape[0]
-        tokens = a.shape[0]
-        local_blocks, q, _ = self.w1.shape
-        h = block_diag_matmul(a, self.w1)  # (T, local blocks j * q), row rho = a'*B + c of block j
-        z = h.reshape(tokens, local_blocks, q // blocks, blocks).permute(3, 0, 1, 2)  # (B_c, T, j, a')
-        u = torch.bmm(z.reshape(blocks, tokens, -1), self.w2.transpose(1, 2))  # partial (B, T, d/B)
-        y = u.permute(1, 2, 0).reshape(tokens, -1)  # paper's output order: y[t*B + c] = u_c[t]
-        return comm.reduce_from_region(y, self.tp_group)
+        h_local = block_diag_matmul(a, self.w1)  # this rank's d/tp slice of the middle vector
+        # The slice is positions a of every shuffle group c: with the column slice of every W2 block,
+        # the same shuffle-and-interleave as fc1's gives this rank's partial output.
+        return comm.reduce_from_region(shuffle_blocks_matmul(h_local, self.w2), self.tp_group)

@@ -2,8 +2,8 @@
 
 The guide is sharded exactly like the dense layer of the same shape would be
 in megatron: fc1's guide is column-parallel over the hidden units, its rows in
-the structured fc1's own hidden-unit order (BlockShuffle's block-major order,
-``[gate_r, value_r]`` for a gated FFN); fc2's guide is row-parallel over the
+the structured fc1's own hidden-unit order (a contiguous range of
+BlockShuffle's interleaved paper order, ``[gate_r, value_r]`` for a gated FFN); fc2's guide is row-parallel over the
 same hidden units, its partial outputs all-reduced.  The FFN's hidden units
 therefore mean the same thing to both branches of the mixture on every rank.
 

@@ -60,35 +60,3 @@ def padded_tokens(tokens: int, tp: int) -> int:
     and changes no result (a zero token has zero output and zero gradient).
     """
     return -(-tokens // tp) * tp
-
-
-# -- BlockShuffle -----------------------------------------------------------
-#
-# fc1 (d -> f) computes h = blockdiag(W1) x with W1 (B, q, n), q = n = d/B,
-# and group c of the shuffle reads z_c[a] = h[a*B + c].  A rank owning output
-# blocks (groups) c in C_r needs only the rows i of h with i % B in C_r.  When
-# B divides q that is row rho of every W1 block with rho % B in C_r, i.e. 1/tp
-# of W1: viewing W1 as (B_j, q/B, B_c, n) the rank holds the slice c in C_r.
-# The "group-major" layout (B_c, B_j, q/B, n) puts that axis first, so the
-# shard is a contiguous axis-0 slice like every other fc1 output factor.
-
-
-def require_blockshuffle_layout(hidden: int, blocks: int) -> None:
-    """BlockShuffle's sharded shuffle needs ``blocks`` to divide the per-block width ``hidden/blocks``."""
-    if hidden % blocks or (hidden // blocks) % blocks:
-        raise ValueError(
-            f"blockshuffle: tensor-parallel layout needs (hidden_size / blocks) % blocks == 0, i.e. blocks**2 "
-            f"divides hidden_size; got hidden_size={hidden}, blocks={blocks}"
-        )
-
-
-def w1_to_group_major(w1: torch.Tensor) -> torch.Tensor:
-    """``(B, q, n)`` -> ``(B_c, B_j, q/B, n)`` with ``out[c, j, a] = w1[j, a*B + c]``."""
-    blocks, q, n = w1.shape
-    return w1.reshape(blocks, q // blocks, blocks, n).permute(2, 0, 1, 3).contiguous()
-
-
-def w1_from_group_major(grouped: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`w1_to_group_major`."""
-    groups, blocks, per, n = grouped.shape
-    return grouped.permute(1, 2, 0, 3).reshape(blocks, per * groups, n)

@@ -12,10 +12,14 @@ fc1 in-factor
                   applies V to 1/tp of the tokens, then all-gathers the
                   R-vectors).  BlockDense: block-split (each rank owns whole
                   blocks of K, all-gathers the R features).  BlockShuffle:
-                  group-split (a rank computes only the rows of W1 that feed
-                  its own shuffle groups: no communication at all forward).
+                  block-split like BlockDense (whole W1 blocks on their d/tp
+                  inputs, the d-long middle vector all-gathered, because the
+                  paper's hidden order makes every rank's W2 rows read all
+                  of it).
   ``replicated``  full factor on every rank, no forward communication,
-                  (1 - 1/tp) of its FLOPs as overhead.
+                  (1 - 1/tp) of its FLOPs as overhead.  The only choice
+                  within dense traffic for BlockShuffle: its fc2 already
+                  all-reduces d, the dense FFN's whole forward budget.
 fc2 out-factor
   ``token``       exact.  LowRank: reduce-scatter the partial R-vectors along
                   tokens; BlockDense: all-to-all the local R/tp features into
@@ -40,9 +44,13 @@ from fractions import Fraction
 from itertools import product
 
 from ..structured import counts
-from .layout import require_blockshuffle_layout, require_divisible
+from .layout import require_divisible
 
-IN_MODES = {"lowrank": ("split", "replicated"), "blockdense": ("split", "replicated"), "blockshuffle": ("split",)}
+IN_MODES = {
+    "lowrank": ("split", "replicated"),
+    "blockdense": ("split", "replicated"),
+    "blockshuffle": ("split", "replicated"),
+}
 OUT_MODES = {"lowrank": ("token", "replicated"), "blockdense": ("token", "reduce"), "blockshuffle": ("reduce",)}
 
 
@@ -109,10 +117,9 @@ def require_shardable(shape: FFNShape, tp: int) -> None:
     require_divisible("ffn_hidden_size", shape.ffn_hidden, tp)
     if shape.kind in ("blockdense", "blockshuffle"):
         require_divisible(f"{shape.kind}: blocks", shape.blocks, tp)
-    if shape.kind == "blockshuffle":
-        if shape.gated:
-            require_divisible("blockshuffle: blocks", shape.blocks, shape.stride * tp, "2 x tensor_model_parallel_size")
-        require_blockshuffle_layout(shape.hidden, shape.blocks)
+    if shape.kind == "blockshuffle":  # a rank's hidden range is whole fc2 blocks and rows of every fc1 group
+        require_divisible("blockshuffle: hidden_size/blocks", shape.hidden // shape.blocks, tp)
+        require_divisible("blockshuffle: ffn_hidden_size/blocks", shape.ffn_hidden // shape.blocks, tp)
 
 
 # Factor placements: how a full factor of n elements is spread over the group.
@@ -141,7 +148,7 @@ def factor_placements(shape: FFNShape, strategy: TPStrategy) -> list[tuple[str, 
             ("fc2.u", d * r, _TOKEN_SPLIT if strategy.fc2_out == "token" else _SHARDED),
         ]
     return [
-        ("fc1.w1", d * d // b, _SHARDED),
+        ("fc1.w1", d * d // b, _SHARDED if strategy.fc1_in == "split" else _REPLICATED),
         ("fc1.w2", f1 * d // b, _SHARDED),
         ("fc2.w1", d * f // b, _SHARDED),
         ("fc2.w2", d * d // b, _SHARDED),
@@ -159,8 +166,6 @@ def _traffic(shape: FFNShape, strategy: TPStrategy, tp: int) -> tuple[Fraction, 
         return 2 * gather(n)
 
     if shape.kind == "dense":
-        return all_reduce(d), all_reduce(d)
-    if shape.kind == "blockshuffle":
         return all_reduce(d), all_reduce(d)
     if strategy.fc1_in == "split":
         fwd, bwd = gather(m), gather(m) + gather(d)

@@ -11,9 +11,10 @@ copy of the activation per product.  ``bmm`` can instead write straight into a
 strided view of token-major storage (each block's rows are then ``B*m`` apart,
 a layout BLAS accepts), but autograd cannot record ``out=`` calls.  Profiled on
 one FFN step (fc1, GELU, fc2, forward and backward), this cut the activation
-copies of BlockDense from 4 to 0 and of BlockShuffle from 40 to 6: what is
-left are the shuffles themselves (the middle one both ways, the output
-interleave in backward; in forward the interleave pass also adds the bias).
+copies of BlockDense from 4 to 0 and of BlockShuffle from 40 to 8: what is
+left are the shuffles themselves (the middle shuffle and the output interleave
+of both linears, each once forward and once backward; in forward the
+interleave pass also adds the bias).
 
 Under autocast the inputs are cast to the autocast dtype before entering the
 functions (autograd records the casts, so fp32 master weights still receive
@@ -73,38 +74,22 @@ class _BlockDiagMatmul(torch.autograd.Function):
 class _MonarchMatmul(torch.autograd.Function):
     """``P_out · blockdiag(w2) · P_mid · blockdiag(w1) · x + bias`` on token-major ``(T, N)`` input.
 
-    Activation copies: the middle shuffle and (with ``interleave``) the output
-    interleave, once in forward and once in backward.  The bias is added by the
-    interleave pass itself, so with ``interleave`` the output costs one pass
-    instead of a copy and an add.  The middle activation is kept in its shuffled
-    ``(B, T, q)`` layout for the ``w2`` gradient.
+    Activation copies: the middle shuffle and the output interleave, once in
+    forward and once in backward.  The bias is added by the interleave pass
+    itself, so the output costs one pass instead of a copy and an add.  The
+    middle activation is kept in its shuffled ``(B, T, q)`` layout for the
+    ``w2`` gradient.
     """
 
     @staticmethod
-    def forward(
-        ctx, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None, interleave: bool
-    ) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         blocks, q, _ = w1.shape
-        s = w2.shape[1]
         tokens = x.shape[0]
         h = _bmm_token_major(_blocks_view(x, blocks), w1.transpose(1, 2))  # (T, B*q) block-major
         # z[c, t, a] = h[t, a*B + c]: view each token's h as (q, B) and move B first.
         z = h.view(tokens, q, blocks).permute(2, 0, 1).contiguous()
         del h
-        if interleave:
-            u = torch.bmm(z, w2.transpose(1, 2))  # (B, T, s)
-            y = torch.empty(tokens, s, blocks, dtype=u.dtype, device=u.device)
-            interleaved = u.permute(1, 2, 0)  # y[t, j*B + c] = u[c, t, j]
-            if bias is None:
-                y.copy_(interleaved)
-            else:
-                torch.add(interleaved, bias.view(s, blocks), out=y)
-            y = y.view(tokens, s * blocks)
-        else:
-            y = _bmm_token_major(z, w2.transpose(1, 2))  # y[t, c*s + j] = u[c, t, j]
-            if bias is not None:
-                y.add_(bias)
-        ctx.interleave = interleave
+        y = _interleave(torch.bmm(z, w2.transpose(1, 2)), bias)
         ctx.save_for_backward(x, w1, w2, z)
         return y
 
@@ -116,10 +101,7 @@ class _MonarchMatmul(torch.autograd.Function):
         tokens = x.shape[0]
         grad = grad.contiguous()
         grad_bias = grad.sum(0) if ctx.needs_input_grad[3] else None
-        if ctx.interleave:
-            grad_u = grad.view(tokens, -1, blocks).permute(2, 0, 1).contiguous()  # (B, T, s)
-        else:
-            grad_u = _blocks_view(grad, blocks)
+        grad_u = _deinterleave(grad, blocks)
         grad_w1 = grad_w2 = grad_x = None
         if ctx.needs_input_grad[2]:
             grad_w2 = torch.bmm(grad_u.transpose(1, 2), z)
@@ -131,7 +113,45 @@ class _MonarchMatmul(torch.autograd.Function):
             grad_x = _bmm_token_major(grad_h, w1)
         if ctx.needs_input_grad[1]:
             grad_w1 = torch.bmm(grad_h.transpose(1, 2), _blocks_view(x, blocks))
-        return grad_x, grad_w1, grad_w2, grad_bias, None
+        return grad_x, grad_w1, grad_w2, grad_bias
+
+
+def _interleave(u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``(B, T, s)`` group outputs -> token-major ``y[t, j*B + c] = u[c, t, j]`` (+ ``bias``) in one pass."""
+    blocks, tokens, s = u.shape
+    y = torch.empty(tokens, s, blocks, dtype=u.dtype, device=u.device)
+    interleaved = u.permute(1, 2, 0)
+    if bias is None:
+        y.copy_(interleaved)
+    else:
+        torch.add(interleaved, bias.view(s, blocks), out=y)
+    return y.view(tokens, s * blocks)
+
+
+def _deinterleave(grad: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Inverse of :func:`_interleave` on a contiguous ``(T, s*B)`` gradient -> ``(B, T, s)``."""
+    return grad.view(grad.shape[0], -1, blocks).permute(2, 0, 1).contiguous()
+
+
+class _ShuffleBlocksMatmul(torch.autograd.Function):
+    """``P_out · blockdiag(w2) · P_mid · h`` on a block-major ``(T, B*q)`` middle vector computed elsewhere."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        blocks, _, q = w2.shape
+        z = h.view(h.shape[0], q, blocks).permute(2, 0, 1).contiguous()
+        ctx.save_for_backward(z, w2)
+        return _interleave(torch.bmm(z, w2.transpose(1, 2)), None)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        z, w2 = ctx.saved_tensors
+        blocks, tokens, q = z.shape
+        grad_u = _deinterleave(grad.contiguous(), blocks)
+        grad_w2 = torch.bmm(grad_u.transpose(1, 2), z) if ctx.needs_input_grad[1] else None
+        grad_h = torch.bmm(grad_u, w2).permute(1, 2, 0).reshape(tokens, q * blocks)
+        return grad_h, grad_w2
 
 
 def _tokens_major(x: torch.Tensor) -> torch.Tensor:
@@ -150,25 +170,30 @@ def block_diag_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def monarch_matmul(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    interleave_output: bool = True,
-    bias: torch.Tensor | None = None,
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """BlockShuffle product ``P_out · blockdiag(w2) · P_mid · blockdiag(w1) · x`` (+ ``bias``).
 
     ``w1``: ``(B, q, n)``, ``w2``: ``(B, s, q)``.  Group ``c`` of the middle
     receives ``z_c[a] = h[a*B + c]`` (view h as ``(q, B)`` and transpose) and the
-    output is ``y[t*B + c] = u_c[t]``.  With ``interleave_output=False`` the output
-    stays block-major (``y[c*s + t] = u_c[t]``): a fixed permutation of the same
-    map, used for FFN hidden units so that a tensor-parallel rank owns whole
-    output blocks (and one activation copy cheaper in forward and backward).
-    ``bias`` (length ``B*s``, in output order) is fused into the output pass.
+    output is ``y[t*B + c] = u_c[t]``.  ``bias`` (length ``B*s``, in output
+    order) is fused into the output pass.
     """
     blocks, _, _ = w1.shape
     s = w2.shape[1]
     tensors = (_tokens_major(x), w1, w2) + (() if bias is None else (bias,))
     x2d, w1, w2, *rest = _autocast(*tensors)
-    out = _MonarchMatmul.apply(x2d, w1, w2, rest[0] if rest else None, interleave_output)
+    out = _MonarchMatmul.apply(x2d, w1, w2, rest[0] if rest else None)
     return out.view(*x.shape[:-1], blocks * s)
+
+
+def shuffle_blocks_matmul(h: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The second half of :func:`monarch_matmul`, ``P_out · blockdiag(w2) · P_mid · h``, for a given ``h``.
+
+    ``h``: ``(..., B*q)`` block-major (the output of ``blockdiag(w1)``),
+    ``w2``: ``(B, s, q)``.  Used where ``h`` is assembled from several
+    tensor-parallel ranks' blocks.
+    """
+    blocks, s, _ = w2.shape
+    h2d, w2 = _autocast(_tokens_major(h), w2)
+    return _ShuffleBlocksMatmul.apply(h2d, w2).view(*h.shape[:-1], blocks * s)

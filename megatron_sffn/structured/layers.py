@@ -176,7 +176,7 @@ class BlockDense(StructuredLinear):
         return self.u @ torch.block_diag(*self.k.unbind(0))
 
 
-def monarch_permutations(blocks: int, middle_block: int, out_block: int, interleave_output: bool = True):
+def monarch_permutations(blocks: int, middle_block: int, out_block: int):
     """Index vectors of the two fixed shuffles of BlockShuffle.
 
     Returns ``(mid, out)`` with ``z = h[mid]`` and ``y = u[out]`` where ``h`` and
@@ -187,11 +187,8 @@ def monarch_permutations(blocks: int, middle_block: int, out_block: int, interle
     # z block c, position a  <-  h[a*B + c]
     mid = (a[None, :] * blocks + c[:, None]).reshape(-1)
     t = torch.arange(out_block)
-    if interleave_output:
-        # y[t*B + c] = u[c*s + t]  =>  out[t*B + c] = c*s + t
-        out = (c[None, :] * out_block + t[:, None]).reshape(-1)
-    else:
-        out = torch.arange(blocks * out_block)
+    # y[t*B + c] = u[c*s + t]  =>  out[t*B + c] = c*s + t
+    out = (c[None, :] * out_block + t[:, None]).reshape(-1)
     return mid, out
 
 
@@ -200,18 +197,18 @@ class BlockShuffle(StructuredLinear):
 
     Up-projection (in < out): ``W1 (B, in/B, in/B)``, ``W2 (B, out/B, in/B)``.
     Down-projection (in >= out): ``W1 (B, out/B, in/B)``, ``W2 (B, out/B, out/B)``.
-    ``interleave_output=False`` keeps the output block-major (see
-    :func:`monarch_matmul`); the default follows the paper's index semantics.
+    The output is interleaved, ``y[t*B + c] = u_c[t]``, as the paper's index
+    semantics have it.  In an FFN this order is part of the function: fc2's
+    first factor is block-diagonal over fc1's outputs, so each fc2 block reads
+    f/B² hidden units of every fc1 group; another order would connect the
+    blocks differently and make a different FFN.
     """
 
     kind = "blockshuffle"
     default_init = "ortho"
 
-    def __init__(
-        self, in_features: int, out_features: int, *, blocks: int, interleave_output: bool = True, **kwargs
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, *, blocks: int, **kwargs) -> None:
         super().__init__(in_features, out_features, blocks=blocks, **kwargs)
-        self.interleave_output = interleave_output
         middle = min(in_features, out_features) // blocks
         self.w1 = self._new_weight(blocks, middle, in_features // blocks)
         self.w2 = self._new_weight(blocks, out_features // blocks, middle)
@@ -221,17 +218,14 @@ class BlockShuffle(StructuredLinear):
         _init_matrices(self.init_method, self.std, generator, self.w1, self.w2)
 
     def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return monarch_matmul(x, self.w1, self.w2, self.interleave_output, bias=bias)
+        return monarch_matmul(x, self.w1, self.w2, bias=bias)
 
     def to_dense(self) -> torch.Tensor:
         blocks, middle, _ = self.w1.shape
-        mid, out = monarch_permutations(blocks, middle, self.w2.shape[1], self.interleave_output)
+        mid, out = monarch_permutations(blocks, middle, self.w2.shape[1])
         first = torch.block_diag(*self.w1.unbind(0))
         second = torch.block_diag(*self.w2.unbind(0))
         return (second @ first[mid])[out]
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", interleave_output={self.interleave_output}"
 
 
 _CLASSES = {cls.kind: cls for cls in (Dense, LowRank, BlockDense, BlockShuffle)}

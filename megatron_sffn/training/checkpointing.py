@@ -278,6 +278,34 @@ def read_checkpoint_header(path: str | Path) -> dict[str, Any]:
     return common
 
 
+_EXTRA_STATE = "._extra_state"
+
+
+def check_module_markers(path: str | Path, model: list) -> None:
+    """Collective: hand the checkpoint's ``_extra_state`` of every module that validates it to that module.
+
+    Runs before any tensor is read, so that a module can refuse a checkpoint
+    of another layout with its own explanation instead of a shape mismatch
+    deep in ``dist_checkpointing`` (BlockShuffle refuses checkpoints written
+    with block-major hidden units, a different FFN).
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.utils import unwrap_model
+
+    modules = dict(unwrap_model(model[0]).named_modules())
+
+    def validates(key: str) -> bool:
+        owner = modules.get(key.removesuffix(_EXTRA_STATE))
+        return key.endswith(_EXTRA_STATE) and getattr(owner, "validates_extra_state", False)
+
+    requested = {key: value for key, value in _model_state(model).items() if validates(key)}
+    if not requested:
+        return
+    loaded = dist_checkpointing.load(requested, str(path))  # also returns the checkpoint's common objects
+    for key in requested:
+        modules[key.removesuffix(_EXTRA_STATE)].set_extra_state(loaded[key])
+
+
 def load_checkpoint(path: str | Path, *, model: list, optimizer=None, scheduler=None) -> RestoredState:
     """Collective: load ``path`` into ``model`` (and ``optimizer``/``scheduler`` when given) in place.
 
@@ -295,6 +323,7 @@ def load_checkpoint(path: str | Path, *, model: list, optimizer=None, scheduler=
             f"{path} holds weights only (no optimizer state to resume, e.g. an imported model); start a run in "
             f"another run_dir with checkpoint.load={path}"
         )
+    check_module_markers(path, model)
     restore_rng = optimizer is not None and _same_rank_layout(header["layout"])
     model_state = sharded_model_state(model)
     request: dict[str, Any] = {"model": model_state}

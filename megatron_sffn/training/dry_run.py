@@ -36,7 +36,9 @@ parallelism (so norm inputs and outputs are replicated over TP):
   input and ``heads/t·4`` for the softmax log-sum-exp;
 * ``(fc1_out + f)/t·e``: the FFN activation's input and output;
 * structured FFNs add their inner features, one vector per linear: the rank R for
-  LowRank and BlockDense (gathered over TP), ``min(n, m)/t`` for BlockShuffle;
+  LowRank and BlockDense (gathered over TP); for BlockShuffle the whole middle
+  vector d of fc1 (its rows of every group read all of it; ``split/reduce``
+  also keeps its d/t input slice) and fc2's d/t slice;
 * 16 bytes of fp32 norm statistics.
 
 A SUPRA layer ("Linearizing Large Language Models", Mercat et al., 2024)
@@ -325,16 +327,29 @@ def plan_layout(cfg: TrainConfig, world_size: int) -> Layout:
 def _ffn_params_per_rank(model: ModelConfig, kind: str, tp: int) -> int:
     """FFN weights and biases one TP rank holds; structured factors follow the TP plan the modules use
     (``model.ffn.tp_strategy``, whose divisibility :class:`TrainConfig` has already checked)."""
-    d, f = model.hidden_size, model.ffn_hidden_size
+    d = model.hidden_size
     (_, fc1_out), _ = model.ffn_shapes()
     if tp == 1:  # every factor whole; spares importing the TP modules (and megatron) for a one-rank plan
         weights = sum(counts.weight_params(kind, n, m, model.ffn.rank, model.ffn.blocks) for n, m in model.ffn_shapes())
         return weights + fc1_out + d
-    from ..parallel.plan import FFNShape, choose_strategy, rank_cost
+    from ..parallel.plan import rank_cost
 
-    shape = FFNShape(kind, d, f, model.ffn.rank, model.ffn.blocks, gated=model.activation == "swiglu")
-    strategy = None if kind == "dense" else choose_strategy(shape, tp, model.ffn.tp_strategy)
-    return rank_cost(shape, strategy, tp).params
+    strategy = None if kind == "dense" else _tp_strategy(model, kind, tp)
+    return rank_cost(_ffn_shape(model, kind), strategy, tp).params
+
+
+def _ffn_shape(model: ModelConfig, kind: str):
+    from ..parallel.plan import FFNShape
+
+    return FFNShape(kind, model.hidden_size, model.ffn_hidden_size, model.ffn.rank, model.ffn.blocks,
+                    gated=model.activation == "swiglu")  # fmt: skip
+
+
+def _tp_strategy(model: ModelConfig, kind: str, tp: int):
+    """The structured FFN's TP plan as the modules choose it (``model.ffn.tp_strategy`` or the automatic one)."""
+    from ..parallel.plan import choose_strategy
+
+    return choose_strategy(_ffn_shape(model, kind), tp, model.ffn.tp_strategy)
 
 
 def _layer_params_per_rank(model: ModelConfig, layer: int, tp: int) -> int:
@@ -379,7 +394,11 @@ def _structured_inner_features(model: ModelConfig, kind: str, tp: int) -> int:
     if kind in ("lowrank", "blockdense"):
         return 2 * model.ffn.rank
     if kind == "blockshuffle":
-        return sum(min(n, m) for n, m in model.ffn_shapes()) // tp
+        (fc1_in, fc1_out), (fc2_in, fc2_out) = model.ffn_shapes()
+        inner = min(fc1_in, fc1_out) + min(fc2_in, fc2_out) // tp
+        if tp > 1 and _tp_strategy(model, kind, tp).fc1_in == "split":
+            inner += fc1_in // tp
+        return inner
     return 0
 
 

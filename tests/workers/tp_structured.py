@@ -20,6 +20,10 @@ from megatron_sffn.config import FFNConfig, ModelConfig
 from megatron_sffn.parallel import FFNShape, mlp_spec, rank_cost, record_traffic
 from megatron_sffn.parallel.grads import average_token_split_grads
 from megatron_sffn.parallel.layout import TPLayout, shard_ranges, take_rows
+from tests.workers.blockshuffle_ffn import (  # noqa: F401  (checks of this module's launch)
+    block_major_checkpoint_refused,
+    blockshuffle_ffn_matches_spec,
+)
 
 HIDDEN, FFN_HIDDEN = 32, 128
 SEED = 1234
@@ -32,14 +36,17 @@ class Case:
     blocks: int | None = None
     strategy: str = "auto"
     gated: bool = False
+    hidden: int = HIDDEN
+    ffn_hidden: int = FFN_HIDDEN
 
     @property
     def name(self) -> str:
         sizes = "".join(f"-{k}{v}" for k, v in (("R", self.rank), ("B", self.blocks)) if v)
-        return f"{self.structure}{sizes}-{self.strategy}{'-gated' if self.gated else ''}"
+        width = "" if (self.hidden, self.ffn_hidden) == (HIDDEN, FFN_HIDDEN) else f"-d{self.hidden}-f{self.ffn_hidden}"
+        return f"{self.structure}{sizes}-{self.strategy}{'-gated' if self.gated else ''}{width}"
 
     def shape(self) -> FFNShape:
-        return FFNShape(self.structure, HIDDEN, FFN_HIDDEN, self.rank, self.blocks, self.gated)
+        return FFNShape(self.structure, self.hidden, self.ffn_hidden, self.rank, self.blocks, self.gated)
 
 
 # Every structure, every strategy of each, gated variants, R on both sides of d/2.
@@ -59,7 +66,9 @@ CASES = [
     Case("blockdense", rank=8, blocks=2, gated=True),
     Case("blockshuffle", blocks=2),
     Case("blockshuffle", blocks=4),
+    Case("blockshuffle", blocks=4, strategy="split/reduce"),
     Case("blockshuffle", blocks=4, gated=True),
+    Case("blockshuffle", blocks=2, strategy="split/reduce", gated=True),
 ]
 
 
@@ -68,7 +77,7 @@ def transformer_config(case: Case, **overrides: Any):
 
     activation = F.silu if case.gated else functools.partial(F.gelu, approximate="tanh")
     options = dict(
-        num_layers=1, hidden_size=HIDDEN, ffn_hidden_size=FFN_HIDDEN, num_attention_heads=2,
+        num_layers=1, hidden_size=case.hidden, ffn_hidden_size=case.ffn_hidden, num_attention_heads=2,
         use_cpu_initialization=True, add_bias_linear=True, bias_activation_fusion=False,
         gated_linear_unit=case.gated, activation_func=activation, init_method_std=0.02,
     )  # fmt: skip
@@ -76,19 +85,25 @@ def transformer_config(case: Case, **overrides: Any):
     return TransformerConfig(**options)
 
 
-def build_mlp(case: Case, tp_group: Any, seed: int = SEED, **config_overrides: Any):
-    """megatron's MLP for ``case`` built from the spec factory, weights drawn from ``seed``."""
+def build_mlp(case: Case, tp_group: Any, seed: int = SEED, linears: tuple[type, type] | None = None,
+              **config_overrides: Any):  # fmt: skip
+    """megatron's MLP for ``case`` built from the spec factory, weights drawn from ``seed``.
+
+    ``linears`` replaces the spec's fc1 and fc2 classes (same options).
+    """
     from megatron.core.transformer.spec_utils import build_module
 
     model_cfg = ModelConfig(
-        hidden_size=HIDDEN, num_layers=2, num_attention_heads=2, ffn_hidden_size=FFN_HIDDEN,
+        hidden_size=case.hidden, num_layers=2, num_attention_heads=2, ffn_hidden_size=case.ffn_hidden,
         activation="swiglu" if case.gated else "gelu",
         ffn=FFNConfig(structure=case.structure, rank=case.rank, blocks=case.blocks),
     )  # fmt: skip
     spec = mlp_spec(model_cfg, 1, tp_strategy=case.strategy)
+    if linears is not None:
+        spec.submodules.linear_fc1.module, spec.submodules.linear_fc2.module = linears
     config = transformer_config(case, **config_overrides)
     torch.manual_seed(seed)
-    return build_module(spec, config=config, ffn_hidden_size=FFN_HIDDEN, tp_group=tp_group)
+    return build_module(spec, config=config, ffn_hidden_size=case.ffn_hidden, tp_group=tp_group)
 
 
 def full_tensor_slice(param: torch.Tensor, full: torch.Tensor, layout: TPLayout) -> torch.Tensor:
