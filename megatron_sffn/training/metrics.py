@@ -9,7 +9,7 @@ trainers, so its two inputs are pinned down here:
   structured model would otherwise be credited with FLOPs it skips.
   Activation recomputation is not counted (MFU, not hardware utilisation);
 * the denominator is one device's peak: the vendor's dense (no 2:4 sparsity)
-  bf16 or fp32 figure for known GPUs (:data:`GPU_PEAKS`), or
+  bf16 or fp32 figure for known GPUs (:data:`.devices.DEVICES`), or
   ``logging.peak_tflops_per_device``.  On CPU there is no meaningful
   datasheet figure, so the peak is measured once with a short fp32 matmul
   micro-benchmark: CPU "MFU" is relative to the matmul throughput this
@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import re
 import resource
 import sys
 import time
@@ -57,41 +56,10 @@ import torch
 from ..accounting.model import training_flops_per_token
 from ..config.model import ModelConfig
 from ..config.train import TrainConfig
+from .devices import find_device
 
 TENSORBOARD_SUBDIR = "tensorboard"
 _GIB = 1024**3
-
-
-@dataclass(frozen=True)
-class GpuPeak:
-    """Dense peaks of one GPU model in TFLOP/s; ``pattern`` matches ``torch.cuda.get_device_name()``."""
-
-    pattern: str
-    label: str
-    bf16_tflops: float
-    fp32_tflops: float
-
-
-# Vendor datasheet figures. Datasheets print tensor-core peaks with 2:4 sparsity;
-# the dense figure used here is half of it. fp32 is the non-tensor-core peak,
-# which is what PyTorch runs fp32 matmuls at unless TF32 is switched on.
-# Order matters: more specific names come first (H100 NVL before H100, L40S before L40).
-GPU_PEAKS: tuple[GpuPeak, ...] = (
-    GpuPeak(r"GH200", "NVIDIA GH200 (GH200 datasheet)", 989.5, 67.0),
-    GpuPeak(r"H100.*NVL", "NVIDIA H100 NVL (H100 datasheet)", 835.5, 60.0),
-    GpuPeak(r"H100.*PCIe", "NVIDIA H100 PCIe (H100 datasheet)", 756.5, 51.0),
-    GpuPeak(r"H100", "NVIDIA H100 SXM (H100 datasheet)", 989.5, 67.0),
-    GpuPeak(r"H200.*NVL", "NVIDIA H200 NVL (H200 datasheet)", 835.5, 60.0),
-    GpuPeak(r"H200", "NVIDIA H200 SXM (H200 datasheet)", 989.5, 67.0),
-    GpuPeak(r"A100", "NVIDIA A100 (A100 datasheet)", 312.0, 19.5),
-    GpuPeak(r"L40S", "NVIDIA L40S (L40S datasheet)", 362.05, 91.6),
-    GpuPeak(r"L40\b", "NVIDIA L40 (L40 datasheet)", 181.05, 90.5),
-    GpuPeak(r"\bL4\b", "NVIDIA L4 (L4 datasheet)", 121.0, 30.3),
-    GpuPeak(r"\bA10\b", "NVIDIA A10 (A10 datasheet)", 125.0, 31.2),
-    GpuPeak(r"\bA40\b", "NVIDIA A40 (A40 datasheet)", 149.7, 37.4),
-    GpuPeak(r"RTX 4090", "NVIDIA GeForce RTX 4090 (Ada Lovelace architecture whitepaper)", 165.2, 82.6),
-    GpuPeak(r"MI300X", "AMD Instinct MI300X (MI300X datasheet)", 1307.4, 163.4),
-)
 
 
 @dataclass(frozen=True)
@@ -103,20 +71,14 @@ class PeakFlops:
 
 
 def lookup_gpu_peak(device_name: str, precision: str) -> PeakFlops | None:
-    """The datasheet peak for ``device_name`` at ``precision`` (bf16/fp32); None for unknown GPUs.
-
-    A MIG slice owns a fraction of the GPU that its name does not state, so it
-    is treated as unknown rather than credited with the whole GPU's peak.
-    """
+    """The datasheet peak for ``device_name`` at ``precision`` (bf16/fp32); None for unknown GPUs and MIG slices."""
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision={precision!r}; expected 'bf16' or 'fp32'")
-    if "MIG" in device_name:
+    spec = find_device(device_name)
+    if spec is None:
         return None
-    for entry in GPU_PEAKS:
-        if re.search(entry.pattern, device_name):
-            tflops = entry.bf16_tflops if precision == "bf16" else entry.fp32_tflops
-            return PeakFlops(tflops * 1e12, f"{entry.label}, dense {precision}")
-    return None
+    tflops = spec.bf16_tflops if precision == "bf16" else spec.fp32_tflops
+    return PeakFlops(tflops * 1e12, f"{spec.label}, dense {precision}")
 
 
 def measure_cpu_matmul_peak(
