@@ -82,6 +82,7 @@ from ..accounting.model import (
 from ..config.loading import load_config, to_dict
 from ..config.model import ModelConfig
 from ..config.train import TrainConfig
+from ..entry_setup import quiet_known_warnings
 from ..structured import counts
 from .devices import find_device, known_device_names
 
@@ -672,6 +673,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status 0 for a plan that fits, 2 for a refused launch (reasons on stderr)."""
+    quiet_known_warnings()
     args = parse_args(argv)
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
