@@ -45,4 +45,4 @@ def missing_accelerators_note() -> str | None:
     if not missing:
         return None
     return (f"{' and '.join(missing)} not installed: megatron-core uses its PyTorch implementations "
-            f"(optimizer, gradient clipping, layer norm); training is correct, fused GPU kernels are unused")  # fmt: skip
+            f"(optimizer, gradient clipping, layer norm): results are the same, without fused GPU kernels")  # fmt: skip

@@ -21,6 +21,7 @@ trainer's counters.  A launch ends when
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,7 +187,9 @@ class Trainer:
 
     def _step(self, batches, stop: StopRequest | None):
         step = self.progress.step + 1
+        waited = time.perf_counter()
         micro_batches = [to_device(next(batches)) for _ in range(self.num_micro_batches)]
+        waited = time.perf_counter() - waited
         self.guidance.begin_step(step)
         self.scheduler.step(increment=1)
         learning_rate = self.optimizer.param_groups[0]["lr"]
@@ -219,7 +222,7 @@ class Trainer:
         self.metrics.train_step(
             step, loss=result.loss, learning_rate=learning_rate, consumed_tokens=p.consumed_tokens,
             skipped_steps=p.skipped_steps, grad_norm=result.grad_norm, params_norm=params_norm,
-            extra_scalars=self.guidance.metrics(),
+            data_seconds=waited, extra_scalars=self.guidance.metrics(),
         )  # fmt: skip
         if self.guidance.end_step(step):
             self._use_optimizer(self.guidance.optimizer)
