@@ -8,9 +8,11 @@ therefore only records the signal; the training loop reduces the flag across
 all ranks at the end of every step (:meth:`StopRequest.flag`), so every rank
 agrees on the same step, saves one consistent checkpoint, and exits.
 
-Ctrl-C (SIGINT) is handled the same way; a second Ctrl-C exits at once,
+Ctrl-C (SIGINT) is handled the same way; a second stop request after a
+Ctrl-C (another Ctrl-C, or the SIGTERM torchrun turns it into) exits at once,
 without saving and without a traceback (exit status 130), for a user who
-does not want to wait for the step to end.
+does not want to wait for the step to end.  Repeated SIGTERMs alone (a
+scheduler insisting) do not cut a save short.
 
 Under torchrun the launcher process gets the signal, passes it on to the
 workers and then dies of it itself (exit 1, a ``SignalException``).  The
@@ -54,8 +56,10 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            print("[train] second SIGINT: exiting now, without saving", file=sys.stderr, flush=True)
+        if self.received is not None and signal.SIGINT in (signum, self.received):
+            # A second Ctrl-C; under torchrun it arrives as SIGTERM (torchrun aborts its wait and terminates).
+            print(f"[train] second stop request ({signal.Signals(signum).name}): exiting now, without saving",
+                  file=sys.stderr, flush=True)  # fmt: skip
             os._exit(EXIT_INTERRUPTED)  # no unwinding: a collective in flight would only hang
         if self.received is None:
             self.received = signal.Signals(signum)
