@@ -104,11 +104,7 @@ class Trainer:
         self.train_steps = config.resolved_train_steps()
         self.run_dir = Path(config.run_dir)
         self.dirs = CheckpointDirs(self.run_dir / CHECKPOINTS_SUBDIR)
-        self.lock: RunLock | None = None
         if self.rank == 0:
-            self.lock = RunLock(self.run_dir).acquire()  # before anything in the run directory changes
-            if self.lock.took_over:
-                say(self.lock.took_over)
             save_config(config, self.run_dir / CONFIG_FILE)
             for stale in self.dirs.clean_stale():
                 say(f"removed {stale.name}, left behind by an interrupted save")
@@ -329,13 +325,17 @@ class Trainer:
 
 def run_training(config: TrainConfig, faults: FaultPlan | None = None) -> TrainOutcome:
     """One launch of the run described by ``config`` (call under torchrun or as a single process)."""
-    trainer = Trainer(config, faults if faults is not None else FaultPlan.from_env())
+    # Global rank 0 holds the run directory for the whole launch, before anything in it changes.
+    lock = RunLock(config.run_dir).acquire() if os.environ.get("RANK", "0") == "0" else None
     try:
+        if lock is not None and lock.took_over:
+            say(lock.took_over)
+        trainer = Trainer(config, faults if faults is not None else FaultPlan.from_env())
         trainer.restore()
         outcome = trainer.run()
         if os.environ.get("LOCAL_RANK", "0") == "0":  # one record per node, for that node's launcher
             write_stop_record(outcome.stopped_by, outcome.progress.step, outcome.checkpoint)
         return outcome
     finally:
-        if trainer.lock is not None:
-            trainer.lock.release()
+        if lock is not None:
+            lock.release()
