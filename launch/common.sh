@@ -90,10 +90,13 @@ sffn_set_env() {
   export PYTHONPATH="$SFFN_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 }
 
-# sffn_preflight WORLD_SIZE: the trainer's checks, once, before torchrun (a refusal exits 2 here instead of
-# failing every worker and using up the restarts); prints the run directory.
+# sffn_preflight WORLD_SIZE [JOB_ID]: the trainer's checks, once, before torchrun (a refusal exits 2 here
+# instead of failing every worker and using up the restarts); prints the run directory, and with JOB_ID
+# (multi-node: the rendezvous id, '' for the default) the resolved id on a second line.
 sffn_preflight() {
-  "$SFFN_PYTHON" "$SFFN_ROOT/launch/preflight.py" --world-size "$1" "${SFFN_ARGS[@]}" || exit 2
+  local job=()
+  [ "$#" -ge 2 ] && job=(--job-id "$2")
+  "$SFFN_PYTHON" "$SFFN_ROOT/launch/preflight.py" --world-size "$1" "${job[@]}" "${SFFN_ARGS[@]}" || exit 2
 }
 
 # sffn_dry_run WORLD_SIZE NPROC: print the plan of this launch instead of training.

@@ -27,8 +27,9 @@ if [ "$SFFN_DRY_RUN" = 1 ]; then
 fi
 [ -n "${HEAD:-}" ] || sffn_fail "set HEAD (host of the rendezvous, the same on every node)"
 port="${PORT:-29500}"
-run_dir="$(sffn_preflight "$(( ${NNODES##*:} * nproc ))")"
-run_id="${RUN_ID:-sffn-$(basename "$run_dir")}"
+checked="$(sffn_preflight "$(( ${NNODES##*:} * nproc ))" "${RUN_ID:-}")"
+run_dir="${checked%%$'\n'*}"
+run_id="${checked#*$'\n'}"
 sffn_torchrun "$run_dir/logs/$run_id/$(hostname)-$$" \
   --nnodes "$NNODES" --nproc-per-node "$nproc" \
   --rdzv-backend c10d --rdzv-endpoint "$HEAD:$port" --rdzv-id "$run_id"

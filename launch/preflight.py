@@ -12,22 +12,31 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from megatron_sffn.train import checked_config
+from megatron_sffn.config.loading import load_config
+from megatron_sffn.config.train import TrainConfig
+from megatron_sffn.train import preflight
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="launch/preflight.py", description=__doc__.splitlines()[0])
     parser.add_argument("--world-size", type=int, required=True, help="processes of the launch (all nodes)")
+    parser.add_argument("--job-id", help="multi-node: the rendezvous id ('' for the default, sffn-<run_dir name>); "
+                        "printed on a second line")  # fmt: skip
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
-        config = checked_config(args.config, args.overrides, args.world_size)
+        config = load_config(TrainConfig, args.config, args.overrides)
+        job_id = None if args.job_id is None else (args.job_id or f"sffn-{Path(config.run_dir).name}")
+        preflight(config, args.world_size, job_id)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(config.run_dir)
+    if job_id is not None:
+        print(job_id)
     return 0
 
 

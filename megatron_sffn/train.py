@@ -34,8 +34,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def preflight(config: TrainConfig, world_size: int) -> None:
-    """The checks that need no process group, in the order a user would fix them."""
+def preflight(config: TrainConfig, world_size: int, job_id: str | None = None) -> None:
+    """The checks that need no process group, in the order a user would fix them.
+
+    ``job_id``: the torchrun run id of the job being launched (see :func:`.training.run_lock.holder_of`).
+    """
     from .training.data_setup import check_dataset
     from .training.model_setup import check_optimizer_choice
     from .training.resume_checks import check_starting_point
@@ -47,7 +50,7 @@ def preflight(config: TrainConfig, world_size: int) -> None:
     check_optimizer_choice(config)
     check_dataset(config)
     check_starting_point(config)
-    holder = holder_of(config.run_dir)
+    holder = holder_of(config.run_dir, job_id)
     if holder is not None:
         raise ValueError(locked_message(config.run_dir, holder))
 

@@ -306,7 +306,8 @@ def test_slurm_job_renders_for_two_nodes_and_builds_the_torchrun_command(tmp_pat
     _stand_in(bin_dir, "nvidia-smi", 'for i in 0 1 2 3; do echo "GPU $i: stand-in"; done\n')
     fake_python = bin_dir / "python"
     _stand_in(bin_dir, "python", (  # the preflight (it would need the dataset) answers with the run directory
-        f'if [[ "$1" == *preflight.py ]]; then printf "%s\\n" "$@" > {record}.preflight; echo {run_dir}; exit 0; fi\n'
+        f'if [[ "$1" == *preflight.py ]]; then printf "%s\\n" "$@" > {record}.preflight; echo {run_dir}; echo "$5"; '
+        f'exit 0; fi\n'
         f'printf "%s\\n" "$@" > {record}.argv\n'
         f'env > {record}.env\n'
     ))  # fmt: skip
@@ -323,7 +324,9 @@ def test_slurm_job_renders_for_two_nodes_and_builds_the_torchrun_command(tmp_pat
     argv = (tmp_path / "record.argv").read_text().splitlines()
     command = " ".join(argv)
     preflight = (tmp_path / "record.preflight").read_text().splitlines()
-    assert preflight[1:] == ["--world-size", "8", *job_args], "the preflight checks the whole job's world size"
+    assert preflight[1:] == ["--world-size", "8", "--job-id", "slurm-4242", *job_args], (
+        "the preflight checks the whole job's world size, knowing the job it joins"
+    )
     for expected in ("launch/run_torchrun.py", "--nnodes 2", "--nproc-per-node 4", "--rdzv-backend c10d",
                      "--rdzv-endpoint gpu-07:29500", "--rdzv-id slurm-4242", "--max-restarts 3", "--tee 3",
                      f"-m megatron_sffn.train {' '.join(job_args)}"):  # fmt: skip

@@ -121,6 +121,17 @@ def test_stale_locks_are_taken_over(tmp_path, monkeypatch, case):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
 
 
+def test_a_node_joining_the_job_that_holds_the_lock_passes_its_preflight(tmp_path, monkeypatch):
+    """Multi-node: rank 0 on another node may lock the run directory before this node's preflight runs."""
+    _write_lock(tmp_path / "run", LockHolder("node-01", 4242, time.time(), "slurm-77", 0))
+    assert holder_of(tmp_path / "run", job_id="slurm-77") is None
+    assert holder_of(tmp_path / "run", job_id="slurm-78").host == "node-01"  # another job
+    assert holder_of(tmp_path / "run").host == "node-01"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "slurm-77")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert holder_of(tmp_path / "run") is None  # a worker of that same attempt
+
+
 def test_heartbeat_refreshes_the_lock(tmp_path, monkeypatch):
     monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
     with RunLock(tmp_path / "run") as lock:

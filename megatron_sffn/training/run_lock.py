@@ -101,16 +101,24 @@ def stale_reason(holder: LockHolder | None, age_s: float, me: LockHolder) -> str
     return None
 
 
-def holder_of(run_dir: str | os.PathLike) -> LockHolder | None:
-    """The live job holding ``run_dir``, or None when the directory is free (no lock, or a stale one)."""
+def holder_of(run_dir: str | os.PathLike, job_id: str | None = None) -> LockHolder | None:
+    """The live job holding ``run_dir``, or None when the directory is free (no lock, a stale one, or our own).
+
+    ``job_id`` is the torchrun run id of the job about to start (a multi-node
+    launch checks on every node, and rank 0 on another node may hold the lock
+    already); inside torchrun it is the worker's own run id and attempt.
+    """
     path = Path(run_dir) / LOCK_FILE
     try:
         holder, age = _read(path)
     except FileNotFoundError:
         return None
     me = LockHolder.this_process()
-    if holder is not None and holder.run_id is not None and (holder.run_id, holder.restart) == (me.run_id, me.restart):
-        return None  # rank 0 of this very job got there first
+    if holder is not None and holder.run_id is not None:
+        if job_id is not None and holder.run_id == job_id:
+            return None  # rank 0 of the job this launch joins got there first
+        if job_id is None and (holder.run_id, holder.restart) == (me.run_id, me.restart):
+            return None  # rank 0 of this very attempt got there first
     if stale_reason(holder, age, me) is not None:
         return None
     return holder if holder is not None else LockHolder("?", -1, path.stat().st_mtime)
