@@ -226,6 +226,8 @@ def test_schedule_choices_on_resume(tmp_path, dataset):
         config = from_dict(TrainConfig, {**longer, "training": {**longer["training"], "schedule_on_resume": choice}})
         assert resume_schedule(ckpt, config).train_steps == expected_steps
     assert resume_schedule(ckpt, from_dict(TrainConfig, raw)) == saved  # unchanged: no choice needed
+    shorter = from_dict(TrainConfig, {**raw, "training": {**raw["training"], "train_steps": 4}})
+    assert resume_schedule(ckpt, shorter).train_steps == 4  # already complete: nothing left to schedule
     # keep: past the checkpoint's end the rate stays at its minimum; by the cosine written out by hand
     assert saved.lr_of_update(7) == saved.lr_of_update(9) == pytest.approx(3e-4)
     assert saved.lr_of_update(4) == pytest.approx(3e-4 + 0.5 * 2.7e-3 * (1 + math.cos(math.pi * 2 / 4)))

@@ -128,11 +128,11 @@ def resume_schedule(checkpoint: Path, config: TrainConfig) -> LRSchedule:
     """
     saved, wanted = LRSchedule.saved_in(checkpoint), LRSchedule.of(config)
     choice = config.training.schedule_on_resume
-    if saved == wanted or choice == "refit":
-        return wanted
+    step = step_of(checkpoint.name)
+    if saved == wanted or choice == "refit" or (step is not None and step >= wanted.train_steps):
+        return wanted  # (the last case trains nothing: the run is already complete)
     if choice == "keep":
         return saved
-    step = step_of(checkpoint.name)
     jump = ""
     if step is not None and saved.lr_of_update(step + 1) != wanted.lr_of_update(step + 1):
         jump = (f"; at update {step + 1} the rate would jump from {saved.lr_of_update(step + 1):.3g} (the "
