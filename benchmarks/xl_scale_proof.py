@@ -8,7 +8,10 @@ d 2048, LowRank R=512 FFNs, vocabulary 32000, sequence 1024) through
 ``launch/single_node.sh`` with two gloo workers at tensor parallelism 2:
 micro-batch 1, global batch 1, fp32, full activation recomputation, on a
 synthetic prepared dataset of the model's vocabulary and context (no
-download).  Recorded per step: the loss (the trainer's step trace), the step
+download).  The LowRank factors start from a normal draw by default
+(``--init svd`` for the paper's init, which costs 46 full 2048 x 8192 SVDs
+per rank before the first step on a CPU): the shapes, memory and step cost
+are the same.  Recorded per step: the loss (the trainer's step trace), the step
 time (the trainer's console line; evaluation and the checkpoint save are not
 in it); per rank: the peak resident set (``VmHWM`` polled from ``/proc``).
 Beside them, the dry run's per-process estimate of the same launch, and its
@@ -35,6 +38,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from megatron_sffn.config.loading import load_config  # noqa: E402
 from megatron_sffn.config.train import TrainConfig  # noqa: E402
+from megatron_sffn.entry_setup import quiet_known_warnings  # noqa: E402
 from megatron_sffn.training.trace import ENV_STEP_TRACE, read_trace  # noqa: E402
 from tests.workers.train_checks import write_dataset  # noqa: E402
 
@@ -48,13 +52,13 @@ def log(message: str) -> None:
     print(f"[xl_scale_proof] {message}", file=sys.stderr, flush=True)
 
 
-def overrides(run_dir: Path, data: Path, steps: int, tp: int, recompute: str) -> list[str]:
+def overrides(run_dir: Path, data: Path, steps: int, tp: int, recompute: str, init: str) -> list[str]:
     chosen = [
         f"run_dir={run_dir}", f"data.path={data}", "data.num_workers=0", f"parallel.tensor_parallel={tp}",
         "training.micro_batch_size=1", "training.global_batch_size=1", f"training.train_steps={steps}",
         "training.train_tokens=null", "optimizer.warmup_steps=1", "optimizer.warmup_fraction=null",
         "eval.interval=null", "eval.at_end=false", "checkpoint.save_interval=null", "logging.log_interval=1",
-        "logging.tensorboard=false",
+        "logging.tensorboard=false", f"model.ffn.init={init}",
     ]  # fmt: skip
     if recompute == "full":
         chosen += ["training.recompute_granularity=full", "training.recompute_method=uniform",
@@ -98,7 +102,7 @@ def _peak_rss_of_workers(launcher: subprocess.Popen, peaks: dict[int, int]) -> N
             continue
 
 
-def run(steps: int, tp: int, recompute: str, keep: bool) -> dict:
+def run(steps: int, tp: int, recompute: str, init: str, keep: bool) -> dict:
     work = Path(tempfile.mkdtemp(prefix="xl-scale-"))
     try:
         cfg = load_config(TrainConfig, CONFIG, ["data.path=unused"])
@@ -106,7 +110,7 @@ def run(steps: int, tp: int, recompute: str, keep: bool) -> dict:
         data = write_dataset(work / "data", train_samples=16, val_samples=2, per_shard=16,
                              seq=cfg.model.seq_length, vocab=cfg.model.vocab_size)  # fmt: skip
         run_dir, trace = work / "run", work / "trace"
-        args = overrides(run_dir, data, steps, tp, recompute)
+        args = overrides(run_dir, data, steps, tp, recompute, init)
         estimate = dry_run_estimate(CONFIG, args, tp)
         dense = dry_run_estimate(DENSE, args, tp)
         env = {**os.environ, "NPROC": str(tp), "CUDA_VISIBLE_DEVICES": "", ENV_STEP_TRACE: str(trace),
@@ -132,7 +136,8 @@ def run(steps: int, tp: int, recompute: str, keep: bool) -> dict:
         return {
             "config": CONFIG.relative_to(REPO_ROOT).as_posix(),
             "layout": {"tensor_parallel": tp, "processes": tp, "micro_batch": 1, "global_batch": 1,
-                       "seq_length": cfg.model.seq_length, "recompute": recompute, "precision": "fp32"},
+                       "seq_length": cfg.model.seq_length, "recompute": recompute, "precision": "fp32",
+                       "ffn_init": init},
             "losses": losses,
             "step_seconds": step_seconds,
             "peak_rss_gib_per_rank": {rank: peaks[rank] / _GIB for rank in sorted(peaks)},
@@ -155,7 +160,8 @@ def report(result: dict) -> str:
     lines = [
         f"{result['config']} at TP={result['layout']['tensor_parallel']} on {result['cores']} CPU cores "
         f"(seq {result['layout']['seq_length']}, micro-batch 1, global batch 1, fp32, recompute "
-        f"{result['layout']['recompute']}); load average {' '.join(result['load_average_before'])} before, "
+        f"{result['layout']['recompute']}, FFN init {result['layout']['ffn_init']}); "
+        f"load average {' '.join(result['load_average_before'])} before, "
         f"{' '.join(result['load_average_after'])} after; wall {result['wall_seconds']:.0f} s",
         "",
         "| step | loss | step time (s) |",
@@ -186,10 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--tensor-parallel", type=int, default=2)
     parser.add_argument("--recompute", choices=["full", "none"], default="full")
+    parser.add_argument("--init", choices=["svd", "normal"], default="normal",
+                        help="LowRank factor init: the paper's svd costs ~46 full 2048x8192 SVDs per rank on the CPU; "
+                             "normal builds the same shapes in seconds (default)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     parser.add_argument("--keep", action="store_true", help="keep the run directory and dataset")
     args = parser.parse_args(argv)
-    result = run(args.steps, args.tensor_parallel, args.recompute, args.keep)
+    quiet_known_warnings()
+    result = run(args.steps, args.tensor_parallel, args.recompute, args.init, args.keep)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(report(result), flush=True)

@@ -16,10 +16,12 @@ from pathlib import Path
 
 from megatron_sffn.config.loading import load_config
 from megatron_sffn.config.train import TrainConfig
+from megatron_sffn.entry_setup import quiet_known_warnings
 from megatron_sffn.train import preflight
 
 
 def main(argv: list[str]) -> int:
+    quiet_known_warnings()
     parser = argparse.ArgumentParser(prog="launch/preflight.py", description=__doc__.splitlines()[0])
     parser.add_argument("--world-size", type=int, required=True, help="processes of the launch (all nodes)")
     parser.add_argument("--job-id", help="multi-node: the rendezvous id ('' for the default, sffn-<run_dir name>); "

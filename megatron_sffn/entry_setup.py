@@ -24,6 +24,9 @@ KNOWN_HARMLESS_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     (UserWarning, r"full scope is deprecated\. Use empty cuda_graph_scope", r"megatron\.core\.transformer\."),
     # megatron's torch_dist checkpoint loader still calls torch's deprecated entry point.
     (FutureWarning, r"`load_state_dict` is deprecated", r"megatron\.core\.dist_checkpointing\."),
+    # megatron's tensor-parallel mappings (and the structured-FFN reduce-scatter) call the collective torch
+    # renamed; torch's c10d wrapper is the module that emits it.
+    (FutureWarning, r"`torch\.distributed\.reduce_scatter_tensor` is deprecated", r"torch\.distributed\.c10d_logger"),
 )
 
 OPTIONAL_ACCELERATORS = {"transformer_engine": "Transformer Engine", "apex": "Apex"}

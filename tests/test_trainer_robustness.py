@@ -277,6 +277,8 @@ def test_known_harmless_warnings_are_filtered_narrowly():
                        UserWarning, "megatron.core.transformer.transformer_config")  # fmt: skip
     assert not emitted("`load_state_dict` is deprecated and will be removed in future versions. Please use `load`.",
                        FutureWarning, "megatron.core.dist_checkpointing.strategies.torch")  # fmt: skip
+    assert not emitted("`torch.distributed.reduce_scatter_tensor` is deprecated. Please use ...", FutureWarning,
+                       "torch.distributed.c10d_logger")  # fmt: skip
     assert emitted(te, UserWarning, "some_other_library")  # the same words from elsewhere still show
     assert emitted("a real problem", UserWarning, "megatron.core.optimizer")  # other megatron warnings still show
     note = missing_accelerators_note()
