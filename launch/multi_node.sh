@@ -13,7 +13,7 @@
 #
 # Every node writes its ranks' logs to <run_dir>/logs/<RUN_ID>/<host>-<pid>/ (a shared file system
 # keeps them together). Restarts after a failure (MAX_RESTARTS, default 3) re-form the group on all
-# nodes and resume from the latest checkpoint; see launch/common.sh for the environment variables.
+# nodes and resume from the latest checkpoint. The trainer's checks run once per node before torchrun.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -27,8 +27,9 @@ if [ "$SFFN_DRY_RUN" = 1 ]; then
 fi
 [ -n "${HEAD:-}" ] || sffn_fail "set HEAD (host of the rendezvous, the same on every node)"
 port="${PORT:-29500}"
-run_dir="$(sffn_run_dir)"
-run_id="${RUN_ID:-sffn-$(basename "$run_dir")}"
+checked="$(sffn_preflight "$(( ${NNODES##*:} * nproc ))" "${RUN_ID:-}")"
+run_dir="${checked%%$'\n'*}"
+run_id="${checked#*$'\n'}"
 sffn_torchrun "$run_dir/logs/$run_id/$(hostname)-$$" \
   --nnodes "$NNODES" --nproc-per-node "$nproc" \
   --rdzv-backend c10d --rdzv-endpoint "$HEAD:$port" --rdzv-id "$run_id"

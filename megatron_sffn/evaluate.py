@@ -24,6 +24,7 @@ from typing import Sequence
 
 from .config.loading import load_config
 from .config.train import TrainConfig
+from .entry_setup import missing_accelerators_note, quiet_known_warnings
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -53,6 +54,9 @@ def evaluate_checkpoint(checkpoint: Path, config: TrainConfig) -> dict:
     on_gpu = torch.cuda.is_available()
     cpu_compat.enable_if_no_cuda()
     init_distributed(config, on_gpu)
+    note = missing_accelerators_note()
+    if note and dist.get_rank() == 0:
+        print(f"[evaluate] {note}", file=sys.stderr, flush=True)
     seed_model_parallel(config.training.seed)
     world_size = dist.get_world_size()
     micro_batches = config.num_micro_batches(world_size)
@@ -91,6 +95,7 @@ def evaluate_checkpoint(checkpoint: Path, config: TrainConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_known_warnings()
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:

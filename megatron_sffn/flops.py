@@ -147,12 +147,17 @@ def build_config(args: argparse.Namespace) -> ModelConfig:
 
 
 def run_tokens(args: argparse.Namespace, cfg: ModelConfig) -> tuple[int, int] | tuple[None, None]:
-    """(tokens, steps) of the run: from --tokens/--steps, else a preset's paper budget, else unknown."""
+    """(tokens, steps) of the run: from --tokens/--steps, else a preset's paper budget, else unknown.
+
+    A token budget trains the whole steps that fit in it, as the trainer (and
+    the paper's code) does, so the tokens counted are those of whole steps.
+    """
     batch_tokens = args.global_batch * cfg.seq_length
     if args.steps:
         return args.steps * batch_tokens, args.steps
     if args.tokens:
-        return args.tokens, args.tokens // batch_tokens
+        steps = args.tokens // batch_tokens
+        return steps * batch_tokens, steps
     if args.model:
         budget = training_budget(args.model)
         return budget.trained_tokens, budget.steps

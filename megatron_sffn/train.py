@@ -21,6 +21,7 @@ from typing import Sequence
 
 from .config.loading import load_config
 from .config.train import TrainConfig
+from .entry_setup import quiet_known_warnings
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -33,22 +34,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def preflight(config: TrainConfig, world_size: int) -> None:
-    """The checks that need no process group, in the order a user would fix them."""
-    from .training.checkpointing import check_same_model, resolve_checkpoint
+def preflight(config: TrainConfig, world_size: int, job_id: str | None = None) -> None:
+    """The checks that need no process group, in the order a user would fix them.
+
+    ``job_id``: the torchrun run id of the job being launched (see :func:`.training.run_lock.holder_of`).
+    """
     from .training.data_setup import check_dataset
     from .training.model_setup import check_optimizer_choice
+    from .training.resume_checks import check_starting_point
+    from .training.run_lock import holder_of, locked_message
     from .training.schedule import check_warmup
 
     config.validate_layout(world_size)
     check_warmup(config.resolved_train_steps(), config.resolved_warmup_steps())
     check_optimizer_choice(config)
     check_dataset(config)
-    if config.checkpoint.load is not None:
-        check_same_model(resolve_checkpoint(config.checkpoint.load), config, allow_attention_swap=True)
+    check_starting_point(config)
+    holder = holder_of(config.run_dir, job_id)
+    if holder is not None:
+        raise ValueError(locked_message(config.run_dir, holder))
+
+
+def checked_config(path: str, overrides: Sequence[str], world_size: int) -> TrainConfig:
+    """The run's config after every check that needs no process group (raises ValueError / FileNotFoundError)."""
+    config = load_config(TrainConfig, path, list(overrides))
+    preflight(config, world_size)
+    return config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--dry-run" in argv:  # plan only; options: python -m megatron_sffn.training.dry_run -h
         from .training.dry_run import main as dry_run_main
@@ -57,20 +72,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        config = load_config(TrainConfig, args.config, args.overrides)
-        preflight(config, world_size)
+        config = checked_config(args.config, args.overrides, world_size)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
 
     from .training.loop import run_training
     from .training.nonfinite import NonFiniteTrainingError
+    from .training.run_lock import RunDirLocked
+    from .training.signals import EXIT_INTERRUPTED
 
     try:
         run_training(config)
+    except RunDirLocked as exc:  # another job took the run directory between the preflight and now
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     except NonFiniteTrainingError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C during set-up, before the loop handles it
+        print("[train] interrupted during set-up; nothing was saved", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     finally:
         import torch.distributed as dist
 

@@ -30,7 +30,6 @@ from megatron_sffn.accounting.model import count_parameters, dense_counterpart, 
 from megatron_sffn.config.loading import load_config
 from megatron_sffn.config.train import TrainConfig
 from megatron_sffn.training import dry_run
-from megatron_sffn.training.metrics import GPU_PEAKS
 from tests.test_launch import REPO_ROOT, TINY, build_dataset, tiny_context_length
 
 CONFIGS = REPO_ROOT / "configs"
@@ -106,11 +105,37 @@ def test_expected_throughput_uses_the_structured_flops():
     assert plan.throughput.run_seconds == pytest.approx(plan.layout.train_tokens / plan.throughput.tokens_per_second)
 
 
-def test_every_known_gpu_has_a_memory_size():
-    for peak in GPU_PEAKS:
-        assert dry_run.gpu_memory_gib(peak.label) is not None, peak.label
-    assert dry_run.gpu_memory_gib("NVIDIA A100-SXM4-40GB") == 40.0
-    assert dry_run.gpu_memory_gib("NVIDIA H100 NVL") == 94.0
+@pytest.mark.parametrize(
+    "name, memory_gib, bf16_tflops",
+    [("NVIDIA A100-SXM4-40GB", 40.0, 312.0), ("NVIDIA H100 NVL", 94.0, 835.5), ("NVIDIA H100 80GB HBM3", 80.0, 989.5),
+     ("NVIDIA H200", 141.0, 989.5), ("NVIDIA B200", 180.0, 2250.0), ("NVIDIA GB200", 186.0, 2500.0),
+     ("AMD Instinct MI300X", 192.0, 1307.4), ("NVIDIA L40S", 48.0, 362.05), ("L40", 48.0, 181.05)],
+)  # fmt: skip
+def test_known_devices_plan_with_their_datasheet_figures(name, memory_gib, bf16_tflops):
+    device = dry_run.resolve_device(name, precision_on_gpu="bf16")
+    assert device.memory_bytes == int(memory_gib * 1024**3) and device.peak_flops == bf16_tflops * 1e12
+
+
+def test_an_unknown_device_is_refused_listing_the_known_ones(capsys):
+    status, out, err = run_main(TINY, "--device", "H1000", capsys=capsys)
+    assert status == 2 and "OK" not in out
+    assert "'H1000' is not a device" in err and "H100, " in err and "B200" in err and "MI300X" in err
+    with pytest.raises(ValueError, match="'H100X'"):
+        dry_run.resolve_device("H100X", precision_on_gpu="bf16")
+    # an unlisted device can still be planned from explicit figures
+    device = dry_run.resolve_device("Custom9", precision_on_gpu="bf16", memory_gib=64, peak_tflops=500)
+    assert (device.memory_bytes, device.peak_flops) == (64 * 1024**3, 500e12)
+
+
+def test_dense_override_drops_the_structured_sizes(capsys):
+    model = config(CONFIGS / "paper" / "s_lowrank32.yaml", "model.ffn.structure=dense").model
+    assert (model.ffn.rank, model.ffn.blocks) == (None, None)
+    assert model == config(CONFIGS / "paper" / "s_dense.yaml").model
+    status, out, _ = run_main(CONFIGS / "paper" / "s_blockdense32.yaml", "model.ffn.structure=dense",
+                              "--device", "H100", "--world-size", "8", capsys=capsys)  # fmt: skip
+    assert status == 0 and "FFN structure: dense\n" in out
+    shuffled = config(CONFIGS / "paper" / "s_blockdense32.yaml", "model.ffn.structure=blockshuffle").model
+    assert shuffled.ffn.rank is None and shuffled.ffn.blocks is not None
 
 
 # -- the command: report and refusals ----------------------------------------------------------------

@@ -116,7 +116,9 @@ def test_explicit_structure_sizes_and_rank_multiple(capsys):
 
 def test_tokens_accepts_scientific_notation(capsys):
     report = run_json(capsys, "--model", "m", "--tokens", "6.7e9")["model"]
-    assert report["run"]["tokens"] == 6_700_000_000 and report["run"]["steps"] == 12_779
+    run = report["run"]
+    assert run["steps"] == 12_779 and run["tokens"] == 12_779 * 512 * 1024  # whole steps only
+    assert run["training_flops"] == pytest.approx(3 * report["forward_flops_per_token"]["total"] * run["tokens"])
 
 
 def test_sgt_same_flops_prints_the_steps_that_match_dense_flops(capsys):
@@ -130,7 +132,7 @@ def test_sgt_same_flops_prints_the_steps_that_match_dense_flops(capsys):
     code, out = run(capsys, "--model", "s", "--structure", "lowrank", "--ratio", "0.32", "--sgt", "same_flops",
                     "--sgt-ratio", "0.30")  # fmt: skip
     assert code == 0
-    assert "4,196 + 1,259 = 5,455" in out and "(ratio g/S = 0.3000)" in out
+    assert "4,196 + 1,258 = 5,454" in out and "(ratio g/S = 0.2998)" in out
 
 
 def test_sgt_fixed_steps_with_explicit_steps(capsys):

@@ -12,7 +12,8 @@ and 6 steps, over a dataset built here with the data_tools command-line tools:
   checkpoint, and every step ends with the reference's loss;
 * ``launch/slurm.sbatch``: parses, renders for 2 nodes, and the rendered job
   builds the expected srun/torchrun command (stand-in ``srun``/``scontrol``/
-  ``nvidia-smi`` on PATH, a stand-in Python that records the torchrun command).
+  ``nvidia-smi`` on PATH, a stand-in Python that records the preflight and
+  the torchrun command).
 
 Per-step values come from the trainer's step trace (``SFFN_STEP_TRACE``),
 which stores losses exactly.
@@ -304,8 +305,9 @@ def test_slurm_job_renders_for_two_nodes_and_builds_the_torchrun_command(tmp_pat
     _stand_in(bin_dir, "srun", f'echo "$@" > {record}.srun\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
     _stand_in(bin_dir, "nvidia-smi", 'for i in 0 1 2 3; do echo "GPU $i: stand-in"; done\n')
     fake_python = bin_dir / "python"
-    _stand_in(bin_dir, "python", (
-        f'if [[ "$1" == *resolve_run_dir.py ]]; then exec {PYTHON} "$@"; fi\n'
+    _stand_in(bin_dir, "python", (  # the preflight (it would need the dataset) answers with the run directory
+        f'if [[ "$1" == *preflight.py ]]; then printf "%s\\n" "$@" > {record}.preflight; echo {run_dir}; echo "$5"; '
+        f'exit 0; fi\n'
         f'printf "%s\\n" "$@" > {record}.argv\n'
         f'env > {record}.env\n'
     ))  # fmt: skip
@@ -321,7 +323,11 @@ def test_slurm_job_renders_for_two_nodes_and_builds_the_torchrun_command(tmp_pat
     assert srun_options == ["--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     argv = (tmp_path / "record.argv").read_text().splitlines()
     command = " ".join(argv)
-    for expected in ("-m torch.distributed.run", "--nnodes 2", "--nproc-per-node 4", "--rdzv-backend c10d",
+    preflight = (tmp_path / "record.preflight").read_text().splitlines()
+    assert preflight[1:] == ["--world-size", "8", "--job-id", "slurm-4242", *job_args], (
+        "the preflight checks the whole job's world size, knowing the job it joins"
+    )
+    for expected in ("launch/run_torchrun.py", "--nnodes 2", "--nproc-per-node 4", "--rdzv-backend c10d",
                      "--rdzv-endpoint gpu-07:29500", "--rdzv-id slurm-4242", "--max-restarts 3", "--tee 3",
                      f"-m megatron_sffn.train {' '.join(job_args)}"):  # fmt: skip
         assert expected in command, f"{expected!r} missing from {command}"

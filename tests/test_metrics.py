@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -39,7 +40,9 @@ TAGS = {
     "train/lm_loss", "train/perplexity", "train/learning_rate", "train/grad_norm", "train/params_norm",
     "train/consumed_tokens", "train/skipped_steps", "throughput/tokens_per_s", "throughput/tokens_per_s_per_device",
     "throughput/tflops_per_device", "throughput/mfu", "memory/peak_bytes",
+    "time/step_s", "time/data_loading_s", "time/data_loading_share",
 }  # fmt: skip
+GPU_MEMORY_TAGS = {"memory/max_reserved_bytes", "memory/max_active_bytes", "memory/alloc_retries", "memory/ooms"}
 
 
 class FakeClock:
@@ -58,7 +61,7 @@ def make_logger(tmp_path, clock, *, peak=PeakFlops(0.5e9, "test"), world_size=2,
         train_steps=kw.pop("train_steps", 20),
         world_size=world_size,
         log_interval=kw.pop("log_interval", 10),
-        device=torch.device("cpu"),
+        device=kw.pop("device", torch.device("cpu")),
         peak=peak,
         tensorboard_dir=tmp_path / "tb",
         enabled=enabled,
@@ -68,7 +71,8 @@ def make_logger(tmp_path, clock, *, peak=PeakFlops(0.5e9, "test"), world_size=2,
     )
 
 
-def run_steps(logger, clock, steps, *, first=1, seconds_per_step=0.4, loss=lambda s: 5.0 - 0.1 * s, skipped=()):
+def run_steps(logger, clock, steps, *, first=1, seconds_per_step=0.4, loss=lambda s: 5.0 - 0.1 * s, skipped=(),
+              data_seconds=0.1):
     reports = []
     for step in range(first, first + steps):
         clock.now += seconds_per_step
@@ -80,6 +84,7 @@ def run_steps(logger, clock, steps, *, first=1, seconds_per_step=0.4, loss=lambd
             skipped_steps=sum(1 for s in skipped if s <= step),
             grad_norm=0.5 + step,
             params_norm=100.0 + step,
+            data_seconds=data_seconds,
         )
         if report is not None:
             reports.append(report)
@@ -136,6 +141,10 @@ def test_tensorboard_events_read_back(tmp_path):
     assert scalars["throughput/tokens_per_s_per_device"][20] == pytest.approx(320.0)
     assert scalars["throughput/mfu"][20] == pytest.approx(0.3538944, rel=1e-6)
     assert scalars["memory/peak_bytes"][20] > 0
+    assert scalars["time/step_s"][20] == pytest.approx(0.4)
+    assert scalars["time/data_loading_s"][20] == pytest.approx(0.1)
+    assert scalars["time/data_loading_share"][20] == pytest.approx(0.25)
+    assert "| grad 20.5 | " in lines[-2] and "| 400 ms/step | " in lines[-2]
     assert scalars["val/lm_loss"] == {20: 2.5}
     assert scalars["val/perplexity"][20] == pytest.approx(math.exp(2.5), rel=1e-6)
     assert lines[0].startswith("metrics: TensorBoard events in ")
@@ -204,9 +213,45 @@ def test_console_line_format():
         consumed_tokens=120 * 524288, skipped_steps=0, tokens_per_s=41234.0, tokens_per_s_per_device=41234.0,
         tflops_per_device=1.0, mfu=0.3849, peak_memory_bytes=int(12.3 * 1024**3), eta_seconds=3725.0,
     )  # fmt: skip
-    assert metrics.console_line() == "step 120/4196 | loss 3.412 | lr 5.9e-04 | 41.2k tok/s | 38.5% MFU | 12.3 GiB | ETA 1h02m"
-    pattern = r"step \d+/\d+ \| loss \d+\.\d{3} \| lr \d\.\de[-+]\d\d \| [\d.]+[kMG]? tok/s \| \d+\.\d% MFU \| \d+\.\d GiB \| ETA \S+"
-    assert re.fullmatch(pattern, metrics.console_line())
+    assert metrics.console_line() == (
+        "step 120/4196 | loss 3.412 | lr 5.9e-04 | grad 0.3 | 41.2k tok/s | 38.5% MFU | 12.3 GiB | ETA 1h02m"
+    )
+    timed = dataclasses.replace(metrics, grad_norm=None, step_seconds=1.2712)
+    assert timed.console_line() == (
+        "step 120/4196 | loss 3.412 | lr 5.9e-04 | grad n/a | 41.2k tok/s | 38.5% MFU | 12.3 GiB | 1.27 s/step | ETA 1h02m"
+    )
+    pattern = (r"step \d+/\d+ \| loss \d+\.\d{3} \| lr \d\.\de[-+]\d\d \| grad \S+ \| [\d.]+[kMG]? tok/s \| "
+               r"\d+\.\d% MFU \| \d+\.\d GiB \| [\d.]+ m?s/step \| ETA \S+")  # fmt: skip
+    assert re.fullmatch(pattern, timed.console_line())
+
+
+def test_gpu_allocator_statistics_are_logged_from_memory_stats(tmp_path, monkeypatch):
+    """The GPU path, on any machine: torch.cuda's statistics calls answer with known values."""
+    stats = {"reserved_bytes.all.peak": 7 * 1024**3, "active_bytes.all.peak": 5 * 1024**3, "num_alloc_retries": 3,
+             "num_ooms": 1}  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: stats)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 4 * 1024**3)
+    clock = FakeClock()
+    logger = make_logger(tmp_path, clock, device=torch.device("cuda", 0))
+    logger.start(step=0, consumed_tokens=0)
+    run_steps(logger, clock, 10)
+    logger.close()
+    scalars = {tag: {e.step: e.value for e in read_events(tmp_path / "tb").Scalars(tag)} for tag in GPU_MEMORY_TAGS}
+    assert scalars == {"memory/max_reserved_bytes": {10: 7 * 1024**3}, "memory/max_active_bytes": {10: 5 * 1024**3},
+                       "memory/alloc_retries": {10: 3.0}, "memory/ooms": {10: 1.0}}  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_allocator_statistics_on_a_real_gpu():
+    from megatron_sffn.training.metrics import cuda_memory_scalars
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    block = torch.empty(64 * 1024**2, dtype=torch.uint8, device=device)
+    found = cuda_memory_scalars(device)
+    assert found["memory/max_active_bytes"] >= block.numel() and found["memory/max_reserved_bytes"] >= block.numel()
+    assert cuda_memory_scalars(torch.device("cpu")) is None
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,19 @@ def test_alpha_schedules_at_chosen_steps(step, cosine, linear):
     assert guide_alpha(step, 8, "linear") == pytest.approx(linear, abs=1e-15)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+@pytest.mark.parametrize("guided_steps", [1, 4, 30])
+def test_update_one_is_fully_guided_and_update_t_plus_one_is_not(schedule, guided_steps):
+    """The trainer's per-update alpha: update 1 runs the guide alone, update T is the last guided one."""
+    from megatron_sffn.training.self_guided import GuidancePlan
+
+    plan = GuidancePlan(guided_steps, schedule)
+    assert plan.alpha_for_update(1) == 1.0
+    assert plan.alpha_for_update(guided_steps) > 0.0
+    assert plan.alpha_for_update(guided_steps + 1) == 0.0
+    assert not plan.guides_needed_after(guided_steps) and plan.guides_needed_after(guided_steps - 1)
+
+
 def test_no_guided_phase_means_alpha_zero_and_bad_input_is_named():
     assert guide_alpha(0, 0) == 0.0
     with pytest.raises(ValueError, match="unknown SGT schedule 'exp'"):
@@ -193,13 +206,14 @@ def test_paper_same_flops_ratios_match_dense_flops_within_half_a_percent(kind, s
 def test_guided_phase_and_flops_of_a_same_flops_run_by_hand():
     cfg, budget = preset("s", structure="lowrank", ratio=0.32), training_budget("s")
     steps = sgt_steps(cfg, 4196, ratio=0.30)
-    assert (steps.base_steps, steps.extra_steps, steps.guided_steps, steps.total_steps) == (4196, 1259, 1259, 5455)
+    # 0.30 x 4196 = 1258.8 steps: floored, as the paper's code does (int(max_step * ratio))
+    assert (steps.base_steps, steps.extra_steps, steps.guided_steps, steps.total_steps) == (4196, 1258, 1258, 5454)
     flops = sgt_run_flops(cfg, steps, budget.batch_tokens)
     # Worked out from the paper's formula: structured 185,401,344 and dense 256,770,048 forward FLOPs per
     # token, guides on the 11 structured layers 11 x 2 x 2 x 768 x 3072 = 103,809,024.
     tokens = 524_288
-    assert flops.model == 3 * 185_401_344 * tokens * 5455
-    assert flops.guides == pytest.approx(3 * 103_809_024 * tokens * 630.0)  # (T + 1) / 2
+    assert flops.model == 3 * 185_401_344 * tokens * 5454
+    assert flops.guides == pytest.approx(3 * 103_809_024 * tokens * 629.5)  # (T + 1) / 2
     assert flops.dense == 3 * 256_770_048 * tokens * 4196
 
 
@@ -209,7 +223,7 @@ def test_fixed_steps_and_explicit_fractions():
     fixed = sgt_steps(cfg, 1000, mode="fixed_steps", guided_fraction=0.3)
     assert (fixed.total_steps, fixed.guided_steps) == (1000, 300)
     half = sgt_steps(cfg, 1000, guided_fraction=0.5)
-    assert half.guided_steps == round(0.5 * half.total_steps)
+    assert half.guided_steps == int(0.5 * half.total_steps)
     assert sgt_run_flops(cfg, half, 1024).vs_dense == pytest.approx(1.0, abs=1e-3)
     # Guiding half of a longer run costs more per extra step: fewer extra steps fit.
     assert half.extra_steps < sgt_steps(cfg, 1000).extra_steps
@@ -298,11 +312,11 @@ def test_shipped_sgt_runs(path):
     assert steps.base_steps == base == config.resolved_base_steps()
     assert config.resolved_train_steps() == steps.total_steps
     if mode == "fixed_steps":
-        assert (steps.extra_steps, steps.guided_steps) == (0, round(0.5 * base))
+        assert (steps.extra_steps, steps.guided_steps) == (0, int(0.5 * base))
         return
     ratio = PAPER_RATIOS[kind]["s m l xl".split().index(size)]
     assert load_yaml_mapping(path)["sgt"]["ratio"] == ratio
-    assert steps.extra_steps == steps.guided_steps == round(ratio * base)
+    assert steps.extra_steps == steps.guided_steps == int(ratio * base)  # the paper's code floors
     flops = sgt_run_flops(config.model, steps, config.tokens_per_step())
     assert abs(flops.vs_dense - 1.0) <= 0.005
 

@@ -10,7 +10,13 @@ import signal
 import pytest
 
 from megatron_sffn.config.train import OptimizerConfig
-from megatron_sffn.training.checkpoint_dirs import LATEST_FILE, CheckpointDirs, step_dir_name, step_of
+from megatron_sffn.training.checkpoint_dirs import (
+    LATEST_FILE,
+    PARTIAL_PREFIX,
+    CheckpointDirs,
+    step_dir_name,
+    step_of,
+)
 from megatron_sffn.training.faults import FaultPlan
 from megatron_sffn.training.nonfinite import NonFiniteTrainingError, record_step
 from megatron_sffn.training.signals import StopRequest
@@ -45,6 +51,27 @@ def test_partial_checkpoint_is_invisible_until_commit(tmp_path):
     assert dirs.latest().name == "step_0000004"
     assert (tmp_path / LATEST_FILE).read_text() == "step_0000004\n"
     assert not partial.exists()
+
+
+def test_a_failed_rename_of_the_partial_checkpoint_leaves_latest_on_the_previous_one(tmp_path, monkeypatch):
+    """``latest`` may only move once the checkpoint carries its final name."""
+    dirs = CheckpointDirs(tmp_path)
+    _save(dirs, 2)
+    partial = dirs.begin(4)
+    (partial / "data.bin").write_text("complete")
+    real_replace = os.replace
+
+    def replace_failing_for_partials(src, dst, *args, **kwargs):
+        if os.path.basename(src).startswith(PARTIAL_PREFIX):
+            raise OSError(f"simulated failure renaming {src}")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace_failing_for_partials)
+    with pytest.raises(OSError, match="simulated failure"):
+        dirs.commit(4)
+    assert (tmp_path / LATEST_FILE).read_text() == "step_0000002\n"
+    assert dirs.latest().name == "step_0000002"
+    assert partial.is_dir() and not (tmp_path / "step_0000004").exists()
 
 
 def test_clean_stale_removes_interrupted_saves_and_deletions_only(tmp_path):
@@ -236,5 +263,5 @@ def test_checkpoint_of_another_model_is_rejected_naming_the_differing_keys(tmp_p
     raw["training"]["micro_batch_size"] = 4  # not part of the model: accepted
     check_same_model(tmp_path, from_dict(TrainConfig, copy.deepcopy(raw)))
     raw["model"]["ffn"]["rank"] = 32
-    with pytest.raises(ValueError, match=r"different model(.|\n)*model\.ffn\.rank: checkpoint 16, this run 32"):
+    with pytest.raises(ValueError, match=r"different model.*model\.ffn\.rank: checkpoint 16, this run 32"):
         check_same_model(tmp_path, from_dict(TrainConfig, raw))

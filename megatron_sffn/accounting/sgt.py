@@ -23,10 +23,20 @@ forward FLOPs per token of dense guides on every structured FFN layer; all
 are trained at 3× forward.  The continuous solution uses ``c·T`` guided
 steps (c = 0.5 with the cost-saving variant, 1 without); the FLOPs of a
 concrete run use the exact expectation ``Σ_{t<T} α(t)``.
+
+Against the paper's code (CLAIRE-Labo/StructuredFFN): step counts are
+floored as it floors them (``int(max_step * ratio)`` for g and T), so every
+shipped run has the paper's step count.  The guides' cost of a concrete run
+is *not* the paper's rounded "0.5 × T": update ``t + 1`` runs with α(t), the
+paper's code included (its layers start at α = 1 and advance α after each
+backward), so the expected number of dense-branch steps it executes is
+``Σ_{t<T} α(t) = (T + 1) / 2``.  That exact figure is reported; the ratio is
+solved with the paper's 0.5 × T, which differs from it by half a step.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..config.model import ModelConfig
@@ -103,6 +113,11 @@ def same_flops_ratio(cfg: ModelConfig, *, guided_fraction: float | None = None, 
     return ratio
 
 
+def _whole_steps(steps: float) -> int:
+    """Fractional step counts round down, as the paper's code does (``int(max_step * ratio)``)."""
+    return math.floor(steps)
+
+
 def sgt_steps(
     cfg: ModelConfig,
     base_steps: int,
@@ -123,14 +138,14 @@ def sgt_steps(
         if ratio is not None:
             raise ValueError(f"sgt.ratio={ratio} applies to sgt.mode='same_flops' only")
         fraction = DEFAULT_GUIDED_FRACTION if guided_fraction is None else guided_fraction
-        return SGTSteps(base_steps, 0, max(1, round(fraction * base_steps)))
+        return SGTSteps(base_steps, 0, max(1, _whole_steps(fraction * base_steps)))
     if ratio is None:
         ratio = same_flops_ratio(cfg, guided_fraction=guided_fraction, stochastic=stochastic)
     elif ratio <= 0.0:
         raise ValueError(f"sgt.ratio={ratio} must be positive")
-    extra = round(ratio * base_steps)
+    extra = _whole_steps(ratio * base_steps)
     total = base_steps + extra
-    guided = extra if guided_fraction is None else round(guided_fraction * total)
+    guided = extra if guided_fraction is None else _whole_steps(guided_fraction * total)
     return SGTSteps(base_steps, extra, max(1, min(guided, total)))
 
 

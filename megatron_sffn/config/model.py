@@ -20,7 +20,9 @@ class FFNConfig:
     ``dense_layers`` lists the (0-based) layers whose FFN stays dense; the paper
     keeps layer 0 dense.  ``init`` None means the structure's paper default
     (normal for dense, svd for lowrank, ortho for block structures).
-    ``tp_strategy`` picks how structured factors split over tensor-parallel
+    ``rank`` / ``blocks`` apply to the structures defined by them (rank:
+    lowrank, blockdense; blocks: blockdense, blockshuffle) and are dropped for
+    the others.  ``tp_strategy`` picks how structured factors split over tensor-parallel
     ranks (``docs/tensor-parallel.md``); ``"auto"`` takes the cheapest plan
     whose communication does not exceed a dense FFN's.
     """
@@ -31,6 +33,13 @@ class FFNConfig:
     dense_layers: list[int] = field(default_factory=lambda: [0])
     init: str | None = None
     tp_strategy: str = "auto"
+
+    def __post_init__(self) -> None:
+        # Sizes the structure does not use are dropped: a config whose base is a LowRank model, overridden to
+        # structure=dense (or blockshuffle), must not carry the base's rank into reports and checkpoint matching.
+        for size in ("rank", "blocks"):
+            if size not in counts.STRUCTURE_SIZES.get(self.structure, ("rank", "blocks")):
+                setattr(self, size, None)
 
     def is_structured(self, layer: int) -> bool:
         return self.structure != "dense" and layer not in self.dense_layers

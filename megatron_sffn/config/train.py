@@ -144,6 +144,10 @@ class TrainingConfig:
     recompute_num_layers: int | None = None
     max_consecutive_nonfinite: int = 10
     exit_after_steps: int | None = None  # leave cleanly (with a checkpoint) after this many steps of this launch
+    # A resume whose LR schedule (lr, min_lr_ratio, decay_style, warmup, length) differs from the checkpoint's is
+    # refused unless this says what to do: "keep" the checkpoint's schedule (steps past its end run at its final
+    # rate) or "refit" this run's schedule from the resumed step on (the rate jumps to the new curve).
+    schedule_on_resume: Literal["keep", "refit"] | None = None
 
     def __post_init__(self) -> None:
         _require(

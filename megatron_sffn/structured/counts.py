@@ -9,6 +9,13 @@ the paper's formula is caught at construction time in tests.
 from __future__ import annotations
 
 STRUCTURES = ("dense", "lowrank", "blockdense", "blockshuffle")
+# The size parameters each structure is defined by (the others mean nothing to it).
+STRUCTURE_SIZES: dict[str, tuple[str, ...]] = {
+    "dense": (),
+    "lowrank": ("rank",),
+    "blockdense": ("rank", "blocks"),
+    "blockshuffle": ("blocks",),
+}
 
 
 def validate_structure(

@@ -19,7 +19,9 @@ visible atomically) holds, in megatron's ``torch_dist`` format:
     each rank's generator states (:mod:`.rng`), one object per global rank.
 
 Beside them, ``config.yaml`` is the resolved run configuration, so a
-checkpoint can be evaluated or resumed without its run directory.
+checkpoint can be evaluated or resumed without its run directory, and
+``lr_schedule.json`` the learning-rate schedule the run follows (which a
+resume must agree with, see ``training.schedule_on_resume``).
 
 What moves between layouts
 --------------------------
@@ -57,6 +59,7 @@ from ..config.train import TrainConfig
 from .checkpoint_dirs import LATEST_FILE, CheckpointDirs, step_dir_name
 from .faults import FaultPlan
 from .rng import capture_rng_state, restore_rng_state
+from .schedule import LRSchedule
 from .state import TrainProgress
 
 CHECKPOINT_FORMAT = "megatron-sffn/checkpoint-v1"
@@ -122,10 +125,12 @@ def save_checkpoint(
     data_state: dict[str, Any],
     faults: FaultPlan | None = None,
     sgt_state: dict[str, Any] | None = None,
+    lr_schedule: LRSchedule | None = None,
 ) -> Path:
     """Collective: every rank calls it at the same step.  Returns the committed directory.
 
-    ``sgt_state`` records the run's self-guided training plan (None without SGT).
+    ``sgt_state`` records the run's self-guided training plan (None without SGT);
+    ``lr_schedule`` the schedule the run follows (default: the config's).
     """
     from megatron.core import dist_checkpointing
 
@@ -149,6 +154,7 @@ def save_checkpoint(
     dist_checkpointing.save(state, str(partial), sharded_strategy=_save_strategy())
     if rank0:
         save_config(config, partial / CONFIG_FILE)
+        (lr_schedule or LRSchedule.of(config)).write(partial)
     if faults is not None:
         faults.maybe_pause_in_save(progress.step, partial)
     dist.barrier()
@@ -261,7 +267,7 @@ def check_same_model(checkpoint: Path, config: TrainConfig, *, allow_attention_s
     a, b = ({k: v for k, v in to_dict(m).items() if k not in ignored} for m in (saved, current))
     diffs = _differences(a, b, "model.")
     if diffs:
-        raise ValueError(f"{checkpoint} holds a different model than this run's config:\n  " + "\n  ".join(diffs))
+        raise ValueError(f"{checkpoint} holds a different model than this run's config: " + "; ".join(diffs))
     return swap
 
 

@@ -76,7 +76,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -95,30 +94,14 @@ from ..accounting.model import (
 from ..config.loading import load_config, to_dict
 from ..config.model import ModelConfig
 from ..config.train import TrainConfig
+from ..entry_setup import quiet_known_warnings
 from ..structured import counts
+from .devices import find_device, known_device_names
 
 DEFAULT_ASSUMED_MFU = 0.4
 TIGHT_MEMORY_FRACTION = 0.9
 _GIB = 1024**3
 _FP32 = 4
-
-# Device memory in GiB as sold, matched like metrics.GPU_PEAKS (more specific names first).
-GPU_MEMORY_GIB: tuple[tuple[str, float], ...] = (
-    (r"GH200", 96.0),
-    (r"H100.*NVL", 94.0),
-    (r"H100", 80.0),
-    (r"H200", 141.0),
-    (r"A100.*40\s?GB", 40.0),
-    (r"A100", 80.0),
-    (r"L40S", 48.0),
-    (r"L40\b", 48.0),
-    (r"\bL4\b", 24.0),
-    (r"\bA10\b", 24.0),
-    (r"\bA40\b", 48.0),
-    (r"RTX 4090", 24.0),
-    (r"MI300X", 192.0),
-)
-
 
 # -- the plan's parts ---------------------------------------------------------------------------
 
@@ -220,13 +203,6 @@ class RunPlan:
 # -- device ----------------------------------------------------------------------------------------
 
 
-def gpu_memory_gib(name: str) -> float | None:
-    for pattern, gib in GPU_MEMORY_GIB:
-        if re.search(pattern, name):
-            return gib
-    return None
-
-
 def detect_gpu() -> tuple[str, int] | None:
     """(name, memory bytes) of this machine's first GPU from ``nvidia-smi``, which does not initialise CUDA here."""
     if shutil.which("nvidia-smi") is None:
@@ -282,6 +258,12 @@ def resolve_device(
             memory_source = f"this machine's RAM / {max(processes_per_node, 1)} process(es) per node"
         return Device("CPU", False, peak, peak_source, memory, memory_source)
 
+    spec = find_device(name)
+    if spec is None and detected is None and (peak_tflops is None or memory_gib is None):
+        raise ValueError(
+            f"--device {name!r} is not a device this planner knows; known: {', '.join(known_device_names())} "
+            f"(or plan an unlisted device by giving both --device-memory-gib and logging.peak_tflops_per_device)"
+        )
     if peak_tflops is not None:
         peak, peak_source = peak_tflops * 1e12, "logging.peak_tflops_per_device"
     else:
@@ -292,9 +274,7 @@ def resolve_device(
     elif detected is not None:
         memory, memory_source = detected[1], "nvidia-smi"
     else:
-        gib = gpu_memory_gib(name)
-        memory = int(gib * _GIB) if gib is not None else None
-        memory_source = "datasheet" if gib is not None else "unknown device"
+        memory, memory_source = int(spec.memory_gib * _GIB), "datasheet"
     return Device(name, True, peak, peak_source, memory, memory_source)
 
 
@@ -738,6 +718,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status 0 for a plan that fits, 2 for a refused launch (reasons on stderr)."""
+    quiet_known_warnings()
     args = parse_args(argv)
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)

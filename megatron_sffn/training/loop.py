@@ -9,8 +9,9 @@ trainer's counters.  A launch ends when
 
 * the run reaches its length (``training.train_steps`` or ``train_tokens``):
   final checkpoint and final evaluation;
-* SIGTERM / SIGUSR1 arrives on any rank (``checkpoint.save_on_signal``): all
-  ranks agree on the step, save, and return;
+* SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) arrives on any rank
+  (``checkpoint.save_on_signal``): all ranks agree on the step, save, and
+  return (a second SIGINT exits at once, without saving);
 * ``training.exit_after_steps`` steps of this launch are done: save and return;
 * ``training.max_consecutive_nonfinite`` steps in a row had a NaN/Inf loss or
   gradient: :class:`~.nonfinite.NonFiniteTrainingError`, without saving the
@@ -20,6 +21,7 @@ trainer's counters.  A launch ends when
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,16 +31,15 @@ import torch.distributed as dist
 from .. import cpu_compat
 from ..config.loading import save_config
 from ..config.train import TrainConfig
+from ..entry_setup import missing_accelerators_note
 from ..model import initialize_model_parallel, seed_model_parallel
 from .checkpoint_dirs import CheckpointDirs
 from .checkpointing import (
     CHECKPOINTS_SUBDIR,
     CONFIG_FILE,
     RestoredState,
-    check_same_model,
     load_checkpoint,
     read_checkpoint_header,
-    resolve_checkpoint,
     save_checkpoint,
 )
 from .data_setup import RunData, build_run_data, record_run_inputs
@@ -48,9 +49,11 @@ from .metrics import MetricsLogger
 from .model_setup import Numerics, build_model, build_optimizer, install_schedule_hooks, wrap_data_parallel
 from .nonfinite import record_step
 from .norms import params_l2_norm
-from .schedule import build_lr_scheduler
+from .resume_checks import check_starting_point, starting_point
+from .run_lock import RunLock
+from .schedule import LRSchedule, resume_schedule
 from .self_guided import GuidedDataReplay, build_guidance
-from .signals import StopRequest
+from .signals import StopRequest, write_stop_record
 from .state import TrainProgress
 from .step import to_device, train_step
 from .trace import StepTrace, sample_digests, tokens_digest
@@ -85,6 +88,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, faults: FaultPlan) -> None:
         self.config, self.faults = config, faults
+        check_starting_point(config)  # also done by the preflight; repeated for callers that skip it
+        self.start = starting_point(config)
         self.on_gpu = torch.cuda.is_available()
         cpu_compat.enable_if_no_cuda()
         init_distributed(config, self.on_gpu)
@@ -93,6 +98,9 @@ class Trainer:
 
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        note = missing_accelerators_note()
+        if note:
+            say(note)
         self.num_micro_batches = config.num_micro_batches(self.world_size)
         self.train_steps = config.resolved_train_steps()
         self.run_dir = Path(config.run_dir)
@@ -113,9 +121,12 @@ class Trainer:
             micro_batches=self.num_micro_batches, dp_rank=parallel_state.get_data_parallel_rank(),
         )  # fmt: skip
         self.optimizer = self.guidance.optimizer
-        self.scheduler = build_lr_scheduler(
-            self.optimizer, config.optimizer, self.train_steps, config.resolved_warmup_steps()
-        )
+        start = self.start
+        self.lr_schedule = (resume_schedule(start.checkpoint, config) if start is not None and start.resuming
+                            else LRSchedule.of(config))  # fmt: skip
+        if self.lr_schedule != LRSchedule.of(config):
+            say(f"training.schedule_on_resume=keep: following the checkpoint's schedule ({self.lr_schedule})")
+        self.scheduler = self.lr_schedule.build(self.optimizer, config.optimizer)
         self.data: RunData = build_run_data(
             config,
             dp_rank=parallel_state.get_data_parallel_rank(),
@@ -136,10 +147,8 @@ class Trainer:
 
     def restore(self) -> None:
         """Resume from this run's latest checkpoint, else initialise weights from ``checkpoint.load``."""
-        cfg = self.config.checkpoint
         latest = self.dirs.latest()
-        if latest is not None and cfg.resume:
-            check_same_model(latest, self.config)
+        if self.start is not None and self.start.resuming:
             self.guidance.prepare_resume(read_checkpoint_header(latest), str(latest))  # may switch guides off
             self._use_optimizer(self.guidance.optimizer)
             restored = load_checkpoint(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
@@ -147,8 +156,8 @@ class Trainer:
             return
         if latest is not None:
             say(f"checkpoint.resume is false: ignoring {latest} and starting at step 0 (later saves replace it)")
-        if cfg.load is not None:
-            source = resolve_checkpoint(cfg.load)
+        if self.start is not None:
+            source = self.start.checkpoint
             swap = check_same_model(source, self.config, allow_attention_swap=True)
             with self.guidance.guides_hidden():  # guides start from the loaded structure, not from saved guides
                 new = load_start_weights(source, model=self.model, current=self.config.model)
@@ -182,7 +191,9 @@ class Trainer:
 
     def _step(self, batches, stop: StopRequest | None):
         step = self.progress.step + 1
+        waited = time.perf_counter()
         micro_batches = [to_device(next(batches)) for _ in range(self.num_micro_batches)]
+        waited = time.perf_counter() - waited
         self.guidance.begin_step(step)
         self.scheduler.step(increment=1)
         learning_rate = self.optimizer.param_groups[0]["lr"]
@@ -216,7 +227,7 @@ class Trainer:
         self.metrics.train_step(
             step, loss=result.loss, learning_rate=learning_rate, consumed_tokens=p.consumed_tokens,
             skipped_steps=p.skipped_steps, grad_norm=result.grad_norm, params_norm=params_norm,
-            extra_scalars=self.guidance.metrics(),
+            data_seconds=waited, extra_scalars=self.guidance.metrics(),
         )  # fmt: skip
         if self.guidance.end_step(step):
             self._use_optimizer(self.guidance.optimizer)
@@ -253,6 +264,7 @@ class Trainer:
                 data_state=self.data.global_train_state(),
                 faults=self.faults,
                 sgt_state=self.guidance.checkpoint_state(self.progress.step),
+                lr_schedule=self.lr_schedule,
             )
         self.last_checkpoint = path
         say(f"saved checkpoint {path}")
@@ -322,6 +334,17 @@ class Trainer:
 
 def run_training(config: TrainConfig, faults: FaultPlan | None = None) -> TrainOutcome:
     """One launch of the run described by ``config`` (call under torchrun or as a single process)."""
-    trainer = Trainer(config, faults if faults is not None else FaultPlan.from_env())
-    trainer.restore()
-    return trainer.run()
+    # Global rank 0 holds the run directory for the whole launch, before anything in it changes.
+    lock = RunLock(config.run_dir).acquire() if os.environ.get("RANK", "0") == "0" else None
+    try:
+        if lock is not None and lock.took_over:
+            say(lock.took_over)
+        trainer = Trainer(config, faults if faults is not None else FaultPlan.from_env())
+        trainer.restore()
+        outcome = trainer.run()
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # one record per node, for that node's launcher
+            write_stop_record(outcome.stopped_by, outcome.progress.step, outcome.checkpoint)
+        return outcome
+    finally:
+        if lock is not None:
+            lock.release()

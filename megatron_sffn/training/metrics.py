@@ -9,7 +9,7 @@ trainers, so its two inputs are pinned down here:
   structured model would otherwise be credited with FLOPs it skips.
   Activation recomputation is not counted (MFU, not hardware utilisation);
 * the denominator is one device's peak: the vendor's dense (no 2:4 sparsity)
-  bf16 or fp32 figure for known GPUs (:data:`GPU_PEAKS`), or
+  bf16 or fp32 figure for known GPUs (:data:`.devices.DEVICES`), or
   ``logging.peak_tflops_per_device``.  On CPU there is no meaningful
   datasheet figure, so the peak is measured once with a short fp32 matmul
   micro-benchmark: CPU "MFU" is relative to the matmul throughput this
@@ -30,6 +30,13 @@ TensorBoard tags (x axis: optimizer step)
 ``throughput/tflops_per_device``      model training TFLOP/s per device
 ``throughput/mfu``                    fraction (0..1) of the device peak
 ``memory/peak_bytes``                 CUDA max allocated; peak RSS of the process on CPU
+``memory/max_reserved_bytes``         GPU only: peak bytes the caching allocator reserved
+``memory/max_active_bytes``           GPU only: peak bytes in live blocks
+``memory/alloc_retries``              GPU only: allocations that had to free the cache and retry
+``memory/ooms``                       GPU only: out-of-memory errors the allocator raised
+``time/step_s``                       mean wall time of the interval's steps (evaluation and saves excluded)
+``time/data_loading_s``               mean time per step spent waiting for the step's micro-batches
+``time/data_loading_share``           the above over ``time/step_s``
 ``val/lm_loss``, ``val/perplexity``   validation loss and perplexity
 ``sgt/alpha``                         self-guided training: α of the step
 ``sgt/guide_use_rate``                fraction of the logging rank's guide draws that ran the dense branch
@@ -44,7 +51,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import re
 import resource
 import sys
 import time
@@ -57,41 +63,10 @@ import torch
 from ..accounting.model import training_flops_per_token
 from ..config.model import ModelConfig
 from ..config.train import TrainConfig
+from .devices import find_device
 
 TENSORBOARD_SUBDIR = "tensorboard"
 _GIB = 1024**3
-
-
-@dataclass(frozen=True)
-class GpuPeak:
-    """Dense peaks of one GPU model in TFLOP/s; ``pattern`` matches ``torch.cuda.get_device_name()``."""
-
-    pattern: str
-    label: str
-    bf16_tflops: float
-    fp32_tflops: float
-
-
-# Vendor datasheet figures. Datasheets print tensor-core peaks with 2:4 sparsity;
-# the dense figure used here is half of it. fp32 is the non-tensor-core peak,
-# which is what PyTorch runs fp32 matmuls at unless TF32 is switched on.
-# Order matters: more specific names come first (H100 NVL before H100, L40S before L40).
-GPU_PEAKS: tuple[GpuPeak, ...] = (
-    GpuPeak(r"GH200", "NVIDIA GH200 (GH200 datasheet)", 989.5, 67.0),
-    GpuPeak(r"H100.*NVL", "NVIDIA H100 NVL (H100 datasheet)", 835.5, 60.0),
-    GpuPeak(r"H100.*PCIe", "NVIDIA H100 PCIe (H100 datasheet)", 756.5, 51.0),
-    GpuPeak(r"H100", "NVIDIA H100 SXM (H100 datasheet)", 989.5, 67.0),
-    GpuPeak(r"H200.*NVL", "NVIDIA H200 NVL (H200 datasheet)", 835.5, 60.0),
-    GpuPeak(r"H200", "NVIDIA H200 SXM (H200 datasheet)", 989.5, 67.0),
-    GpuPeak(r"A100", "NVIDIA A100 (A100 datasheet)", 312.0, 19.5),
-    GpuPeak(r"L40S", "NVIDIA L40S (L40S datasheet)", 362.05, 91.6),
-    GpuPeak(r"L40\b", "NVIDIA L40 (L40 datasheet)", 181.05, 90.5),
-    GpuPeak(r"\bL4\b", "NVIDIA L4 (L4 datasheet)", 121.0, 30.3),
-    GpuPeak(r"\bA10\b", "NVIDIA A10 (A10 datasheet)", 125.0, 31.2),
-    GpuPeak(r"\bA40\b", "NVIDIA A40 (A40 datasheet)", 149.7, 37.4),
-    GpuPeak(r"RTX 4090", "NVIDIA GeForce RTX 4090 (Ada Lovelace architecture whitepaper)", 165.2, 82.6),
-    GpuPeak(r"MI300X", "AMD Instinct MI300X (MI300X datasheet)", 1307.4, 163.4),
-)
 
 
 @dataclass(frozen=True)
@@ -103,20 +78,14 @@ class PeakFlops:
 
 
 def lookup_gpu_peak(device_name: str, precision: str) -> PeakFlops | None:
-    """The datasheet peak for ``device_name`` at ``precision`` (bf16/fp32); None for unknown GPUs.
-
-    A MIG slice owns a fraction of the GPU that its name does not state, so it
-    is treated as unknown rather than credited with the whole GPU's peak.
-    """
+    """The datasheet peak for ``device_name`` at ``precision`` (bf16/fp32); None for unknown GPUs and MIG slices."""
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision={precision!r}; expected 'bf16' or 'fp32'")
-    if "MIG" in device_name:
+    spec = find_device(device_name)
+    if spec is None:
         return None
-    for entry in GPU_PEAKS:
-        if re.search(entry.pattern, device_name):
-            tflops = entry.bf16_tflops if precision == "bf16" else entry.fp32_tflops
-            return PeakFlops(tflops * 1e12, f"{entry.label}, dense {precision}")
-    return None
+    tflops = spec.bf16_tflops if precision == "bf16" else spec.fp32_tflops
+    return PeakFlops(tflops * 1e12, f"{spec.label}, dense {precision}")
 
 
 def measure_cpu_matmul_peak(
@@ -161,6 +130,24 @@ def peak_memory_bytes(device: torch.device) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
+def cuda_memory_scalars(device: torch.device) -> dict[str, float] | None:
+    """The caching allocator's peaks and failure counters (``torch.cuda.memory_stats``); None off the GPU."""
+    if device.type != "cuda":
+        return None
+    stats = torch.cuda.memory_stats(device)
+    return {
+        "memory/max_reserved_bytes": float(stats.get("reserved_bytes.all.peak", 0)),
+        "memory/max_active_bytes": float(stats.get("active_bytes.all.peak", 0)),
+        "memory/alloc_retries": float(stats.get("num_alloc_retries", 0)),
+        "memory/ooms": float(stats.get("num_ooms", 0)),
+    }
+
+
+def format_step_time(seconds: float) -> str:
+    """0.0123 -> '12.3 ms/step', 1.27 -> '1.27 s/step'."""
+    return f"{seconds * 1e3:.3g} ms/step" if seconds < 1.0 else f"{seconds:.3g} s/step"
 
 
 def format_count(value: float) -> str:
@@ -216,19 +203,26 @@ class IntervalMetrics:
     mfu: float | None
     peak_memory_bytes: int
     eta_seconds: float
+    step_seconds: float | None = None
+    data_seconds: float | None = None  # per step
+    gpu_memory: dict[str, float] | None = None  # cuda_memory_scalars(), None on CPU
 
     def console_line(self) -> str:
-        """``step 120/4196 | loss 3.412 | lr 5.9e-04 | 41.2k tok/s | 38.5% MFU | 12.3 GiB | ETA 1h02m``."""
+        """``step 120/4196 | loss 3.412 | lr 5.9e-04 | grad 0.84 | 41.2k tok/s | 38.5% MFU | 12.3 GiB | 1.27 s/step
+        | ETA 1h02m`` (one line)."""
         mfu = f"{100 * self.mfu:.1f}% MFU" if self.mfu is not None else "MFU n/a"
         parts = [
             f"step {self.step}/{self.train_steps}",
             f"loss {self.lm_loss:.3f}",
             f"lr {self.learning_rate:.1e}",
+            f"grad {self.grad_norm:.3g}" if self.grad_norm is not None else "grad n/a",
             f"{format_count(self.tokens_per_s)} tok/s",
             mfu,
             f"{self.peak_memory_bytes / _GIB:.1f} GiB",
-            f"ETA {format_duration(self.eta_seconds)}",
         ]
+        if self.step_seconds is not None:
+            parts.append(format_step_time(self.step_seconds))
+        parts.append(f"ETA {format_duration(self.eta_seconds)}")
         if self.skipped_steps:
             parts.append(f"skipped {self.skipped_steps}")
         return " | ".join(parts)
@@ -247,7 +241,12 @@ class IntervalMetrics:
             "throughput/tflops_per_device": self.tflops_per_device,
             "throughput/mfu": self.mfu,
             "memory/peak_bytes": self.peak_memory_bytes,
-        }
+            "time/step_s": self.step_seconds,
+            "time/data_loading_s": self.data_seconds,
+            "time/data_loading_share": (self.data_seconds / self.step_seconds
+                                        if self.data_seconds is not None and self.step_seconds else None),
+            **(self.gpu_memory or {}),
+        }  # fmt: skip
         return {tag: float(v) for tag, v in values.items() if v is not None}
 
 
@@ -316,6 +315,7 @@ class MetricsLogger:
         self._loss_sum = 0.0
         self._loss_count = 0
         self._steps_in_interval = 0
+        self._data_seconds = 0.0
 
     def start(self, step: int, consumed_tokens: int) -> None:
         """Open the first throughput window at ``step`` (0, or the resumed step).
@@ -362,6 +362,7 @@ class MetricsLogger:
         skipped_steps: int,
         grad_norm: float | None = None,
         params_norm: float | None = None,
+        data_seconds: float = 0.0,
         extra_scalars: dict[str, float] | None = None,
     ) -> IntervalMetrics | None:
         """Record finished step ``step`` (1-based); report and return the interval's metrics when one ends.
@@ -369,7 +370,8 @@ class MetricsLogger:
         Losses of skipped (non-finite) steps are left out of the mean; the
         skipped count is reported instead.  ``extra_scalars`` (e.g.
         self-guided training's ``sgt/alpha``) are written as they are at the
-        reporting step.
+        reporting step.  ``data_seconds`` is the time the step waited for its
+        micro-batches.
         """
         if not self.enabled:
             return None
@@ -379,6 +381,7 @@ class MetricsLogger:
             self._loss_sum += loss
             self._loss_count += 1
         self._steps_in_interval += 1
+        self._data_seconds += data_seconds
         if step % self.log_interval and step != self.train_steps:
             return None
         if self.device.type == "cuda":
@@ -404,6 +407,9 @@ class MetricsLogger:
             mfu=flops_per_device / self.peak.flops_per_second if self.peak is not None else None,
             peak_memory_bytes=peak_memory_bytes(self.device),
             eta_seconds=(self.train_steps - step) * seconds / steps if steps > 0 else math.inf,
+            step_seconds=seconds / steps if steps > 0 else None,
+            data_seconds=self._data_seconds / self._steps_in_interval,
+            gpu_memory=cuda_memory_scalars(self.device),
         )
         self._write({**metrics.scalars(), **(extra_scalars or {})}, step)
         self._print(metrics.console_line())

@@ -1,0 +1,51 @@
+"""What every command-line entry point does first: silence the third-party warnings known to be harmless.
+
+megatron-core warns at import time, once per module and per process, that
+Transformer Engine and Apex are missing, and a torchrun job repeats each
+line on every rank: a TP=2 evaluation printed 41 lines for one result.  The
+filters below are narrow (the exact message *and* the module that emits
+it), so any other warning from the same modules still shows, and the
+information they carried is given once, by rank 0, in
+:func:`missing_accelerators_note`.  They are installed here and nowhere
+else, before megatron is imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+# (category, message regex, regex of the emitting module)
+KNOWN_HARMLESS_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+    # The optimizer, grad clipping and mixed-precision helpers fall back to PyTorch implementations.
+    (UserWarning, r"Transformer Engine and Apex are not installed", r"megatron\.core\."),
+    (UserWarning, r"Apex is not installed\. Falling back to Torch Norm", r"megatron\.core\.models\.backends"),
+    # megatron's own TransformerConfig default (cuda_graph_scope="full"); CUDA graphs are not used here.
+    (UserWarning, r"full scope is deprecated\. Use empty cuda_graph_scope", r"megatron\.core\.transformer\."),
+    # megatron's torch_dist checkpoint loader still calls torch's deprecated entry point.
+    (FutureWarning, r"`load_state_dict` is deprecated", r"megatron\.core\.dist_checkpointing\."),
+    # megatron's tensor-parallel mappings (and the structured-FFN reduce-scatter) call the collective torch
+    # renamed; torch's c10d wrapper is the module that emits it.
+    (FutureWarning, r"`torch\.distributed\.reduce_scatter_tensor` is deprecated", r"torch\.distributed\.c10d_logger"),
+)
+
+OPTIONAL_ACCELERATORS = {"transformer_engine": "Transformer Engine", "apex": "Apex"}
+
+
+def quiet_known_warnings() -> None:
+    """Install the filters (idempotent: ``warnings`` drops duplicate filters)."""
+    for category, message, module in KNOWN_HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+def missing_accelerators() -> list[str]:
+    return [name for module, name in OPTIONAL_ACCELERATORS.items() if importlib.util.find_spec(module) is None]
+
+
+def missing_accelerators_note() -> str | None:
+    """One line for rank 0 to print in place of the silenced warnings (None when both are installed)."""
+    missing = missing_accelerators()
+    if not missing:
+        return None
+    return (f"{' and '.join(missing)} not installed: megatron-core uses its PyTorch implementations "
+            f"(optimizer, gradient clipping, layer norm): results are the same, without fused GPU kernels")  # fmt: skip
