@@ -34,7 +34,7 @@ def describe(manifest: Manifest) -> str:
         f"{manifest.token_dtype}, {manifest.samples_per_shard} per shard",
         f"tokenizer      {tok.spec} ({tok.type}, vocab {tok.vocab_size}, eos {tok.eos_id}, sha256 {tok.sha256[:12]})",
         f"sources        {len(manifest.sources)} files, {sum(s.size for s in manifest.sources):,} bytes",
-        f"settings       " + ", ".join(f"{k}={v}" for k, v in sorted(manifest.settings.items())),
+        "settings       " + ", ".join(f"{k}={v}" for k, v in sorted(manifest.settings.items())),
     ]
     for name in SPLITS:
         split = manifest.split(name)

@@ -184,7 +184,7 @@ def save_weights_checkpoint(dirs: CheckpointDirs, *, config: TrainConfig, model:
     state = {
         "format": CHECKPOINT_FORMAT,
         "layout": current_layout(),
-        "model": _model_state(model),
+        "model": sharded_model_state(model),
         "progress": progress.state_dict(),
         "data": None,
         "sgt": None,
@@ -304,7 +304,7 @@ def check_module_markers(path: str | Path, model: list) -> None:
         owner = modules.get(key.removesuffix(_EXTRA_STATE))
         return key.endswith(_EXTRA_STATE) and getattr(owner, "validates_extra_state", False)
 
-    requested = {key: value for key, value in _model_state(model).items() if validates(key)}
+    requested = {key: value for key, value in sharded_model_state(model).items() if validates(key)}
     if not requested:
         return
     loaded = dist_checkpointing.load(requested, str(path))  # also returns the checkpoint's common objects

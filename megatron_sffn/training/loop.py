@@ -38,6 +38,7 @@ from .checkpointing import (
     CHECKPOINTS_SUBDIR,
     CONFIG_FILE,
     RestoredState,
+    check_same_model,
     load_checkpoint,
     read_checkpoint_header,
     save_checkpoint,

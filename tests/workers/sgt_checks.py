@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatron_sffn.parallel.layout import TPLayout, shard_ranges, take_rows
+from megatron_sffn.parallel.layout import TPLayout, shard_ranges
 from megatron_sffn.structured.guided import drawn_alpha
 from tests.workers.tp_structured import CASES, _init, _relative_error, _tp_group, build_mlp, full_tensor_slice, inputs
 
