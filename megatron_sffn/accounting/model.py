@@ -75,8 +75,11 @@ def ffn_layer_kinds(cfg: ModelConfig) -> list[str]:
     return [cfg.ffn.structure if cfg.ffn.is_structured(layer) else "dense" for layer in range(cfg.num_layers)]
 
 
-def _ffn_weights(cfg: ModelConfig, kind: str) -> int:
-    return sum(counts.weight_params(kind, n, m, cfg.ffn.rank, cfg.ffn.blocks) for n, m in cfg.ffn_shapes())
+def _ffn_weights(cfg: ModelConfig, kind: str, hidden: int | None = None) -> int:
+    """One FFN's weight parameters; ``hidden`` replaces ``ffn_hidden_size`` (a subset of the hidden units)."""
+    if hidden == 0:
+        return 0
+    return sum(counts.weight_params(kind, n, m, cfg.ffn.rank, cfg.ffn.blocks) for n, m in cfg.ffn_shapes(hidden))
 
 
 def ffn_weight_params(cfg: ModelConfig) -> int:
@@ -99,14 +102,41 @@ def count_parameters(cfg: ModelConfig) -> ParameterCount:
     )
 
 
+def layer_forward_flops(
+    cfg: ModelConfig, layer: int, *, heads: int | None = None, kv_groups: int | None = None, hidden: int | None = None
+) -> ForwardFlops:
+    """Forward FLOPs per token of decoder layer ``layer`` (0-based); no logits.
+
+    ``heads``, ``kv_groups`` and ``hidden`` default to the full layer; a
+    subnetwork that computes only some query heads, key/value groups and FFN
+    hidden units (evolving subnetwork training) passes its counts, 0 for a
+    skipped layer.
+    """
+    d, head_dim = cfg.hidden_size, cfg.kv_channels
+    heads = cfg.num_attention_heads if heads is None else heads
+    kv_groups = cfg.num_query_groups if kv_groups is None else kv_groups
+    kind = cfg.ffn.structure if cfg.ffn.is_structured(layer) else "dense"
+    return ForwardFlops(
+        attention_projections=2 * (2 * heads * head_dim * d + 2 * kv_groups * head_dim * d),
+        attention_scores=2 * 2 * cfg.seq_length * heads * head_dim,
+        ffn=2 * _ffn_weights(cfg, kind, hidden),
+        logits=0,
+    )
+
+
 def forward_flops_per_token(cfg: ModelConfig) -> ForwardFlops:
     """Forward FLOPs per token (2 per multiply-add; norms, activations and softmax are not counted)."""
-    d, layers = cfg.hidden_size, cfg.num_layers
+    layers = [layer_forward_flops(cfg, layer) for layer in range(cfg.num_layers)]
+    return sum_forward_flops(layers, logits=2 * cfg.vocab_size * cfg.hidden_size)
+
+
+def sum_forward_flops(layers: list[ForwardFlops], logits: int) -> ForwardFlops:
+    """The model's forward FLOPs from its layers' and the output layer's."""
     return ForwardFlops(
-        attention_projections=2 * layers * (2 * cfg.attention_width * d + 2 * cfg.kv_width * d),
-        attention_scores=2 * layers * 2 * cfg.seq_length * cfg.attention_width,
-        ffn=2 * ffn_weight_params(cfg),
-        logits=2 * cfg.vocab_size * d,
+        attention_projections=sum(f.attention_projections for f in layers),
+        attention_scores=sum(f.attention_scores for f in layers),
+        ffn=sum(f.ffn for f in layers),
+        logits=logits,
     )
 
 

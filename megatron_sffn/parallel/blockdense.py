@@ -37,13 +37,19 @@ class BlockDenseFC1(TPStructuredLinear):
         return {"k": pure.k, "u": pure.u}
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(self._block_features(x), self.u)
+
+    def _project_subset(self, x: torch.Tensor, selection) -> torch.Tensor:
+        """The selected hidden units are rows of U (both halves when gated); K is shared by all."""
+        return linear(self._block_features(x), self.u[selection.fc1_rows(self.shape.gated)])
+
+    def _block_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``blockdiag(K) x`` (R features), complete on every rank."""
         group = self.tp_group
         if self.strategy.fc1_in == "split":
             h_local = block_diag_matmul(comm.split_features(x, group), self.k)
-            h = comm.gather_features(h_local, group, partial_grad=True)
-        else:
-            h = comm.copy_to_region(block_diag_matmul(x, self.k), group)
-        return linear(h, self.u)
+            return comm.gather_features(h_local, group, partial_grad=True)
+        return comm.copy_to_region(block_diag_matmul(x, self.k), group)
 
 
 class BlockDenseFC2(TPStructuredLinear):
@@ -60,9 +66,18 @@ class BlockDenseFC2(TPStructuredLinear):
         return {"k": pure.k, "u": pure.u}
 
     def _project(self, a: torch.Tensor) -> torch.Tensor:
+        return self._output(block_diag_matmul(a, self.k))  # (tokens, R/tp): this rank's blocks
+
+    def _project_subset(self, a: torch.Tensor, selection) -> torch.Tensor:
+        """The selected hidden units are inputs of K's blocks (as many in each), scaled by 1/p; U is shared."""
+        within = selection.within_strata  # (local blocks, kept per block): the strata are the blocks
+        k = torch.gather(self.k, 2, within.unsqueeze(1).expand(-1, self.k.shape[1], -1))
+        return self._output(block_diag_matmul(a, k * selection.scale))
+
+    def _output(self, h_local: torch.Tensor) -> torch.Tensor:
+        """``U`` applied to this rank's middle features, complete on every rank."""
         group = self.tp_group
-        h_local = block_diag_matmul(a, self.k)  # (tokens, R/tp): this rank's blocks
         if self.strategy.fc2_out == "reduce":
             return comm.reduce_from_region(linear(h_local, self.u), group)
         h_slice = comm.features_to_tokens(self._pad_tokens(h_local), group)
-        return self._gather_output_tokens(linear(h_slice, self._token_split(self.u)), a.shape[0])
+        return self._gather_output_tokens(linear(h_slice, self._token_split(self.u)), h_local.shape[0])
