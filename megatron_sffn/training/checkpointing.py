@@ -11,10 +11,10 @@ visible atomically) holds, in megatron's ``torch_dist`` format:
 ``optimizer``
     AdamW moments (and fp32 master weights in bf16 runs), keyed to the model's
     global tensors;
-``scheduler``, ``progress``, ``data``, ``sgt``
+``scheduler``, ``progress``, ``data``, ``sgt``, ``est``
     the LR schedule, the step / consumed-token counters, the data loader's
-    position and the self-guided training plan: small objects identical on
-    every rank, written once;
+    position and the self-guided / evolving subnetwork training plans: small
+    objects identical on every rank, written once;
 ``rng``
     each rank's generator states (:mod:`.rng`), one object per global rank.
 
@@ -121,10 +121,12 @@ def save_checkpoint(
     data_state: dict[str, Any],
     faults: FaultPlan | None = None,
     sgt_state: dict[str, Any] | None = None,
+    est_state: dict[str, Any] | None = None,
 ) -> Path:
     """Collective: every rank calls it at the same step.  Returns the committed directory.
 
-    ``sgt_state`` records the run's self-guided training plan (None without SGT).
+    ``sgt_state`` records the run's self-guided training plan (None without SGT),
+    ``est_state`` its evolving subnetwork training plan (None without EST).
     """
     from megatron.core import dist_checkpointing
 
@@ -143,6 +145,7 @@ def save_checkpoint(
         "progress": progress.state_dict(),
         "data": data_state,
         "sgt": sgt_state,
+        "est": est_state,
         "rng": _rng_object(capture_rng_state()),
     }
     dist_checkpointing.save(state, str(partial), sharded_strategy=_save_strategy())

@@ -42,6 +42,7 @@ from .checkpointing import (
     save_checkpoint,
 )
 from .data_setup import RunData, build_run_data
+from .est import EvolvingSubnetworks
 from .evaluation import EvalResult, evaluate
 from .faults import FaultPlan
 from .metrics import MetricsLogger
@@ -111,6 +112,7 @@ class Trainer:
             micro_batches=self.num_micro_batches, dp_rank=parallel_state.get_data_parallel_rank(),
         )  # fmt: skip
         self.optimizer = self.guidance.optimizer
+        self.subnetworks = EvolvingSubnetworks(config.est_plan(), config.model, self.model)
         self.scheduler = build_lr_scheduler(
             self.optimizer, config.optimizer, self.train_steps, config.resolved_warmup_steps()
         )
@@ -138,7 +140,9 @@ class Trainer:
         latest = self.dirs.latest()
         if latest is not None and cfg.resume:
             check_same_model(latest, self.config)
-            self.guidance.prepare_resume(read_checkpoint_header(latest), str(latest))  # may switch guides off
+            header = read_checkpoint_header(latest)
+            self.guidance.prepare_resume(header, str(latest))  # may switch guides off
+            self.subnetworks.prepare_resume(header, str(latest))
             self._use_optimizer(self.guidance.optimizer)
             restored = load_checkpoint(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
             self._continue_from(restored)
@@ -177,6 +181,7 @@ class Trainer:
         step = self.progress.step + 1
         micro_batches = [to_device(next(batches)) for _ in range(self.num_micro_batches)]
         self.guidance.begin_step(step)
+        self.subnetworks.begin_step(step)
         self.scheduler.step(increment=1)
         learning_rate = self.optimizer.param_groups[0]["lr"]
         self.faults.maybe_signal(step, self.rank)
@@ -208,7 +213,8 @@ class Trainer:
         self.metrics.train_step(
             step, loss=result.loss, learning_rate=learning_rate, consumed_tokens=p.consumed_tokens,
             skipped_steps=p.skipped_steps, grad_norm=result.grad_norm, params_norm=params_norm,
-            extra_scalars=self.guidance.metrics(),
+            extra_scalars={**self.guidance.metrics(), **self.subnetworks.metrics()},
+            flops_per_token=self.subnetworks.training_flops_per_token(),
         )  # fmt: skip
         if self.guidance.end_step(step):
             self._use_optimizer(self.guidance.optimizer)
@@ -219,6 +225,7 @@ class Trainer:
 
     def evaluate(self) -> EvalResult:
         self.guidance.begin_evaluation(self.progress.step)
+        self.subnetworks.begin_evaluation()
         with self.metrics.excluded():
             result = evaluate(
                 self.model,
@@ -245,6 +252,7 @@ class Trainer:
                 data_state=self.data.global_train_state(),
                 faults=self.faults,
                 sgt_state=self.guidance.checkpoint_state(self.progress.step),
+                est_state=self.subnetworks.checkpoint_state(),
             )
         self.last_checkpoint = path
         say(f"saved checkpoint {path}")
