@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_sffn.training.trace import read_trace
-from tests.workers.train_checks import run_config, run_train, train_env, write_config, write_dataset
+from tests.workers.train_checks import trace_steps, traced_run, write_dataset
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -36,18 +35,12 @@ def dataset(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("data"))
 
 
-def _run(tmp: Path, dataset: Path, name: str, *, nproc: int = 2, env_faults: dict | None = None,
-         **sections) -> tuple[Path, str]:  # fmt: skip
-    run_dir, trace = tmp / name, tmp / f"{name}.trace"
-    sections = {"training": {"train_steps": STEPS}, "model": MODEL, **sections}
-    config = write_config(tmp / f"{name}.yaml", run_config(run_dir, dataset, **sections))
-    done = run_train(config, nproc=nproc, env=train_env(trace, **(env_faults or {})))
-    assert done.returncode == 0, f"exit code {done.returncode}:\n{done.stdout[-6000:]}"
-    return trace, done.stdout
+def _run(tmp: Path, dataset: Path, name: str, **kwargs) -> tuple[Path, str]:
+    sections = {"training": {"train_steps": STEPS}, "model": MODEL}
+    return traced_run(tmp, dataset, name, **{**sections, **kwargs})
 
 
-def _steps(trace: Path, rank: int = 0) -> dict[int, dict]:
-    return {r["step"]: r for r in read_trace(trace / f"rank{rank}.jsonl") if "step" in r}
+_steps = trace_steps
 
 
 @pytest.fixture(scope="module")

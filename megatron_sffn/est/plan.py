@@ -89,16 +89,6 @@ class ESTPlan:
     def state_dict(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, **_plain(dataclasses.asdict(self))}
 
-    def check_resume(self, saved: dict[str, Any] | None, where: str) -> None:
-        """A run resumes under the plan it was saved with, or its draws (and trajectory) silently change."""
-        mine = self.state_dict()
-        if saved is None:
-            raise ValueError(f"{where} was saved without evolving subnetwork training; this run has "
-                             f"est.enabled=true. Resume it with est.enabled=false or start a new run directory")  # fmt: skip
-        diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in mine.items() if saved.get(k) != v]
-        if diffs:
-            raise ValueError(f"{where} was saved under another EST plan:\n  " + "\n  ".join(diffs))
-
 
 def _plain(value: Any) -> Any:
     """Tuples as lists, so that a plan compares equal to its JSON round trip."""

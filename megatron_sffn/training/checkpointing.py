@@ -222,6 +222,19 @@ def read_checkpoint_header(path: str | Path) -> dict[str, Any]:
     return common
 
 
+def require_same_plan(mine: dict[str, Any], saved: dict[str, Any] | None, where: str, method: str, key: str) -> None:
+    """A run resumes under the training plan its checkpoint was saved with, or its trajectory silently changes.
+
+    ``method`` names the regime in messages ("self-guided training"), ``key`` its enabling config key.
+    """
+    if saved is None:
+        raise ValueError(f"{where} was saved without {method}; this run has {key}=true ({mine}). "
+                         f"Resume it with {key}=false or start a new run directory")  # fmt: skip
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in mine.items() if saved.get(k) != v]
+    if diffs:
+        raise ValueError(f"{where} was saved under another {method} plan:\n  " + "\n  ".join(diffs))
+
+
 def load_checkpoint(path: str | Path, *, model: list, optimizer=None, scheduler=None) -> RestoredState:
     """Collective: load ``path`` into ``model`` (and ``optimizer``/``scheduler`` when given) in place.
 

@@ -34,6 +34,7 @@ from ..accounting.est import step_forward_flops
 from ..accounting.model import TRAINING_FLOPS_PER_FORWARD, training_flops_per_token
 from ..config.model import ModelConfig
 from ..est import ESTPlan, LayerDraw
+from .checkpointing import require_same_plan
 
 
 def subnetwork_layers(model_chunks: list) -> list:
@@ -98,7 +99,7 @@ class EvolvingSubnetworks:
         """Before loading this run's checkpoint: the same plan, or (without EST) no EST stage left unfinished."""
         saved = header.get("est")
         if self.plan is not None:
-            self.plan.check_resume(saved, where)
+            require_same_plan(self.plan.state_dict(), saved, where, "evolving subnetwork training", "est.enabled")
             return
         step = int(header["progress"]["step"])
         if saved is not None and step < int(saved["stage2_steps"]):
