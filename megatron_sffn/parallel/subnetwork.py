@@ -110,9 +110,10 @@ class SubnetworkSelfAttention(SelfAttention):
         if self.selection is None:
             return super().forward(hidden_states, attention_mask, key_value_states, inference_context,
                                    rotary_pos_emb, *args, packed_seq_params=packed_seq_params, **kwargs)  # fmt: skip
-        if inference_context is not None or packed_seq_params is not None or key_value_states is not None:
+        unsupported = (inference_context, packed_seq_params, key_value_states, kwargs.get("attention_bias"))
+        if any(value is not None for value in unsupported):
             raise ValueError("a head subset is a training-time selection: no inference context, packed "
-                             "sequences or cross attention")  # fmt: skip
+                             "sequences, cross attention or attention bias")  # fmt: skip
         return self._selected_forward(hidden_states, attention_mask, rotary_pos_emb)
 
     def _selected_forward(self, hidden_states: torch.Tensor, attention_mask, rotary_pos_emb):
