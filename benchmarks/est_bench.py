@@ -103,8 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per stage (the median is reported)")
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--seq-length", type=int, default=512)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: all cores; 1 gives steadier "
+                        "CPU times on a shared machine)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the results to this file")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from megatron_sffn import cpu_compat
     from megatron_sffn.model import initialize_model_parallel

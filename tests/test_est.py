@@ -181,6 +181,8 @@ def checks():
 def test_sampled_step_equals_masked_reference(checks, case):
     result = checks["masked_reference"][case]
     assert result["skipped"]  # the draw skips layers, drops heads and hidden units
+    if case != "dense_mha_swiglu":
+        assert min(result["kv_groups"]) == 1  # GQA: a key/value group none of whose heads is kept is skipped
     assert abs(result["loss"] - result["ref_loss"]) <= 1e-5 * abs(result["ref_loss"])
     assert result["grad_error"] <= 1e-5
     assert result["zero_grads_agree"] and result["skipped_layer_grads_zero"]

@@ -31,6 +31,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..structured import build_linear
+from ..structured.take import take
 from . import comm, grads
 from .guide import GuideMixin
 from .layout import TPLayout, padded_tokens, shard_ranges, take_rows
@@ -196,7 +197,7 @@ class TPStructuredLinear(GuideMixin, MegatronModule):
         out = self._project_subset(x.reshape(-1, x.shape[-1]), selection)
         bias = self.bias
         if self.role == "fc1" and bias is not None:
-            bias = bias[selection.fc1_rows(self.shape.gated)]
+            bias = take(bias, selection.fc1_rows(self.shape.gated))
         return self._with_bias(out.reshape(*lead, out.shape[-1]), bias)
 
     def _with_bias(self, out: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -18,6 +18,7 @@ import torch
 from torch.nn.functional import linear
 
 from ..structured.functional import block_diag_matmul
+from ..structured.take import take
 from . import comm
 from .base import REPLICATED, SHARDED, TOKEN_SPLIT, FactorSpec, TPStructuredLinear
 
@@ -41,7 +42,7 @@ class BlockDenseFC1(TPStructuredLinear):
 
     def _project_subset(self, x: torch.Tensor, selection) -> torch.Tensor:
         """The selected hidden units are rows of U (both halves when gated); K is shared by all."""
-        return linear(self._block_features(x), self.u[selection.fc1_rows(self.shape.gated)])
+        return linear(self._block_features(x), take(self.u, selection.fc1_rows(self.shape.gated)))
 
     def _block_features(self, x: torch.Tensor) -> torch.Tensor:
         """``blockdiag(K) x`` (R features), complete on every rank."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch.nn.functional import linear
 
+from ..structured.take import take
 from . import comm
 from .base import REPLICATED, SHARDED, TOKEN_SPLIT, FactorSpec, TPStructuredLinear
 
@@ -37,7 +38,7 @@ class LowRankFC1(TPStructuredLinear):
 
     def _project_subset(self, x: torch.Tensor, selection) -> torch.Tensor:
         """The selected hidden units are rows of U (both halves when gated); V is shared by all."""
-        return linear(self._rank_features(x), self.u[selection.fc1_rows(self.shape.gated)])
+        return linear(self._rank_features(x), take(self.u, selection.fc1_rows(self.shape.gated)))
 
     def _rank_features(self, x: torch.Tensor) -> torch.Tensor:
         """``V x`` (R features), complete on every rank."""
@@ -67,7 +68,7 @@ class LowRankFC2(TPStructuredLinear):
 
     def _project_subset(self, a: torch.Tensor, selection) -> torch.Tensor:
         """The selected hidden units are columns of V, scaled by 1/p; U is shared by all."""
-        return self._output(linear(a, self.v[:, selection.units] * selection.scale), a.shape[0])
+        return self._output(linear(a, take(self.v, selection.units, 1) * selection.scale), a.shape[0])
 
     def _output(self, h_partial: torch.Tensor, tokens: int) -> torch.Tensor:
         """``U`` applied to this rank's partial R features, complete on every rank."""

@@ -15,6 +15,10 @@ attention then runs on the kept heads with torch's
 ``scaled_dot_product_attention`` (megatron's and Transformer Engine's core
 attention modules are built for a fixed head count).
 
+The kept rows and columns are gathered with
+:func:`~megatron_sffn.structured.take.take` (distinct indices, so the
+backward copies the gradient into place instead of accumulating it).
+
 Hidden units (``MLP``): dense fc1's rows (both halves of a gated fc1) and
 fc2's columns scaled by 1/p_M; a structured fc1/fc2 computes its own subset
 (:meth:`~.base.TPStructuredLinear.forward_hidden_subset`): LowRank and
@@ -40,6 +44,7 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.mlp import MLP
 
 from ..est.draws import Subset
+from ..structured.take import take
 from .base import TPStructuredLinear
 
 
@@ -122,8 +127,8 @@ class SubnetworkSelfAttention(SelfAttention):
         sel, head_dim = self.selection, self.hidden_size_per_attention_head
         qkv_linear, proj = self.linear_qkv, self.linear_proj
         x = copy_to_tensor_model_parallel_region(hidden_states, group=self.pg_collection.tp)
-        bias = qkv_linear.bias[sel.qkv_rows] if qkv_linear.bias is not None else None
-        qkv = F.linear(x, qkv_linear.weight[sel.qkv_rows], bias)
+        bias = take(qkv_linear.bias, sel.qkv_rows) if qkv_linear.bias is not None else None
+        qkv = F.linear(x, take(qkv_linear.weight, sel.qkv_rows), bias)
         seq, batch = qkv.shape[:2]
         query, key, value = qkv.split([sel.heads * head_dim, sel.groups * head_dim, sel.groups * head_dim], dim=-1)
         query = query.reshape(seq, batch, sel.heads, head_dim)
@@ -133,7 +138,7 @@ class SubnetworkSelfAttention(SelfAttention):
             query = apply_rotary_pos_emb(query, q_freqs, config=self.config, cp_group=self.pg_collection.cp)
             key = apply_rotary_pos_emb(key, k_freqs, config=self.config, cp_group=self.pg_collection.cp)
         if sel.group_of_head is not None:  # every kept head reads its group's key and value
-            key, value = key[:, :, sel.group_of_head], value[:, :, sel.group_of_head]
+            key, value = key.index_select(2, sel.group_of_head), value.index_select(2, sel.group_of_head)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # SDPA: [b, heads, s, dim]
         causal = attention_mask is None and seq > 1
         out = F.scaled_dot_product_attention(
@@ -141,7 +146,7 @@ class SubnetworkSelfAttention(SelfAttention):
             scale=self.config.softmax_scale or 1.0 / math.sqrt(head_dim),
         )  # fmt: skip
         context = out.permute(2, 0, 1, 3).reshape(seq, batch, sel.heads * head_dim)
-        output = F.linear(context, proj.weight[:, sel.proj_columns] * sel.scale)
+        output = F.linear(context, take(proj.weight, sel.proj_columns, 1) * sel.scale)
         return reduce_from_tensor_model_parallel_region(output, group=self.pg_collection.tp), proj.bias
 
 
@@ -182,7 +187,7 @@ class SubnetworkMLP(MLP):
         sel, fc1, fc2 = self.selection, self.linear_fc1, self.linear_fc2
         rows = sel.fc1_rows(bool(self.config.gated_linear_unit))
         x = copy_to_tensor_model_parallel_region(hidden_states, group=self.tp_group)
-        hidden = F.linear(x, fc1.weight[rows])
-        hidden = self._activate(hidden, fc1.bias[rows] if fc1.bias is not None else None)
-        output = F.linear(hidden, fc2.weight[:, sel.units] * sel.scale)
+        hidden = F.linear(x, take(fc1.weight, rows))
+        hidden = self._activate(hidden, take(fc1.bias, rows) if fc1.bias is not None else None)
+        output = F.linear(hidden, take(fc2.weight, sel.units, 1) * sel.scale)
         return reduce_from_tensor_model_parallel_region(output, group=self.tp_group), fc2.bias
