@@ -35,6 +35,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from train_throughput import Case, case_config, log  # noqa: E402
 
+from megatron_sffn.structured.take import take  # noqa: E402
+
 CONFIGS = {"dense": "configs/est/s_dense.yaml", "lowrank32": "configs/est/s_lowrank32.yaml"}
 STAGE_STEPS = {1: 1, 2: 400, 3: 900}  # a step of each stage of a 1000-step run (stage ends 0.3, 0.6)
 
@@ -73,7 +75,7 @@ def measure_stages(name: str, micro_batch: int, seq_length: int, warmup: int, st
 
 
 def measure_slicing(tokens: int, hidden: int, ffn: int, reps: int) -> dict[str, float]:
-    """Forward + backward of a half-width MLP: gathered random hidden units vs a contiguous range."""
+    """Forward + backward of a half-width MLP: gathered random hidden units (``take``) vs a contiguous range."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, hidden, generator=gen)
     w1 = torch.randn(ffn, hidden, generator=gen, requires_grad=True)
@@ -83,8 +85,10 @@ def measure_slicing(tokens: int, hidden: int, ffn: int, reps: int) -> dict[str, 
 
     def run(rows) -> float:
         start = time.perf_counter()
-        w1_part = w1[rows] if isinstance(rows, torch.Tensor) else w1[rows]
-        w2_part = w2[:, rows] if isinstance(rows, torch.Tensor) else w2[:, rows]
+        if isinstance(rows, torch.Tensor):
+            w1_part, w2_part = take(w1, rows), take(w2, rows, 1)
+        else:
+            w1_part, w2_part = w1[rows], w2[:, rows]
         F.linear(F.gelu(F.linear(x, w1_part)), w2_part).sum().backward()
         return time.perf_counter() - start
 

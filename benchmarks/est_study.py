@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             per_step = est_step_flops(cfg, est_steps, seed)
             for arm, steps, est in (("full", args.base_steps, False), ("est", est_steps, True)):
                 name = f"{structure}-{arm}-seed{seed}"
-                flops_at = (lambda step, p=per_step: sum(p[:step])) if est else (lambda step: full_step * step)
+                flops_at = (lambda step, p=per_step: sum(p[:step])) if est else (lambda step, f=full_step: f * step)
                 evals = run_trainer(name, config(name, ffn, steps, seed, out, data, est), out, flops_at)
                 rows.append({"structure": structure, "arm": arm, "seed": seed, "steps": steps,
                              "flops": evals[-1]["flops"], "val_loss": evals[-1]["val_loss"]})  # fmt: skip
