@@ -94,6 +94,11 @@ class HiddenSelection:
         return torch.cat([self.units, self.units + self.local_width]) if gated else self.units
 
 
+def _rank_and_size(tp_group) -> tuple[int, int]:
+    """This rank's place in its tensor-parallel group (a single rank without one)."""
+    return (tp_group.rank(), tp_group.size()) if tp_group is not None else (0, 1)
+
+
 class SubnetworkSelfAttention(SelfAttention):
     """megatron's ``SelfAttention``; with :attr:`selection` set, only the selected heads compute."""
 
@@ -104,8 +109,7 @@ class SubnetworkSelfAttention(SelfAttention):
         if subset is None:
             self.selection = None
             return
-        tp = self.pg_collection.tp
-        rank, size = (tp.rank(), tp.size()) if tp is not None else (0, 1)
+        rank, size = _rank_and_size(self.pg_collection.tp)
         per_group = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         self.selection = HeadSelection.build(subset.indices(rank, size), per_group, self.hidden_size_per_attention_head,
                                              1.0 / p_heads, self.linear_qkv.weight.device)  # fmt: skip
@@ -160,8 +164,7 @@ class SubnetworkMLP(MLP):
         if subset is None:
             self.selection = None
             return
-        tp = self.tp_group
-        rank, size = (tp.rank(), tp.size()) if tp is not None else (0, 1)
+        rank, size = _rank_and_size(self.tp_group)
         weight = next(self.linear_fc1.parameters())
         self.selection = HiddenSelection.build(subset, rank, size, 1.0 / p_hidden, weight.device)
 
