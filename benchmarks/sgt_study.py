@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -139,19 +139,27 @@ def run_config(variant: Variant, seed: int, run_dir: Path, data: Path, eval_inte
 def train(variant: Variant, seed: int, base_steps: int, out: Path, data: Path, eval_interval: int) -> list[dict]:
     """One run through the trainer; returns its evaluation records (cached: a finished run is not redone)."""
     name = f"{variant.name}-seed{seed}"
-    run_dir, trace = out / "runs" / name, out / "traces" / name
+    config = run_config(variant, seed, out / "runs" / name, data, eval_interval)
+    return run_trainer(name, config, out, lambda step: cumulative_flops(variant, base_steps, step))
+
+
+def run_trainer(name: str, config: dict[str, Any], out: Path, flops_at: Callable[[int], float]) -> list[dict]:
+    """Train ``config`` as run ``name``; its evaluations with the training FLOPs after them (``flops_at(step)``).
+
+    Cached: a finished run is not redone.
+    """
+    run_dir, trace = Path(config["run_dir"]), out / "traces" / name
     done = trace / "done.json"
     if done.exists():
         log(f"{name}: cached")
         return json.loads(done.read_text())
-    config = run_config(variant, seed, run_dir, data, eval_interval)
     path = out / "configs" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     for stale in (run_dir, trace):
         shutil.rmtree(stale, ignore_errors=True)  # a run interrupted earlier starts over
     env = {**os.environ, "SFFN_STEP_TRACE": str(trace), "PYTHONPATH": str(REPO_ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    log(f"{name}: {variant.steps} steps")
+    log(f"{name}: {config['training']['train_steps']} steps")
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "megatron_sffn.train", str(path)], cwd=REPO_ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
@@ -162,7 +170,7 @@ def train(variant: Variant, seed: int, base_steps: int, out: Path, data: Path, e
         raise RuntimeError(f"{name}: the trainer failed (exit code {proc.returncode}); config {path}")
     records = [r for r in read_trace(trace / "rank0.jsonl") if "eval_step" in r]
     evals = [{"step": r["eval_step"], "val_loss": r["val_loss"], "val_tokens": r["val_tokens"],
-              "flops": cumulative_flops(variant, base_steps, r["eval_step"])} for r in records]  # fmt: skip
+              "flops": flops_at(r["eval_step"])} for r in records]  # fmt: skip
     done.write_text(json.dumps(evals))
     log(f"{name}: final validation loss {evals[-1]['val_loss']:.4f} in {time.monotonic() - started:.0f} s")
     return evals

@@ -10,6 +10,8 @@ Examples::
     python -m megatron_sffn.flops --model s --structure lowrank --ratio 0.32 --sgt same_flops
                                                 # self-guided training at the dense model's FLOPs
     python -m megatron_sffn.flops --model xl --attention supra   # SUPRA linear attention in every layer
+    python -m megatron_sffn.flops --model s --est --est-config configs/est/s_dense.yaml
+                                                # evolving subnetwork training: expected FLOPs and saving
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .accounting.model import (
     training_flops_per_token,
     training_run_flops,
 )
+from .accounting.est import est_run_flops
 from .accounting.paper import reproduce_table1
 from .accounting.ratio import ffn_param_ratio
 from .accounting.sgt import MODES as SGT_MODES
@@ -99,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     sgt.add_argument("--sgt-schedule", choices=SCHEDULES, default="cosine", help="alpha schedule (default cosine)")
     sgt.add_argument("--sgt-every-step", action="store_true",
                      help="run the guides on every guided step instead of with probability alpha")
+    est = p.add_argument_group("evolving subnetwork training (expected FLOPs under the schedule)")
+    est.add_argument("--est", action="store_true", help="expected training FLOPs of the run under an EST schedule")
+    est.add_argument("--est-config", help="a run config whose est section is used (default: the section's defaults)")
+    est.add_argument("--tensor-parallel", type=_count, default=1, help="TP size the draws are stratified for")
+    est.add_argument("--pipeline-parallel", type=_count, default=1, help="PP size the draws are stratified for")
     return p
 
 
@@ -207,6 +215,39 @@ def sgt_report(args: argparse.Namespace, cfg: ModelConfig, steps: int | None) ->
         "expected_guide_steps": flops.expected_guide_steps, "model_flops": flops.model, "guide_flops": flops.guides,
         "training_flops": flops.total, "dense_training_flops": flops.dense, "vs_dense": flops.vs_dense,
     }  # fmt: skip
+
+
+def est_report(args: argparse.Namespace, cfg: ModelConfig, steps: int | None) -> dict[str, Any]:
+    """Expected training FLOPs of ``cfg`` under an EST schedule, stage by stage, and the saving."""
+    from .config.est import ESTConfig
+    from .config.loading import load_yaml_mapping, from_dict
+    from .est import build_plan
+
+    if steps is None:
+        raise ValueError("--est needs a run length: --steps, --tokens or a --model preset's budget")
+    section = load_yaml_mapping(args.est_config).get("est", {}) if args.est_config else {}
+    est = from_dict(ESTConfig, {**section, "enabled": True}, f"{args.est_config or '--est'}:est")
+    plan = build_plan(cfg, est, total_steps=steps, seed=0, tensor_parallel=args.tensor_parallel,
+                      pipeline_parallel=args.pipeline_parallel)  # fmt: skip
+    flops = est_run_flops(cfg, plan, args.global_batch * cfg.seq_length)
+    return {
+        "stage_ends": est.stage_ends, "stage1": dataclasses.asdict(est.stage1), "stage2": dataclasses.asdict(est.stage2),
+        "stage_steps": list(flops.stage_steps), "stage_flops": list(flops.stage_flops),
+        "training_flops": flops.total, "full_training_flops": flops.full, "saving": flops.saving,
+    }  # fmt: skip
+
+
+def format_est(report: dict[str, Any]) -> str:
+    s1, s2 = report["stage1"], report["stage2"]
+    stages = [f"stage 1 (p_L={s1['p_L']}, p_H={s1['p_H']}, p_M={s1['p_M']})",
+              f"stage 2 (p_H={s2['p_H']}, p_M={s2['p_M']})", "stage 3 (full model)"]  # fmt: skip
+    lines = [f"evolving subnetwork training, stage ends {report['stage_ends']} of the steps"]
+    for name, steps, flops in zip(stages, report["stage_steps"], report["stage_flops"]):
+        lines.append(f"  {name:<40}{steps:>8,} steps {flops:>14.4e} FLOPs")
+    lines.append(f"{'expected training FLOPs':<34}{report['training_flops']:>18.4e}")
+    lines.append(f"{'full model every step':<34}{report['full_training_flops']:>18.4e}  "
+                 f"(EST saves {report['saving']:.2%})")  # fmt: skip
+    return "\n".join(lines)
 
 
 def format_sgt(report: dict[str, Any]) -> str:
@@ -372,6 +413,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             except ValueError as err:
                 parser.error(str(err))
             texts.append(format_sgt(reports["sgt"]))
+        if args.est:
+            try:
+                reports["est"] = est_report(args, cfg, steps)
+            except ValueError as err:
+                parser.error(str(err))
+            texts.append(format_est(reports["est"]))
     print(json.dumps(reports, indent=2) if args.json else "\n\n".join(texts))
     table1_ok = all(r["matches"] for r in reports.get("table1", {}).get("rows", []))
     return 0 if table1_ok else 1

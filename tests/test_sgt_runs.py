@@ -28,7 +28,7 @@ import pytest
 from megatron_sffn.structured.guided import guide_alpha
 from megatron_sffn.training.checkpointing import read_checkpoint_header
 from megatron_sffn.training.trace import read_trace
-from tests.workers.train_checks import REPO_ROOT, run_config, run_train, train_env, write_config, write_dataset
+from tests.workers.train_checks import REPO_ROOT, trace_steps, traced_run, train_env, write_dataset
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -45,16 +45,11 @@ def dataset(tmp_path_factory) -> Path:
 
 def _sgt_run(tmp: Path, dataset: Path, name: str, *, nproc: int = 2, env_faults: dict | None = None,
              **sections) -> tuple[Path, str]:  # fmt: skip
-    run_dir, trace = tmp / name, tmp / f"{name}.trace"
     sections = {"training": {"train_steps": BASE_STEPS}, "sgt": SGT, **sections}
-    config = write_config(tmp / f"{name}.yaml", run_config(run_dir, dataset, **sections))
-    done = run_train(config, nproc=nproc, env=train_env(trace, **(env_faults or {})))
-    assert done.returncode == 0, f"exit code {done.returncode}:\n{done.stdout[-6000:]}"
-    return trace, done.stdout
+    return traced_run(tmp, dataset, name, nproc=nproc, env_faults=env_faults, **sections)
 
 
-def _steps(trace: Path, rank: int = 0) -> dict[int, dict]:
-    return {r["step"]: r for r in read_trace(trace / f"rank{rank}.jsonl") if "step" in r}
+_steps = trace_steps
 
 
 def _guide_keys(checkpoint: Path) -> list[str]:

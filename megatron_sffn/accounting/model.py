@@ -85,8 +85,11 @@ def ffn_layer_kinds(cfg: ModelConfig) -> list[str]:
     return [cfg.ffn.structure if cfg.ffn.is_structured(layer) else "dense" for layer in range(cfg.num_layers)]
 
 
-def _ffn_weights(cfg: ModelConfig, kind: str) -> int:
-    return sum(counts.weight_params(kind, n, m, cfg.ffn.rank, cfg.ffn.blocks) for n, m in cfg.ffn_shapes())
+def _ffn_weights(cfg: ModelConfig, kind: str, hidden: int | None = None) -> int:
+    """One FFN's weight parameters; ``hidden`` replaces ``ffn_hidden_size`` (a subset of the hidden units)."""
+    if hidden == 0:
+        return 0
+    return sum(counts.weight_params(kind, n, m, cfg.ffn.rank, cfg.ffn.blocks) for n, m in cfg.ffn_shapes(hidden))
 
 
 def ffn_weight_params(cfg: ModelConfig) -> int:
@@ -118,23 +121,56 @@ def count_parameters(cfg: ModelConfig) -> ParameterCount:
     )
 
 
-def attention_score_flops(cfg: ModelConfig, layer: int) -> int:
+def attention_score_flops(cfg: ModelConfig, layer: int, heads: int | None = None) -> int:
     """Forward FLOPs per token of one layer's attention over its context (softmax or SUPRA's chunked form)."""
+    width = cfg.attention_width if heads is None else heads * cfg.kv_channels
     if cfg.is_linear_attention(layer):
         chunk = min(cfg.supra.chunk_size, cfg.seq_length)
-        return 2 * 2 * cfg.attention_width * (chunk + cfg.kv_channels)
-    return 2 * 2 * cfg.seq_length * cfg.attention_width
+        return 2 * 2 * width * (chunk + cfg.kv_channels)
+    return 2 * 2 * cfg.seq_length * width
+
+
+def supra_feature_map_flops(cfg: ModelConfig, layer: int) -> int:
+    """Forward FLOPs per token of a SUPRA layer's feature maps (applied to q and to k); 0 for softmax layers."""
+    return 2 * (cfg.attention_width**2 + cfg.kv_width**2) if cfg.is_linear_attention(layer) else 0
+
+
+def layer_forward_flops(
+    cfg: ModelConfig, layer: int, *, heads: int | None = None, kv_groups: int | None = None, hidden: int | None = None
+) -> ForwardFlops:
+    """Forward FLOPs per token of decoder layer ``layer`` (0-based); no logits.
+
+    ``heads``, ``kv_groups`` and ``hidden`` default to the full layer; a
+    subnetwork that computes only some query heads, key/value groups and FFN
+    hidden units (evolving subnetwork training) passes its counts, 0 for a
+    skipped layer.
+    """
+    d, head_dim = cfg.hidden_size, cfg.kv_channels
+    heads = cfg.num_attention_heads if heads is None else heads
+    kv_groups = cfg.num_query_groups if kv_groups is None else kv_groups
+    kind = cfg.ffn.structure if cfg.ffn.is_structured(layer) else "dense"
+    feature_maps = supra_feature_map_flops(cfg, layer) if heads else 0
+    return ForwardFlops(
+        attention_projections=2 * (2 * heads * head_dim * d + 2 * kv_groups * head_dim * d) + feature_maps,
+        attention_scores=attention_score_flops(cfg, layer, heads),
+        ffn=2 * _ffn_weights(cfg, kind, hidden),
+        logits=0,
+    )
 
 
 def forward_flops_per_token(cfg: ModelConfig) -> ForwardFlops:
     """Forward FLOPs per token (2 per multiply-add; norms, activations and softmax are not counted)."""
-    d, layers = cfg.hidden_size, cfg.num_layers
-    feature_maps = 2 * (cfg.attention_width**2 + cfg.kv_width**2) * len(cfg.linear_attention_layers())
+    layers = [layer_forward_flops(cfg, layer) for layer in range(cfg.num_layers)]
+    return sum_forward_flops(layers, logits=2 * cfg.vocab_size * cfg.hidden_size)
+
+
+def sum_forward_flops(layers: list[ForwardFlops], logits: int) -> ForwardFlops:
+    """The model's forward FLOPs from its layers' and the output layer's."""
     return ForwardFlops(
-        attention_projections=2 * layers * (2 * cfg.attention_width * d + 2 * cfg.kv_width * d) + feature_maps,
-        attention_scores=sum(attention_score_flops(cfg, layer) for layer in range(layers)),
-        ffn=2 * ffn_weight_params(cfg),
-        logits=2 * cfg.vocab_size * d,
+        attention_projections=sum(f.attention_projections for f in layers),
+        attention_scores=sum(f.attention_scores for f in layers),
+        ffn=sum(f.ffn for f in layers),
+        logits=logits,
     )
 
 

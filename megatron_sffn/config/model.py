@@ -169,7 +169,11 @@ class ModelConfig:
         """d_kv = kv_heads * head_dim."""
         return self.num_query_groups * self.kv_channels
 
-    def ffn_shapes(self) -> list[tuple[int, int]]:
-        """(in, out) of fc1 and fc2; fc1 is twice as wide for SwiGLU (gate and value)."""
-        fc1_out = self.ffn_hidden_size * (2 if self.activation == "swiglu" else 1)
-        return [(self.hidden_size, fc1_out), (self.ffn_hidden_size, self.hidden_size)]
+    def ffn_shapes(self, hidden: int | None = None) -> list[tuple[int, int]]:
+        """(in, out) of fc1 and fc2; fc1 is twice as wide for SwiGLU (gate and value).
+
+        ``hidden`` replaces ``ffn_hidden_size`` (an FFN computing only some hidden units).
+        """
+        f = self.ffn_hidden_size if hidden is None else hidden
+        fc1_out = f * (2 if self.activation == "swiglu" else 1)
+        return [(self.hidden_size, fc1_out), (f, self.hidden_size)]

@@ -13,11 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from .est import ESTConfig
 from .model import ModelConfig
 from .sgt import SGTConfig
 
 if TYPE_CHECKING:
     from ..accounting.sgt import SGTSteps
+    from ..est import ESTPlan
 
 DEFAULT_WARMUP_FRACTION = 0.1
 
@@ -280,6 +282,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sgt: SGTConfig = field(default_factory=SGTConfig)
+    est: ESTConfig = field(default_factory=ESTConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.run_dir), "run_dir is empty")
@@ -292,6 +295,7 @@ class TrainConfig:
             f"model.seq_length={self.model.seq_length})",
         )
         self._validate_sgt()
+        self._validate_est()
 
     def _validate_pipeline(self) -> None:
         model, pp = self.model, self.parallel.pipeline_parallel
@@ -356,6 +360,29 @@ class TrainConfig:
             self.sgt_steps()
         except ValueError as exc:
             raise ValueError(f"sgt: {exc}") from exc
+
+    def _validate_est(self) -> None:
+        """Evolving subnetwork training: a drawable plan at this layout, and not combined with SGT."""
+        if not self.est.enabled:
+            return
+        _require(not self.sgt.enabled, "est.enabled=true cannot be combined with sgt.enabled=true (both change "
+                 "what each step computes); enable one of them")  # fmt: skip
+        _require(self.model.attention == "softmax", f"est.enabled=true needs model.attention=softmax, got "
+                 f"{self.model.attention!r}: subnetworks of SUPRA's linear attention are not defined")  # fmt: skip
+        from ..est import plan_problems
+
+        problems = plan_problems(self.model, self.est, self.parallel.tensor_parallel, self.parallel.pipeline_parallel)
+        _require(not problems, "\n".join(problems))
+
+    def est_plan(self) -> ESTPlan | None:
+        """The run's EST schedule and draws (None when ``est.enabled`` is false)."""
+        if not self.est.enabled:
+            return None
+        from ..est import build_plan
+
+        return build_plan(self.model, self.est, total_steps=self.resolved_train_steps(), seed=self.training.seed,
+                          tensor_parallel=self.parallel.tensor_parallel,
+                          pipeline_parallel=self.parallel.pipeline_parallel)  # fmt: skip
 
     def tokens_per_step(self) -> int:
         return self.training.global_batch_size * self.model.seq_length

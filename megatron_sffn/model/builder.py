@@ -16,6 +16,7 @@ def build_gpt_model(
     config=None,
     backend: Backend = "auto",
     vp_stage: int | None = None,
+    subnetworks: bool = False,
 ):
     """This rank's part of the GPT (its pipeline stage, its tensor-parallel shard).
 
@@ -27,6 +28,8 @@ def build_gpt_model(
     initialised (see :func:`initialize_model_parallel`) and seeded first.
     The structured FFNs' tensor-parallel plan comes from
     ``model_cfg.ffn.tp_strategy`` (see ``megatron_sffn.parallel.plan``).
+    ``subnetworks`` builds layers that can run a drawn subnetwork of
+    themselves (evolving subnetwork training; same parameters).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -35,7 +38,7 @@ def build_gpt_model(
     config = config or transformer_config(model_cfg)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=decoder_block_spec(model_cfg, config, backend, vp_stage),
+        transformer_layer_spec=decoder_block_spec(model_cfg, config, backend, vp_stage, subnetworks),
         vocab_size=model_cfg.vocab_size,
         max_sequence_length=model_cfg.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

@@ -8,7 +8,10 @@ attention, the norms and the backend around it.
 
 from __future__ import annotations
 
-from typing import Literal
+import contextlib
+import dataclasses
+import logging
+from typing import Iterator, Literal
 
 from .. import cpu_compat
 from ..config import ModelConfig
@@ -44,13 +47,17 @@ def _core_attention(provider) -> type:
     return cpu_compat.core_attention_class() if cpu_compat.is_active() else provider.core_attention()
 
 
-_LAYER_CLASS: type | None = None
+_LAYER_CLASSES: dict[bool, type] = {}
 
 
-def _layer_class() -> type:
-    """``TransformerLayer`` that initialises inside its own RNG stream (see ``init_streams``)."""
-    global _LAYER_CLASS
-    if _LAYER_CLASS is None:
+def _layer_class(subnetworks: bool = False) -> type:
+    """``TransformerLayer`` that initialises inside its own RNG stream (see ``init_streams``).
+
+    With ``subnetworks`` it also runs a drawn subnetwork of itself (evolving
+    subnetwork training): :meth:`select` picks its heads and hidden units, or
+    skips it, in which case it passes the residual stream through unchanged.
+    """
+    if not _LAYER_CLASSES:
         from megatron.core.transformer.transformer_layer import TransformerLayer
 
         class TransformerLayerWithInitStream(TransformerLayer):
@@ -58,17 +65,57 @@ def _layer_class() -> type:
                 with init_stream(init_stream_id):
                     super().__init__(*args, **kwargs)
 
-        _LAYER_CLASS = TransformerLayerWithInitStream
-    return _LAYER_CLASS
+        class SubnetworkTransformerLayer(TransformerLayerWithInitStream):
+            skipped = False
+
+            def __init__(self, *args, **kwargs) -> None:
+                # megatron logs every MLP subclass as an "Unknown MLP type" and then builds it with the
+                # default TP group, which is the group it would have passed: the message is noise here.
+                with _without_log_records("megatron.core.transformer.transformer_layer", "Unknown MLP type"):
+                    super().__init__(*args, **kwargs)
+
+            def select(self, draw) -> None:
+                """This layer's part of a step's subnetwork (an ``est.LayerDraw``; None: the full layer)."""
+                self.skipped = draw is not None and not draw.active
+                self.self_attention.select_heads(draw.heads if draw is not None else None, draw.p_H if draw else 1.0)
+                self.mlp.select_hidden(draw.hidden if draw is not None else None, draw.p_M if draw else 1.0)
+
+            def forward(self, hidden_states, *args, **kwargs):
+                if self.skipped:
+                    return hidden_states, kwargs.get("context")
+                return super().forward(hidden_states, *args, **kwargs)
+
+        _LAYER_CLASSES.update({False: TransformerLayerWithInitStream, True: SubnetworkTransformerLayer})
+    return _LAYER_CLASSES[subnetworks]
 
 
-def layer_spec(model_cfg: ModelConfig, layer: int, provider):
+@contextlib.contextmanager
+def _without_log_records(logger_name: str, prefix: str) -> Iterator[None]:
+    """Drop the log records of ``logger_name`` whose message starts with ``prefix`` while inside."""
+    logger = logging.getLogger(logger_name)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(prefix)
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def layer_spec(model_cfg: ModelConfig, layer: int, provider, subnetworks: bool = False):
     """Spec of decoder layer ``layer`` (0-based): pre-LN attention (softmax or SUPRA), then the layer's FFN.
 
     Transformer Engine fuses a norm into the linear that follows it.  That is
     used for the QKV projection; the pre-MLP norm is fused only when the FFN's
     fc1 is TE's own layernorm-linear; a structured fc1 gets a separate norm
     module, otherwise the FFN would silently run without its pre-LN.
+
+    ``subnetworks`` swaps in the layer, attention and MLP that can run a drawn
+    subnetwork (``megatron_sffn.parallel.subnetwork``); their norms stay
+    separate modules, because a sliced QKV or fc1 product cannot apply a
+    fused norm.  Parameters and checkpoint keys are the same either way.
     """
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
     from megatron.core.transformer.enums import AttnMaskType
@@ -80,8 +127,9 @@ def layer_spec(model_cfg: ModelConfig, layer: int, provider):
     from ..parallel.mlp_spec import mlp_spec
 
     norm = provider.layer_norm(rms_norm=model_cfg.normalization == "RMSNorm")
-    fused_norm_linear = provider.column_parallel_layer_norm_linear() if provider.fuse_layernorm_and_linear() else None
-    mlp = mlp_spec(model_cfg, layer, provider=provider)
+    fuse = provider.fuse_layernorm_and_linear() and not subnetworks
+    fused_norm_linear = provider.column_parallel_layer_norm_linear() if fuse else None
+    mlp = mlp_spec(model_cfg, layer, provider=provider, fuse_norm=not subnetworks)
     # The pre-MLP norm is fused only when fc1 is exactly the provider's layernorm-linear.
     mlp_norm_fused = fused_norm_linear is not None and mlp.submodules.linear_fc1 is fused_norm_linear
     keys_map = {}
@@ -90,8 +138,13 @@ def layer_spec(model_cfg: ModelConfig, layer: int, provider):
     if not mlp_norm_fused:
         keys_map.update(_PRE_MLP_NORM_KEYS)
     linear = model_cfg.is_linear_attention(layer)
+    attention_class = supra_attention_class() if linear else SelfAttention
+    if subnetworks:
+        from ..parallel.subnetwork import SubnetworkMLP, SubnetworkSelfAttention
+
+        attention_class, mlp = SubnetworkSelfAttention, dataclasses.replace(mlp, module=SubnetworkMLP)
     attention = ModuleSpec(
-        module=supra_attention_class() if linear else SelfAttention,
+        module=attention_class,
         params={"attn_mask_type": AttnMaskType.causal, **({"supra": model_cfg.supra} if linear else {})},
         submodules=SelfAttentionSubmodules(
             linear_qkv=fused_norm_linear or provider.column_parallel_linear(),
@@ -102,7 +155,7 @@ def layer_spec(model_cfg: ModelConfig, layer: int, provider):
         ),
     )
     return ModuleSpec(
-        module=_layer_class(),
+        module=_layer_class(subnetworks),
         params={"init_stream_id": layer_stream(layer)},
         submodules=TransformerLayerSubmodules(
             input_layernorm=IdentityOp if fused_norm_linear else norm,
@@ -121,6 +174,7 @@ def decoder_block_spec(
     config,
     backend: Backend = "auto",
     vp_stage: int | None = None,
+    subnetworks: bool = False,
 ):
     """The ``TransformerBlockSubmodules`` of this pipeline stage: its slice of the per-layer specs."""
     from megatron.core.transformer.transformer_block import (
@@ -132,6 +186,6 @@ def decoder_block_spec(
     provider = spec_provider(backend)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
-    specs = [layer_spec(model_cfg, layer, provider) for layer in range(offset, offset + count)]
+    specs = [layer_spec(model_cfg, layer, provider, subnetworks) for layer in range(offset, offset + count)]
     final_norm = provider.layer_norm(rms_norm=model_cfg.normalization == "RMSNorm")
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)

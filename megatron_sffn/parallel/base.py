@@ -24,7 +24,7 @@ and a TP-size-independent sharded checkpoint.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from megatron.core.transformer.module import MegatronModule
@@ -32,11 +32,15 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..structured import build_linear
 from ..structured.functional import block_diag_matmul
+from ..structured.take import take
 from . import comm, grads
 from .guide import GuideMixin
 from .layout import TPLayout, padded_tokens, shard_ranges, take_rows
 from .plan import FFNShape, TPStrategy, choose_strategy, require_shardable
 from .premerge import PreMergeMixin
+
+if TYPE_CHECKING:
+    from .subnetwork import HiddenSelection
 
 SHARDED, REPLICATED, TOKEN_SPLIT = "sharded", "replicated", "token_split"
 
@@ -180,10 +184,29 @@ class TPStructuredLinear(GuideMixin, PreMergeMixin, MegatronModule):
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
         out = self._guided(x, self._structured_or_merged(x))
-        out = out.reshape(*lead, out.shape[-1])
-        if self.skip_bias_add or self.bias is None:
-            return out, self.bias if self.skip_bias_add else None
-        return out + self.bias, None
+        return self._with_bias(out.reshape(*lead, out.shape[-1]), self.bias)
+
+    def forward_hidden_subset(self, x: torch.Tensor, selection: HiddenSelection) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Only the selected hidden units: fc1 returns their outputs, fc2 reads them (scaled by 1/p).
+
+        Evolving subnetwork training's smaller products (see :mod:`.subnetwork`); the guide of
+        self-guided training does not take part (the two are not combined).
+        """
+        lead = x.shape[:-1]
+        out = self._project_subset(x.reshape(-1, x.shape[-1]), selection)
+        bias = self.bias
+        if self.role == "fc1" and bias is not None:
+            bias = take(bias, selection.fc1_rows(self.shape.gated))
+        return self._with_bias(out.reshape(*lead, out.shape[-1]), bias)
+
+    def _with_bias(self, out: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.skip_bias_add or bias is None:
+            return out, bias if self.skip_bias_add else None
+        return out + bias, None
+
+    def _project_subset(self, x: torch.Tensor, selection: HiddenSelection) -> torch.Tensor:
+        """:meth:`_project` restricted to the selected hidden units (structures that support it)."""
+        raise NotImplementedError(f"{self.kind} {self.role} has no hidden-unit subsets")
 
     def _whole_block_diag(self, x: torch.Tensor, weight: torch.nn.Parameter) -> torch.Tensor:
         """fc1's block-diagonal in-factor ``blockdiag(weight) · x``, complete on every rank.

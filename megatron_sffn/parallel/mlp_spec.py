@@ -20,7 +20,8 @@ STRUCTURED_LINEARS = {
 }
 
 
-def mlp_spec(model_cfg: ModelConfig, layer_number: int, *, tp_strategy: str | None = None, provider: Any = None):
+def mlp_spec(model_cfg: ModelConfig, layer_number: int, *, tp_strategy: str | None = None, provider: Any = None,
+             fuse_norm: bool = True):  # fmt: skip
     """``ModuleSpec`` of the MLP of layer ``layer_number`` (0-based).
 
     Structured layers get this package's fc1/fc2 with the FFN's options as
@@ -32,7 +33,7 @@ def mlp_spec(model_cfg: ModelConfig, layer_number: int, *, tp_strategy: str | No
     ``provider`` (a megatron backend spec provider, e.g. Transformer Engine's)
     supplies the dense layers' linears; when it fuses the pre-MLP norm into
     fc1 (``provider.column_parallel_layer_norm_linear()``), dense layers get
-    that fused fc1.  A structured fc1 never applies the norm: a layer whose
+    that fused fc1 (unless ``fuse_norm`` is False).  A structured fc1 never applies the norm: a layer whose
     fc1 is not the provider's fused linear must keep a separate
     ``pre_mlp_layernorm`` module, or its FFN silently runs without pre-LN.
     """
@@ -40,7 +41,7 @@ def mlp_spec(model_cfg: ModelConfig, layer_number: int, *, tp_strategy: str | No
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     if not model_cfg.ffn.is_structured(layer_number):
-        fc1, fc2 = _dense_linears(provider)
+        fc1, fc2 = _dense_linears(provider, fuse_norm)
         return ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2))
     ffn = model_cfg.ffn
     fc1, fc2 = STRUCTURED_LINEARS[ffn.structure]
@@ -54,10 +55,11 @@ def mlp_spec(model_cfg: ModelConfig, layer_number: int, *, tp_strategy: str | No
     )
 
 
-def _dense_linears(provider: Any) -> tuple[Any, Any]:
+def _dense_linears(provider: Any, fuse_norm: bool) -> tuple[Any, Any]:
     if provider is None:
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
         return ColumnParallelLinear, RowParallelLinear
-    fc1 = provider.column_parallel_layer_norm_linear() if provider.fuse_layernorm_and_linear() else None
+    fuse = fuse_norm and provider.fuse_layernorm_and_linear()
+    fc1 = provider.column_parallel_layer_norm_linear() if fuse else None
     return fc1 or provider.column_parallel_linear(), provider.row_parallel_linear()

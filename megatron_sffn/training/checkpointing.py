@@ -11,10 +11,10 @@ visible atomically) holds, in megatron's ``torch_dist`` format:
 ``optimizer``
     AdamW moments (and fp32 master weights in bf16 runs), keyed to the model's
     global tensors;
-``scheduler``, ``progress``, ``data``, ``sgt``
+``scheduler``, ``progress``, ``data``, ``sgt``, ``est``
     the LR schedule, the step / consumed-token counters, the data loader's
-    position and the self-guided training plan: small objects identical on
-    every rank, written once;
+    position and the self-guided / evolving subnetwork training plans: small
+    objects identical on every rank, written once;
 ``rng``
     each rank's generator states (:mod:`.rng`), one object per global rank.
 
@@ -126,10 +126,12 @@ def save_checkpoint(
     faults: FaultPlan | None = None,
     sgt_state: dict[str, Any] | None = None,
     lr_schedule: LRSchedule | None = None,
+    est_state: dict[str, Any] | None = None,
 ) -> Path:
     """Collective: every rank calls it at the same step.  Returns the committed directory.
 
-    ``sgt_state`` records the run's self-guided training plan (None without SGT);
+    ``sgt_state`` records the run's self-guided training plan (None without SGT),
+    ``est_state`` its evolving subnetwork training plan (None without EST);
     ``lr_schedule`` the schedule the run follows (default: the config's).
     """
     from megatron.core import dist_checkpointing
@@ -149,6 +151,7 @@ def save_checkpoint(
         "progress": progress.state_dict(),
         "data": data_state,
         "sgt": sgt_state,
+        "est": est_state,
         "rng": _rng_object(capture_rng_state()),
     }
     dist_checkpointing.save(state, str(partial), sharded_strategy=_save_strategy())
@@ -310,6 +313,17 @@ def check_module_markers(path: str | Path, model: list) -> None:
     loaded = dist_checkpointing.load(requested, str(path))  # also returns the checkpoint's common objects
     for key in requested:
         modules[key.removesuffix(_EXTRA_STATE)].set_extra_state(loaded[key])
+def require_same_plan(mine: dict[str, Any], saved: dict[str, Any] | None, where: str, method: str, key: str) -> None:
+    """A run resumes under the training plan its checkpoint was saved with, or its trajectory silently changes.
+
+    ``method`` names the regime in messages ("self-guided training"), ``key`` its enabling config key.
+    """
+    if saved is None:
+        raise ValueError(f"{where} was saved without {method}; this run has {key}=true ({mine}). "
+                         f"Resume it with {key}=false or start a new run directory")  # fmt: skip
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in mine.items() if saved.get(k) != v]
+    if diffs:
+        raise ValueError(f"{where} was saved under another {method} plan:\n  " + "\n  ".join(diffs))
 
 
 def load_checkpoint(path: str | Path, *, model: list, optimizer=None, scheduler=None) -> RestoredState:

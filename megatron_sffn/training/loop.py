@@ -44,6 +44,7 @@ from .checkpointing import (
     save_checkpoint,
 )
 from .data_setup import RunData, build_run_data, record_run_inputs
+from .est import EvolvingSubnetworks
 from .evaluation import EvalResult, evaluate
 from .faults import FaultPlan
 from .metrics import MetricsLogger
@@ -122,6 +123,7 @@ class Trainer:
             micro_batches=self.num_micro_batches, dp_rank=parallel_state.get_data_parallel_rank(),
         )  # fmt: skip
         self.optimizer = self.guidance.optimizer
+        self.subnetworks = EvolvingSubnetworks(config.est_plan(), config.model, self.model)
         start = self.start
         self.lr_schedule = (resume_schedule(start.checkpoint, config) if start is not None and start.resuming
                             else LRSchedule.of(config))  # fmt: skip
@@ -150,7 +152,9 @@ class Trainer:
         """Resume from this run's latest checkpoint, else initialise weights from ``checkpoint.load``."""
         latest = self.dirs.latest()
         if self.start is not None and self.start.resuming:
-            self.guidance.prepare_resume(read_checkpoint_header(latest), str(latest))  # may switch guides off
+            header = read_checkpoint_header(latest)
+            self.guidance.prepare_resume(header, str(latest))  # may switch guides off
+            self.subnetworks.prepare_resume(header, str(latest))
             self._use_optimizer(self.guidance.optimizer)
             restored = load_checkpoint(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
             self._continue_from(restored)
@@ -196,6 +200,7 @@ class Trainer:
         micro_batches = [to_device(next(batches)) for _ in range(self.num_micro_batches)]
         waited = time.perf_counter() - waited
         self.guidance.begin_step(step)
+        self.subnetworks.begin_step(step)
         self.scheduler.step(increment=1)
         learning_rate = self.optimizer.param_groups[0]["lr"]
         self.faults.maybe_signal(step, self.rank)
@@ -228,7 +233,8 @@ class Trainer:
         self.metrics.train_step(
             step, loss=result.loss, learning_rate=learning_rate, consumed_tokens=p.consumed_tokens,
             skipped_steps=p.skipped_steps, grad_norm=result.grad_norm, params_norm=params_norm,
-            data_seconds=waited, extra_scalars=self.guidance.metrics(),
+            data_seconds=waited, extra_scalars={**self.guidance.metrics(), **self.subnetworks.metrics()},
+            flops_per_token=self.subnetworks.training_flops_per_token(),
         )  # fmt: skip
         if self.guidance.end_step(step):
             self._use_optimizer(self.guidance.optimizer)
@@ -239,6 +245,7 @@ class Trainer:
 
     def evaluate(self) -> EvalResult:
         self.guidance.begin_evaluation(self.progress.step)
+        self.subnetworks.begin_evaluation()
         with self.metrics.excluded():
             result = evaluate(
                 self.model,
@@ -266,6 +273,7 @@ class Trainer:
                 faults=self.faults,
                 sgt_state=self.guidance.checkpoint_state(self.progress.step),
                 lr_schedule=self.lr_schedule,
+                est_state=self.subnetworks.checkpoint_state(),
             )
         self.last_checkpoint = path
         say(f"saved checkpoint {path}")

@@ -6,7 +6,8 @@ trainers, so its two inputs are pinned down here:
 * the numerator is the model's training FLOPs per token by the structured
   formula of "Building on Efficient Foundations" (Wei et al., NeurIPS 2024)
   from :mod:`megatron_sffn.accounting.model`, never the dense ``6N``: a
-  structured model would otherwise be credited with FLOPs it skips.
+  structured model would otherwise be credited with FLOPs it skips.  Under
+  evolving subnetwork training each step counts its own subnetwork's FLOPs.
   Activation recomputation is not counted (MFU, not hardware utilisation);
 * the denominator is one device's peak: the vendor's dense (no 2:4 sparsity)
   bf16 or fp32 figure for known GPUs (:data:`.devices.DEVICES`), or
@@ -40,6 +41,11 @@ TensorBoard tags (x axis: optimizer step)
 ``val/lm_loss``, ``val/perplexity``   validation loss and perplexity
 ``sgt/alpha``                         self-guided training: α of the step
 ``sgt/guide_use_rate``                fraction of the logging rank's guide draws that ran the dense branch
+``est/stage``                         evolving subnetwork training: stage (1, 2, 3) of the step
+``est/layers_fraction``               fraction of the layers the step's subnetwork kept
+``est/heads_fraction``                mean fraction of a kept layer's attention heads kept
+``est/hidden_fraction``               mean fraction of a kept layer's FFN hidden units kept
+``est/flops_fraction``                the step's training FLOPs over the full model's
 ==================================== ===================================================
 
 Only one rank writes (the last pipeline stage's first tensor/data-parallel
@@ -316,6 +322,7 @@ class MetricsLogger:
         self._loss_count = 0
         self._steps_in_interval = 0
         self._data_seconds = 0.0
+        self._interval_flops = 0.0
 
     def start(self, step: int, consumed_tokens: int) -> None:
         """Open the first throughput window at ``step`` (0, or the resumed step).
@@ -327,7 +334,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._window_step = step
-        self._window_tokens = consumed_tokens
+        self._window_tokens = self._last_tokens = consumed_tokens
         self._window_start = self._clock()
         self._excluded_seconds = 0.0
         self._reset_interval()
@@ -364,6 +371,7 @@ class MetricsLogger:
         params_norm: float | None = None,
         data_seconds: float = 0.0,
         extra_scalars: dict[str, float] | None = None,
+        flops_per_token: float | None = None,
     ) -> IntervalMetrics | None:
         """Record finished step ``step`` (1-based); report and return the interval's metrics when one ends.
 
@@ -371,7 +379,9 @@ class MetricsLogger:
         skipped count is reported instead.  ``extra_scalars`` (e.g.
         self-guided training's ``sgt/alpha``) are written as they are at the
         reporting step.  ``data_seconds`` is the time the step waited for its
-        micro-batches.
+        micro-batches.  ``flops_per_token``: this step's training FLOPs per
+        token when they differ from the model's (evolving subnetwork
+        training's sampled subnetwork); throughput and MFU sum each step's own.
         """
         if not self.enabled:
             return None
@@ -382,6 +392,9 @@ class MetricsLogger:
             self._loss_count += 1
         self._steps_in_interval += 1
         self._data_seconds += data_seconds
+        step_tokens = consumed_tokens - self._last_tokens
+        self._last_tokens = consumed_tokens
+        self._interval_flops += step_tokens * (self.flops_per_token if flops_per_token is None else flops_per_token)
         if step % self.log_interval and step != self.train_steps:
             return None
         if self.device.type == "cuda":
@@ -391,7 +404,7 @@ class MetricsLogger:
         steps = step - self._window_step
         tokens_per_s = (consumed_tokens - self._window_tokens) / seconds
         per_device = tokens_per_s / self.world_size
-        flops_per_device = self.flops_per_token * per_device
+        flops_per_device = self._interval_flops / seconds / self.world_size
         metrics = IntervalMetrics(
             step=step,
             train_steps=self.train_steps,

@@ -71,7 +71,10 @@ class Numerics:
 
 
 def build_model(config: TrainConfig, numerics: Numerics):
-    """This rank's GPT stage in the run's precision and recomputation settings (not yet DDP-wrapped)."""
+    """This rank's GPT stage in the run's precision and recomputation settings (not yet DDP-wrapped).
+
+    With ``est.enabled`` its layers can run a drawn subnetwork (same parameters).
+    """
     from megatron.core.transformer.module import Float16Module
 
     training = config.training
@@ -84,7 +87,7 @@ def build_model(config: TrainConfig, numerics: Numerics):
         recompute_method=training.recompute_method,
         recompute_num_layers=training.recompute_num_layers,
     )
-    model = build_gpt_model(config.model, config=tconfig)
+    model = build_gpt_model(config.model, config=tconfig, subnetworks=config.est.enabled)
     if numerics.bf16:
         model = Float16Module(tconfig, model)
     return model

@@ -78,14 +78,10 @@ class GuidancePlan:
         return {"format": STATE_FORMAT, **dataclasses.asdict(self)}
 
     def check_resume(self, saved: dict[str, Any] | None, where: str) -> None:
-        """A run must resume under the plan it was saved with, or its trajectory silently changes."""
-        mine = self.state_dict()  # the saved α is a record, not part of the plan
-        if saved is None:
-            raise ValueError(f"{where} was saved without self-guided training; this run has sgt.enabled=true "
-                             f"({mine}). Resume it with sgt.enabled=false or start a new run directory")  # fmt: skip
-        diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in mine.items() if saved.get(k) != v]
-        if diffs:
-            raise ValueError(f"{where} was saved under another self-guided training plan:\n  " + "\n  ".join(diffs))
+        """A run must resume under the plan it was saved with (the saved α is a record, not part of the plan)."""
+        from .checkpointing import require_same_plan
+
+        require_same_plan(self.state_dict(), saved, where, "self-guided training", "sgt.enabled")
 
 
 @dataclass(frozen=True)

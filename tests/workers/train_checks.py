@@ -155,3 +155,23 @@ def run_train(config_path: Path, *, nproc: int = 1, overrides: list[str] = (), e
         out, _ = proc.communicate()
         raise AssertionError(f"trainer timed out after {timeout:.0f} s:\n{out[-6000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, None)
+
+
+def traced_run(tmp: Path, dataset: Path, name: str, *, nproc: int = 2, env_faults: dict | None = None,
+               **sections: dict[str, Any]) -> tuple[Path, str]:  # fmt: skip
+    """Train :func:`run_config` updated by ``sections`` as run ``name`` under ``tmp``, tracing every step.
+
+    Returns the trace directory and the output; fails the test on a non-zero exit.
+    """
+    run_dir, trace = tmp / name, tmp / f"{name}.trace"
+    config = write_config(tmp / f"{name}.yaml", run_config(run_dir, dataset, **sections))
+    done = run_train(config, nproc=nproc, env=train_env(trace, **(env_faults or {})))
+    assert done.returncode == 0, f"exit code {done.returncode}:\n{done.stdout[-6000:]}"
+    return trace, done.stdout
+
+
+def trace_steps(trace: Path, rank: int = 0) -> dict[int, dict]:
+    """The per-step records of one rank's trace, by step."""
+    from megatron_sffn.training.trace import read_trace
+
+    return {r["step"]: r for r in read_trace(trace / f"rank{rank}.jsonl") if "step" in r}
