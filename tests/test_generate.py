@@ -81,9 +81,13 @@ def _supra_id(config: list) -> str:
     return f"{config[0]}-{config[1]}-tp{config[2]}"
 
 
+def _supra_kind(config: list) -> str:
+    return "supra" if config[0] == "all" else "hybrid"
+
+
 @pytest.mark.multiproc
 @pytest.mark.slow
-@pytest.mark.parametrize("config", SUPRA_CONFIGS, ids=lambda c: f"{'supra' if c[0] == 'all' else 'hybrid'}-{c[1]}-tp{c[2]}")
+@pytest.mark.parametrize("config", SUPRA_CONFIGS, ids=lambda c: f"{_supra_kind(c)}-{c[1]}-tp{c[2]}")
 def test_supra_cached_decoding_equals_full_recompute(tiny_run, config):
     """Recurrent state (and the hybrid's KV cache) vs recompute; pre-merge on a SUPRA model keeps the function."""
     result = tiny_run["results"][0]["supra_cached_equals_recompute"][_supra_id(config)]
@@ -98,7 +102,7 @@ def test_supra_cached_decoding_equals_full_recompute(tiny_run, config):
 
 @pytest.mark.multiproc
 @pytest.mark.slow
-@pytest.mark.parametrize("config", SUPRA_CONFIGS, ids=lambda c: f"{'supra' if c[0] == 'all' else 'hybrid'}-tp{c[2]}")
+@pytest.mark.parametrize("config", SUPRA_CONFIGS, ids=lambda c: f"{_supra_kind(c)}-tp{c[2]}")
 def test_supra_state_does_not_grow_with_generated_length(tiny_run, config):
     """Context memory = SUPRA states (batch x heads x d_k x d_v, fp32) + softmax KV caches (prompt + new tokens)."""
     result = tiny_run["results"][0]["supra_cached_equals_recompute"][_supra_id(config)]
@@ -116,7 +120,9 @@ def test_supra_state_does_not_grow_with_generated_length(tiny_run, config):
 @pytest.mark.slow
 def test_tensor_parallel_ranks_agree(tiny_run):
     first, second = tiny_run["results"]
-    for check in ("supra_cached_equals_recompute", "cached_equals_recompute", "sampling_is_reproducible", "tp2_checkpoint_generates"):
+    checks = ("supra_cached_equals_recompute", "cached_equals_recompute", "sampling_is_reproducible",
+              "tp2_checkpoint_generates")  # fmt: skip
+    for check in checks:
         assert first[check] == second[check], check
 
 
