@@ -15,6 +15,12 @@ batch, L): decode tokens/s (batch / the median step time, robust to a busy
 machine), the inference state's
 bytes (megatron's KV cache for softmax, the ``[batch, heads, d_k, d_v]``
 states for SUPRA), and the ratio SUPRA / softmax in the same run.
+
+``--generator-contexts`` then runs the real generator
+(``megatron_sffn.inference.Decoder``: a chunked prefill of real prompts of
+two lengths, L and L - 1 tokens, then ``--steps`` greedy tokens) on both
+models, and reports its prefill and decode tokens/s and the state the
+inference context holds at the end.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from megatron_sffn.config import ModelConfig  # noqa: E402
+from megatron_sffn.inference import Decoder, SamplingParams  # noqa: E402
+from megatron_sffn.inference.engine import context_state_bytes  # noqa: E402
 from megatron_sffn.model import (  # noqa: E402
     build_gpt_model,
     initialize_model_parallel,
@@ -46,14 +54,6 @@ def build(attention: str, hidden: int, max_context: int):
     model = build_gpt_model(cfg)
     model.eval()
     return model
-
-
-def _state_bytes(context) -> int:
-    total = 0
-    for memory in context.key_value_memory_dict.values():
-        for t in memory if isinstance(memory, tuple) else (memory,):
-            total += t.numel() * t.element_size()
-    return total
 
 
 @torch.no_grad()
@@ -78,7 +78,16 @@ def decode_rate(model, batch: int, context_length: int, steps: int) -> tuple[flo
         token = logits[:, -1].argmax(-1, keepdim=True)
         seconds.append(time.perf_counter() - start)
         context.sequence_len_offset += 1
-    return batch / statistics.median(seconds[1:]), _state_bytes(context)
+    return batch / statistics.median(seconds[1:]), context_state_bytes(context)
+
+
+def generator_rate(model, batch: int, prompt_length: int, steps: int) -> tuple[float, float, int]:
+    """(prefill tokens/s, decode tokens/s, context state bytes) of ``Decoder.generate`` on random prompts."""
+    gen = torch.Generator().manual_seed(prompt_length)
+    prompts = [torch.randint(1, 2048, (prompt_length - row % 2,), generator=gen).tolist() for row in range(batch)]
+    decoder = Decoder(model, eos_id=None, context_length=prompt_length + steps, prefill_chunk=512)
+    output = decoder.generate(prompts, SamplingParams(max_new_tokens=steps))
+    return output.prefill_tokens_per_s, output.decode_tokens_per_s, output.state_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,11 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--generator-contexts", type=int, nargs="*", default=[512, 2048])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     initialize_model_parallel(1, 1)
-    max_context = max(args.contexts) + args.steps + 2
+    max_context = max(args.contexts + args.generator_contexts) + args.steps + 2
     models = {name: build(name, args.hidden_size, max_context) for name in ("softmax", "supra")}
     rows = []
     print("| batch | context | softmax tok/s | SUPRA tok/s | speed SUPRA/softmax | KV cache MiB | SUPRA state MiB |")
@@ -106,8 +116,22 @@ def main(argv: list[str] | None = None) -> int:
                          "supra_state_bytes": supra_bytes})  # fmt: skip
             print(f"| {batch} | {length} | {soft_rate:.1f} | {supra_rate:.1f} | {supra_rate / soft_rate:.2f} | "
                   f"{soft_bytes / 2**20:.2f} | {supra_bytes / 2**20:.3f} |", flush=True)
+    generator_rows = []
+    if args.generator_contexts:
+        print("\nThrough the generator (prompts of L and L - 1 tokens, greedy):")
+        print("| batch | L | model | prefill tok/s | decode tok/s | context state MiB |")
+        print("|---|---|---|---|---|---|")
+    for batch in args.batches:
+        for length in args.generator_contexts:
+            for name in ("softmax", "supra"):
+                prefill, decode, held = generator_rate(models[name], batch, length, args.steps)
+                generator_rows.append({"batch": batch, "prompt_length": length, "model": name,
+                                       "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
+                                       "state_bytes": held})  # fmt: skip
+                print(f"| {batch} | {length} | {name} | {prefill:.1f} | {decode:.1f} | {held / 2**20:.3f} |",
+                      flush=True)  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({"decode_steps": rows, "generator": generator_rows}, indent=2))
     return 0
 
 

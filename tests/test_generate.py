@@ -31,6 +31,8 @@ DECODE_CONFIGS = [
     ["blockdense", False, 2], ["blockdense", True, 1], ["blockshuffle", True, 2], ["blockshuffle", False, 1],
 ]  # fmt: skip
 STRUCTURES = ["lowrank", "blockdense", "blockshuffle"]
+# SUPRA (all layers linear) and a hybrid (layer 0 softmax with a KV cache, layer 1 SUPRA), GQA, at both TP sizes.
+SUPRA_CONFIGS = [["all", "dense", 1], ["all", "lowrank", 2], [[1], "lowrank", 1], [[1], "dense", 2]]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def tiny_run(tmp_path_factory) -> dict:
     config = run_config(tmp / "run", dataset, parallel={"tensor_parallel": 2}, training=training)
     config_path = write_config(tmp / "run.yaml", config)
     checks = ["train_run", "tp2_checkpoint_generates", "cached_equals_recompute", "sampling_is_reproducible",
-              "pre_merge_modes"]  # fmt: skip
+              "pre_merge_modes", "supra_cached_equals_recompute"]  # fmt: skip
     run = launch(
         "tests.workers.generate_checks",
         checks,
@@ -54,6 +56,7 @@ def tiny_run(tmp_path_factory) -> dict:
             "tp2_checkpoint_generates": {"run_dir": str(tmp / "run"), "tokenizer": str(tokenizer)},
             "cached_equals_recompute": {"configs": DECODE_CONFIGS},
             "pre_merge_modes": {"structures": STRUCTURES},
+            "supra_cached_equals_recompute": {"configs": SUPRA_CONFIGS},
         },
     )
     return {"run_dir": tmp / "run", "tokenizer": tokenizer, "results": run.results}
@@ -74,11 +77,52 @@ def test_cached_decoding_equals_full_recompute(tiny_run, config):
     assert len({tuple(t) for t in result["tokens"]}) > 1  # the prompts really lead to different text
 
 
+def _supra_id(config: list) -> str:
+    return f"{config[0]}-{config[1]}-tp{config[2]}"
+
+
+def _supra_kind(config: list) -> str:
+    return "supra" if config[0] == "all" else "hybrid"
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+@pytest.mark.parametrize("config", SUPRA_CONFIGS, ids=lambda c: f"{_supra_kind(c)}-{c[1]}-tp{c[2]}")
+def test_supra_cached_decoding_equals_full_recompute(tiny_run, config):
+    """Recurrent state (and the hybrid's KV cache) vs recompute; pre-merge on a SUPRA model keeps the function."""
+    result = tiny_run["results"][0]["supra_cached_equals_recompute"][_supra_id(config)]
+    for variant in ("one_chunk", "chunked", "pre_merge_on"):
+        assert result[variant]["tokens_equal"], (variant, result)
+        assert result[variant]["logits_close"], (variant, result[variant]["max_logit_diff"])
+    assert result["eos_stops"], result
+    assert len({tuple(t) for t in result["tokens"]}) > 1
+    assert result["supra_layers"] == (2 if config[0] == "all" else 1)
+    assert result["structured_layers"] == (0 if config[1] == "dense" else 2)  # fc1 and fc2 of layer 1
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+@pytest.mark.parametrize("config", SUPRA_CONFIGS, ids=lambda c: f"{_supra_kind(c)}-tp{c[2]}")
+def test_supra_state_does_not_grow_with_generated_length(tiny_run, config):
+    """Context memory = SUPRA states (batch x heads x d_k x d_v, fp32) + softmax KV caches (prompt + new tokens)."""
+    result = tiny_run["results"][0]["supra_cached_equals_recompute"][_supra_id(config)]
+    batch, head_dim, longest, tp = 3, 16, 9, config[2]
+    linear, softmax = result["supra_layers"], 2 - result["supra_layers"]
+    state = linear * batch * result["heads_per_rank"] * head_dim * head_dim * 4
+    for new_tokens, held in result["state_bytes"].items():
+        kv_cache = softmax * 2 * (longest + int(new_tokens)) * batch * (2 // tp) * head_dim * 4
+        assert held == state + kv_cache, (new_tokens, held, state, kv_cache)
+    if softmax == 0:
+        assert len(set(result["state_bytes"].values())) == 1
+
+
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_tensor_parallel_ranks_agree(tiny_run):
     first, second = tiny_run["results"]
-    for check in ("cached_equals_recompute", "sampling_is_reproducible", "tp2_checkpoint_generates"):
+    checks = ("supra_cached_equals_recompute", "cached_equals_recompute", "sampling_is_reproducible",
+              "tp2_checkpoint_generates")  # fmt: skip
+    for check in checks:
         assert first[check] == second[check], check
 
 

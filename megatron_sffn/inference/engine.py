@@ -9,7 +9,9 @@ through ``GPTModel.forward(..., inference_context=context)`` followed by
 megatron's offset bookkeeping (``increment_sequence_len_offset``; decode mode
 once every prompt is consumed), so any attention module that honours
 megatron's inference-context protocol (a KV cache, or a recurrent state kept
-in the context) works here unchanged.
+in the context) works here unchanged.  It is exact for a recurrent state
+too: at every position each row is fed exactly one token, its own (prompt or
+sampled), in order, so a row's state only ever absorbs its own real tokens.
 
 Causal alignment: megatron turns the mask type to ``no_mask`` once the cache
 holds tokens.  A single new token may see the whole cache, but a prefill
@@ -51,6 +53,9 @@ class GenerationOutput:
     prefill_seconds: float
     decode_tokens: int
     decode_seconds: float
+    # Bytes of the attention state held in the inference context at the end on this rank: KV caches
+    # (sized to prompt + new tokens) and SUPRA recurrent states (batch x heads x d_k x d_v, any length).
+    state_bytes: int = 0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -90,6 +95,15 @@ def causal_chunk_mask(offset: int, length: int, device: torch.device | None = No
     query = torch.arange(offset, offset + length, device=device).unsqueeze(1)
     key = torch.arange(offset + length, device=device).unsqueeze(0)
     return (key > query).view(1, 1, length, offset + length)
+
+
+def context_state_bytes(context) -> int:
+    """Bytes of every tensor in the context's per-layer memory (a KV-cache pair or a recurrent state)."""
+    total = 0
+    for memory in context.key_value_memory_dict.values():
+        for tensor in memory if isinstance(memory, (tuple, list)) else (memory,):
+            total += tensor.numel() * tensor.element_size()
+    return total
 
 
 class Decoder:
@@ -182,6 +196,7 @@ class Decoder:
             prefill_seconds=prefill_seconds,
             decode_tokens=sum(len(c.token_ids) for c in completions),
             decode_seconds=decode_seconds,
+            state_bytes=context_state_bytes(context),
         )
 
     def _forward(self, chunk: torch.Tensor, context) -> torch.Tensor:

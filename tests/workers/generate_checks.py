@@ -31,11 +31,18 @@ def _world() -> int:
     return int(os.environ["WORLD_SIZE"])
 
 
-def tiny_model(structure: str, gqa: bool, tp: int, seed: int = 1234):
-    """This rank's shard of a tiny GPT (layer 0 dense, the others ``structure``), in eval mode."""
+def tiny_model(structure: str, gqa: bool, tp: int, seed: int = 1234, supra_layers: str | list[int] | None = None):
+    """This rank's shard of a tiny GPT (layer 0 dense, the others ``structure``), in eval mode.
+
+    ``supra_layers``: None for softmax attention, ``"all"`` or a list of 0-based layers for SUPRA
+    (chunk 4, so prefills of 5 to 9 tokens cross chunk boundaries).
+    """
     initialize_model_parallel(tp, 1)
     seed_model_parallel(seed)
-    cfg = ModelConfig(**TINY, num_query_groups=2 if gqa else None,
+    attention = {} if supra_layers is None else {
+        "attention": "supra", "supra": {"chunk_size": 4, "layers": None if supra_layers == "all" else supra_layers},
+    }  # fmt: skip
+    cfg = ModelConfig(**TINY, num_query_groups=2 if gqa else None, **attention,
                       ffn={"structure": structure, **STRUCTURES[structure]})  # fmt: skip
     model = build_gpt_model(cfg)
     # Random biases, so that a bias applied twice or not at all would show.
@@ -79,28 +86,57 @@ def _compare(output, references) -> dict[str, Any]:
 
 def cached_equals_recompute(configs: list[list]) -> dict[str, Any]:
     """Per (structure, gqa, tp): one-chunk prefill, 2-token chunks over the cache, the EOS stop, vs recompute."""
+    return {
+        f"{structure}{'-gqa' if gqa else ''}-tp{tp}": _decode_vs_recompute(tiny_model(structure, gqa, tp))
+        for structure, gqa, tp in configs
+    }
+
+
+def supra_cached_equals_recompute(configs: list[list]) -> dict[str, Any]:
+    """Per (SUPRA layers, structure, tp): the checks of :func:`cached_equals_recompute`, plus pre-merge `on`
+    against `off`, and the state held in the context for a short and a long generation."""
     results = {}
-    for structure, gqa, tp in configs:
-        model = tiny_model(structure, gqa, tp)
-        references = [recompute_greedy(model, p, NEW_TOKENS) for p in PROMPTS]
+    for supra_layers, structure, tp in configs:
+        model = tiny_model(structure, True, tp, supra_layers=supra_layers)
+        result = _decode_vs_recompute(model)
         params = SamplingParams(max_new_tokens=NEW_TOKENS)
-        one_chunk = Decoder(model, eos_id=None, context_length=32).generate(PROMPTS, params, keep_logits=True)
-        chunked = Decoder(model, eos_id=None, context_length=32, prefill_chunk=2)
-        chunked_output = chunked.generate(LONG_PROMPTS, params, keep_logits=True)
-        long_references = [recompute_greedy(model, p, NEW_TOKENS) for p in LONG_PROMPTS]
-        eos = references[0][0][3]  # prompt 0's 4th greedy token ends prompt 0 there
-        stopped = Decoder(model, eos_id=eos, context_length=32).generate(PROMPTS, params)
-        expected_stops = []
-        for tokens, _ in references:
-            cut = tokens.index(eos) + 1 if eos in tokens else len(tokens)
-            expected_stops.append((tokens[:cut], "eos" if eos in tokens else "length"))
-        results[f"{structure}{'-gqa' if gqa else ''}-tp{tp}"] = {
-            "one_chunk": _compare(one_chunk, references),
-            "chunked": _compare(chunked_output, long_references),
-            "eos_stops": [(c.token_ids, c.finish_reason) for c in stopped.completions] == expected_stops,
-            "tokens": [c.token_ids for c in one_chunk.completions],
+        decoder = Decoder(model, eos_id=None, context_length=32)
+        plain = decoder.generate(PROMPTS, params, keep_logits=True)
+        apply_pre_merge(model, "on")
+        merged = decoder.generate(PROMPTS, params, keep_logits=True)
+        apply_pre_merge(model, "off")
+        result["pre_merge_on"] = _compare(merged, [(c.token_ids, c.logits) for c in plain.completions])
+        result["structured_layers"] = len(structured_linears(model))
+        result["state_bytes"] = {
+            n: decoder.generate(PROMPTS, SamplingParams(max_new_tokens=n)).state_bytes for n in (2, 20)
         }
+        result["supra_layers"] = sum(type(layer.self_attention).__name__ == "SupraSelfAttention"
+                                     for layer in model.decoder.layers)  # fmt: skip
+        result["heads_per_rank"] = model.decoder.layers[0].self_attention.num_attention_heads_per_partition
+        results[f"{supra_layers}-{structure}-tp{tp}"] = result
     return results
+
+
+def _decode_vs_recompute(model) -> dict[str, Any]:
+    """One-chunk prefill, 2-token chunks over the cache and the EOS stop of ``model`` against recompute."""
+    references = [recompute_greedy(model, p, NEW_TOKENS) for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=NEW_TOKENS)
+    one_chunk = Decoder(model, eos_id=None, context_length=32).generate(PROMPTS, params, keep_logits=True)
+    chunked = Decoder(model, eos_id=None, context_length=32, prefill_chunk=2)
+    chunked_output = chunked.generate(LONG_PROMPTS, params, keep_logits=True)
+    long_references = [recompute_greedy(model, p, NEW_TOKENS) for p in LONG_PROMPTS]
+    eos = references[0][0][3]  # prompt 0's 4th greedy token ends prompt 0 there
+    stopped = Decoder(model, eos_id=eos, context_length=32).generate(PROMPTS, params)
+    expected_stops = []
+    for tokens, _ in references:
+        cut = tokens.index(eos) + 1 if eos in tokens else len(tokens)
+        expected_stops.append((tokens[:cut], "eos" if eos in tokens else "length"))
+    return {
+        "one_chunk": _compare(one_chunk, references),
+        "chunked": _compare(chunked_output, long_references),
+        "eos_stops": [(c.token_ids, c.finish_reason) for c in stopped.completions] == expected_stops,
+        "tokens": [c.token_ids for c in one_chunk.completions],
+    }
 
 
 def sampling_is_reproducible() -> dict[str, Any]:
