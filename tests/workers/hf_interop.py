@@ -174,9 +174,10 @@ def generator_greedy(run_dir: Path, model, mode: str) -> dict[str, Any]:
 
     plan = plan_generation(run_dir, world_size=1)
     generator = TextGenerator(plan, model, apply_pre_merge(model, mode), prefill_chunk=None)
-    completions, _ = generator.generate([prompt_text(p) for p in GEN_PROMPTS], SamplingParams(max_new_tokens=GEN_TOKENS))
+    texts = [prompt_text(p) for p in GEN_PROMPTS]
+    completions, _ = generator.generate(texts, SamplingParams(max_new_tokens=GEN_TOKENS))
     return {
-        "prompt_ids": plan.encode([prompt_text(p) for p in GEN_PROMPTS], GEN_TOKENS),
+        "prompt_ids": plan.encode(texts, GEN_TOKENS),
         "eos_id": plan.tokenizer.eos_id,
         "token_ids": [c.token_ids for c in completions],
     }
