@@ -110,6 +110,34 @@ def test_training_continues_from_an_import_at_tp2(tp2):
         assert results["train_from_import_at_tp2"] <= 1e-3  # one step at lr 1e-7 from the imported weights
 
 
+@pytest.mark.multiproc
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(w.HF_MODELS))
+def test_generator_on_an_import_equals_transformers_greedy(single, name):
+    """Our KV-cache generator on the imported run dir, a batch of two prompt lengths, vs transformers' batch."""
+    result = single["imports_match_transformers"][name]
+    generated = result["generator"]
+    assert generated["prompt_ids"] == w.GEN_PROMPTS and generated["eos_id"] == 1
+    assert generated["token_ids"] == result["generator_hf"], result["generator_hf"]
+    assert all(len(ids) > 0 for ids in generated["token_ids"])
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_generate_command_on_an_imported_run_equals_transformers_greedy(single, root):
+    """``python -m megatron_sffn.generate`` reads an import_hf run directory as written (no overrides)."""
+    prompts = [arg for p in w.GEN_PROMPTS for arg in ("--prompt", w.prompt_text(p))]
+    done = subprocess.run(
+        [sys.executable, "-m", "megatron_sffn.generate", str(root / "runs" / "llama"), *prompts,
+         "--max-new-tokens", str(w.GEN_TOKENS), "--pre-merge", "off", "--json"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = single["imports_match_transformers"]["llama"]["generator_hf"]
+    assert [c["token_ids"] for c in report["completions"]] == expected
+
+
 # --------------------------------------------------------------------------- export
 
 
@@ -132,6 +160,19 @@ def test_transformers_greedy_generation_equals_our_greedy_loop(single, name):
     result = single["exports_match_ours"][name]
     assert result["greedy_hf"].shape == result["greedy_ours"].shape == (2, 12)
     assert torch.equal(result["greedy_hf"], result["greedy_ours"])
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["on", "off"])
+@pytest.mark.parametrize("name", list(w.OURS))
+def test_transformers_greedy_generation_equals_our_kv_cache_generator(single, name, mode):
+    """transformers' left-padded batch generate vs our TextGenerator (pre-merge on/off) on the same run dir."""
+    result = single["exports_match_ours"][name]
+    generated = result["generator"][mode]
+    assert generated["prompt_ids"] == w.GEN_PROMPTS
+    assert generated["token_ids"] == result["generator_hf"], result["generator_hf"]
+    assert all(len(ids) > 0 for ids in generated["token_ids"])
 
 
 @pytest.mark.multiproc

@@ -86,8 +86,27 @@ def plan_generation(
         raise ValueError(f"tensor_parallel={tp} must be >= 1 and divide the world size {world}")
     checkpoint = resolve_step_checkpoint(run_dir, step)
     overrides = [f"parallel.tensor_parallel={tp}", "parallel.pipeline_parallel=1"]
+    names_data = _names_data(checkpoint / CONFIG_FILE)
+    if not names_data:
+        overrides.append(f"data.path={NO_DATA}")
     config = load_config(TrainConfig, checkpoint / CONFIG_FILE, overrides)
+    spec = tokenizer or config.data.tokenizer
+    if spec is None and not names_data:
+        raise ValueError(f"{checkpoint}: the run names no tokenizer (data.tokenizer) nor data; pass --tokenizer")
     return GenerationPlan(checkpoint, config, _tokenizer(config, tokenizer, checkpoint), tp)
+
+
+# Generation reads no data: a run config without data.path (an import_hf run directory) gets this
+# placeholder only so that it validates as a TrainConfig.
+NO_DATA = "(no data needed for generation)"
+
+
+def _names_data(config_file: Path) -> bool:
+    """Whether the run config names its data (``data.path`` or ``data.raw``)."""
+    import yaml
+
+    data = (yaml.safe_load(config_file.read_text()) or {}).get("data") or {}
+    return data.get("path") is not None or data.get("raw") is not None
 
 
 def _tokenizer(config: TrainConfig, override: str | None, checkpoint: Path) -> Tokenizer:

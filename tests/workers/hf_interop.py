@@ -16,6 +16,9 @@ import torch
 
 VOCAB = 96
 SEQ = 64
+# A batch of prompts of different lengths for the generators (word-level tokens, none special).
+GEN_PROMPTS = [[5, 17, 3, 88], [9, 61, 33, 70, 11, 95, 42]]
+GEN_TOKENS = 8
 PROBE = torch.tensor([[5, 17, 3, 88, 42, 9, 61, 2, 33, 70, 11, 95], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
 
 # Tiny transformers configs, GQA in each; rope bases off the default so that rope_base is carried.
@@ -161,6 +164,42 @@ def hf_greedy(directory: Path, prompt: torch.Tensor, new_tokens: int) -> torch.T
         )
 
 
+def prompt_text(ids: list[int]) -> str:
+    return " ".join(f"w{i}" for i in ids)
+
+
+def generator_greedy(run_dir: Path, model, mode: str) -> dict[str, Any]:
+    """Our KV-cache TextGenerator on ``run_dir``'s plan and this loaded model: greedy ids of GEN_PROMPTS."""
+    from megatron_sffn.inference import SamplingParams, TextGenerator, apply_pre_merge, plan_generation
+
+    plan = plan_generation(run_dir, world_size=1)
+    generator = TextGenerator(plan, model, apply_pre_merge(model, mode), prefill_chunk=None)
+    texts = [prompt_text(p) for p in GEN_PROMPTS]
+    completions, _ = generator.generate(texts, SamplingParams(max_new_tokens=GEN_TOKENS))
+    return {
+        "prompt_ids": plan.encode(texts, GEN_TOKENS),
+        "eos_id": plan.tokenizer.eos_id,
+        "token_ids": [c.token_ids for c in completions],
+    }
+
+
+def hf_greedy_batch(directory: Path) -> list[list[int]]:
+    """transformers' greedy continuations of GEN_PROMPTS in one left-padded batch, stopping at its EOS."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    eos = model.generation_config.eos_token_id
+    longest = max(len(p) for p in GEN_PROMPTS)
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in GEN_PROMPTS])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in GEN_PROMPTS])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=GEN_TOKENS, pad_token_id=eos)
+    continuations = []
+    for row in out[:, longest:].tolist():
+        continuations.append(row[: row.index(eos) + 1] if eos in row else row)
+    return continuations
+
+
 def save_our_model(name: str, run_dir: Path, tp: int, seed: int) -> torch.Tensor:
     """Build our model ``name`` at ``tp``, randomise it, save a weights checkpoint in ``run_dir``; its logits."""
     from megatron_sffn.config.loading import from_dict, save_config, to_dict
@@ -225,6 +264,8 @@ def imports_match_transformers(root: str) -> dict[str, dict[str, Any]]:
             "model": {k: getattr(cfg, k) for k in ("normalization", "activation", "linear_bias", "tie_embeddings",
                                                    "rope_base", "num_query_groups", "kv_channels")},
             "files": sorted(p.name for p in run_dir.iterdir()),
+            "generator": generator_greedy(run_dir, model, "off"),
+            "generator_hf": hf_greedy_batch(hf_dir),
         }  # fmt: skip
     return out
 
@@ -240,6 +281,7 @@ def exports_match_ours(root: str, new_tokens: int = 8) -> dict[str, dict[str, An
         ours = save_our_model(name, run_dir, tp=1, seed=100 + i)
         model, _ = load_run(run_dir, tp=1)
         ours_greedy = our_greedy(model, PROBE[:, :4], new_tokens)
+        generated = {mode: generator_greedy(run_dir, model, mode) for mode in ("on", "off")}
         export_checkpoint(run_dir / "checkpoints" / "step_0000000", hf_dir)
         back_dir, again_dir = Path(root) / "back" / name, Path(root) / "again" / name
         import_model(hf_dir, back_dir)
@@ -252,6 +294,8 @@ def exports_match_ours(root: str, new_tokens: int = 8) -> dict[str, dict[str, An
             "scale": ours.abs().max().item(),
             "greedy_ours": ours_greedy,
             "greedy_hf": hf_greedy(hf_dir, PROBE[:, :4], new_tokens),
+            "generator": generated,
+            "generator_hf": hf_greedy_batch(hf_dir),
             "roundtrip_logits": _max_diff(back_logits, ours),
             "roundtrip_tensors": _same_tensors(hf_dir, again_dir),
             "architectures": config["architectures"],
