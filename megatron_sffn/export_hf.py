@@ -43,19 +43,6 @@ def _say(message: str) -> None:
     print(f"[export_hf] {message}", flush=True)
 
 
-def resolve_source(run_dir: Path, step: int | None) -> Path:
-    """The checkpoint directory to export: ``--step``'s, or the one ``latest`` names."""
-    from .training.checkpoint_dirs import step_dir_name
-    from .training.checkpointing import CHECKPOINTS_SUBDIR, resolve_checkpoint
-
-    if step is None:
-        return resolve_checkpoint(run_dir)
-    path = run_dir / CHECKPOINTS_SUBDIR / step_dir_name(step)
-    if not (path / "metadata.json").exists():
-        raise FileNotFoundError(f"--step {step}: no checkpoint at {path}")
-    return path
-
-
 def read_saved_model(checkpoint: Path):
     """The model config and the tokenizer spec a checkpoint was saved with."""
     from .config.loading import from_dict
@@ -86,13 +73,13 @@ def export_checkpoint(
     from .hf.safetensors_io import write_sharded
     from .hf.tokenizer_files import export_tokenizer, require_json_tokenizer
     from .hf.weights import export_tensors
-    from .training.checkpointing import load_checkpoint, read_checkpoint_header
+    from .training.checkpointing import load_checkpoint, read_checkpoint_header, resolve_step_checkpoint
 
     if out.exists():
         raise FileExistsError(f"--out {out} already exists; choose a new directory or remove it first")
     if max_shard_bytes <= 0:
         raise ValueError(f"--max-shard-gb must be positive, got {max_shard_bytes} bytes")
-    checkpoint = resolve_source(source, step)
+    checkpoint = resolve_step_checkpoint(source, step)
     model_cfg, tokenizer_spec = read_saved_model(checkpoint)
     family = export_family(model_cfg)
     tokenizer = require_json_tokenizer(tokenizer_spec, str(checkpoint))

@@ -47,22 +47,6 @@ class GenerationPlan:
         return ids
 
 
-def resolve_step_checkpoint(run_dir: str | Path, step: int | None) -> Path:
-    """The checkpoint of ``run_dir`` at ``step`` (None: its latest), or a checkpoint directory itself."""
-    from ..training.checkpoint_dirs import step_dir_name
-    from ..training.checkpointing import CHECKPOINTS_SUBDIR, resolve_checkpoint
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    if step is None:
-        return resolve_checkpoint(run_dir)
-    path = run_dir / CHECKPOINTS_SUBDIR / step_dir_name(step)
-    if not (path / "metadata.json").exists():
-        raise ValueError(f"{run_dir} has no checkpoint of step {step} ({path} missing or incomplete)")
-    return path
-
-
 def plan_generation(
     run_dir: str | Path,
     *,
@@ -73,7 +57,7 @@ def plan_generation(
     world_size: int | None = None,
 ) -> GenerationPlan:
     """Check a generation request against the run (cheap; no model, no process groups)."""
-    from ..training.checkpointing import CONFIG_FILE
+    from ..training.checkpointing import CONFIG_FILE, resolve_step_checkpoint
 
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     if pipeline_parallel != 1:

@@ -231,6 +231,22 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
+def resolve_step_checkpoint(run_dir: str | Path, step: int | None) -> Path:
+    """The checkpoint of ``run_dir`` at ``step``; None: what :func:`resolve_checkpoint` finds (its latest).
+
+    For the commands that read a trained run (generate, export) and take ``--step``.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    if step is None:
+        return resolve_checkpoint(run_dir)
+    path = run_dir / CHECKPOINTS_SUBDIR / step_dir_name(step)
+    if not (path / "metadata.json").exists():
+        raise ValueError(f"{run_dir} has no checkpoint of step {step} ({path} missing or incomplete)")
+    return path
+
+
 def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     keys = sorted(set(saved) | set(current))
     found = []
