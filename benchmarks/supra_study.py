@@ -24,15 +24,12 @@ import argparse
 import json
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from sgt_study import (  # noqa: E402  (also puts the repository on sys.path)
     GLOBAL_BATCH,
     LOWRANK32,
@@ -40,9 +37,9 @@ from sgt_study import (  # noqa: E402  (also puts the repository on sys.path)
     MODEL,
     REPO_ROOT,
     ensure_data,
+    run_trainer,
 )
 
-from megatron_sffn.training.trace import read_trace  # noqa: E402
 
 FFNS = {"dense": {"structure": "dense"}, "lowrank32": LOWRANK32}
 PRETRAIN_LR = 3.0e-3
@@ -89,24 +86,7 @@ def run_config(run_dir: Path, data: Path, *, ffn: str, seed: int, steps: int, lr
 
 def train(name: str, out: Path, config: dict[str, Any]) -> list[dict]:
     """One trainer run; returns its evaluations (cached: a finished run is not redone)."""
-    run_dir, trace = Path(config["run_dir"]), out / "traces" / name
-    done = trace / "done.json"
-    if done.exists():
-        log(f"{name}: cached")
-        return json.loads(done.read_text())
-    path = out / "configs" / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    for stale in (run_dir, trace):
-        shutil.rmtree(stale, ignore_errors=True)  # a run interrupted earlier starts over
-    started = time.monotonic()
-    log(f"{name}: {config['training']['train_steps']} steps")
-    _stream(name, [sys.executable, "-m", "megatron_sffn.train", str(path)], _env(trace))
-    evals = [{"step": r["eval_step"], "val_loss": r["val_loss"]}
-             for r in read_trace(trace / "rank0.jsonl") if "eval_step" in r]  # fmt: skip
-    done.write_text(json.dumps(evals))
-    log(f"{name}: final validation loss {evals[-1]['val_loss']:.4f} in {time.monotonic() - started:.0f} s")
-    return evals
+    return run_trainer(name, config, out, flops_at=lambda step: math.nan)  # this study compares at equal tokens
 
 
 def evaluate_swapped(name: str, out: Path, softmax_run: Path) -> float:
