@@ -103,10 +103,13 @@ def cumulative_flops(variant: Variant, base_steps: int, step: int) -> float:
 
 
 def ensure_data(out: Path) -> Path:
-    """The corpus tokenized with a 2048-token BPE and packed to 128 tokens (built once)."""
+    """The embedded corpus tokenized with a 2048-token BPE and packed to 128 tokens (each built once)."""
     data = out / "data"
     tokenizer, prepared = data / "tokenizer.json", data / "prepared"
     python = sys.executable
+    if not any((REPO_ROOT / "data" / "corpus").glob("*.parquet")):
+        log("building the embedded corpus in data/corpus (as scripts/quickstart.sh does)")
+        subprocess.run([python, "-m", "data_tools.make_corpus", "--out", "data/corpus"], cwd=REPO_ROOT, check=True)
     if not tokenizer.exists():
         log(f"training a {VOCAB}-token BPE tokenizer on the embedded corpus: {tokenizer}")
         subprocess.run([python, "-m", "data_tools.train_tokenizer", "data/corpus/*.parquet", "--vocab-size",
