@@ -118,14 +118,13 @@ class _HiddenStrata:
 def _hidden_strata(model: ModelConfig, tensor_strata: int, tensor_key: str) -> list[_HiddenStrata]:
     """Per layer: by TP stratum, by BlockDense block, or by BlockShuffle (fc2 block, fc1 group) cell."""
     b = model.ffn.blocks
-    by_kind = {
-        "blockdense": _HiddenStrata(b, 1, f"hidden units of each of the model.ffn.blocks={b} blocks", "model.ffn.blocks"),
-        "blockshuffle": _HiddenStrata(b * b, b, "hidden units (one fc2 block's rows of one fc1 group)",
-                                      f"model.ffn.blocks²={b}²"),  # fmt: skip
-    }
-    tensor = _HiddenStrata(tensor_strata, 1, "hidden units", tensor_key)
-    return [by_kind.get(model.ffn.structure, tensor) if model.ffn.is_structured(layer) else tensor
-            for layer in range(model.num_layers)]  # fmt: skip
+    tensor = structured = _HiddenStrata(tensor_strata, 1, "hidden units", tensor_key)
+    if model.ffn.structure == "blockdense":
+        structured = _HiddenStrata(b, 1, f"hidden units of each of the model.ffn.blocks={b} blocks", "model.ffn.blocks")
+    elif model.ffn.structure == "blockshuffle":
+        structured = _HiddenStrata(b * b, b, "hidden units (one fc2 block's rows of one fc1 group)",
+                                   f"model.ffn.blocks²={b}²")  # fmt: skip
+    return [structured if model.ffn.is_structured(layer) else tensor for layer in range(model.num_layers)]
 
 
 def _strata(est: ESTConfig, tensor_parallel: int, pipeline_parallel: int) -> tuple[int, int]:
