@@ -1,6 +1,7 @@
 """Step time against sampled FLOPs under evolving subnetwork training, through the real training step.
 
     python benchmarks/est_bench.py                     # s shape, dense and 32% LowRank, stages 1/2/3
+    python benchmarks/est_bench.py --ffn blockshuffle32 --threads 1 # 32% BlockShuffle (a smaller Monarch per step)
     python benchmarks/est_bench.py --steps 5 --json out.json
 
 Each model is built as the trainer builds it with ``est.enabled`` (megatron
@@ -37,7 +38,8 @@ from train_throughput import Case, case_config, log  # noqa: E402
 
 from megatron_sffn.structured.take import take  # noqa: E402
 
-CONFIGS = {"dense": "configs/est/s_dense.yaml", "lowrank32": "configs/est/s_lowrank32.yaml"}
+CONFIGS = {"dense": "configs/est/s_dense.yaml", "lowrank32": "configs/est/s_lowrank32.yaml",
+           "blockshuffle32": "configs/est/s_blockshuffle32.yaml"}  # fmt: skip
 STAGE_STEPS = {1: 1, 2: 400, 3: 900}  # a step of each stage of a 1000-step run (stage ends 0.3, 0.6)
 
 
