@@ -174,6 +174,7 @@ def checks():
         "lowrank": {"structure": "lowrank"},
         "blockdense": {"structure": "blockdense"},
         "blockshuffle": {"structure": "blockshuffle"},
+        "blockshuffle_swiglu": {"structure": "blockshuffle", "activation": "swiglu"},
     }
     run = launch(
         "tests.workers.est_checks", ["masked_reference", "full_rates_equal_baseline", "adamw_outside_subnetwork"],
@@ -184,7 +185,8 @@ def checks():
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("case", ["dense_gqa", "dense_mha_swiglu", "lowrank", "blockdense", "blockshuffle"])
+@pytest.mark.parametrize("case", ["dense_gqa", "dense_mha_swiglu", "lowrank", "blockdense", "blockshuffle",
+                                  "blockshuffle_swiglu"])
 def test_sampled_step_equals_masked_reference(checks, case):
     result = checks["masked_reference"][case]
     assert result["skipped"]  # the draw skips layers, drops heads and hidden units

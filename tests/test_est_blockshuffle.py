@@ -111,3 +111,16 @@ def test_flops_cli_est_blockshuffle(capsys):
                        "--json"]) == 0  # fmt: skip
     report = json.loads(capsys.readouterr().out)["est"]
     assert report["stage_steps"] == [300, 300, 400] and 0.0 < report["saving"] < 0.5
+
+
+def test_plans_saved_before_blockshuffle_subsets_still_resume():
+    from megatron_sffn.training.est import EvolvingSubnetworks
+
+    lowrank = _model(num_layers=4, ffn={"structure": "lowrank", "rank": 16})
+    plan = build_plan(lowrank, ESTConfig(enabled=True), total_steps=10, seed=3)
+    older = {k: v for k, v in plan.state_dict().items() if k != "hidden_groups"}
+    est = EvolvingSubnetworks(plan, lowrank, [])
+    est.prepare_resume({"est": older, "progress": {"step": 2}}, "ckpt")  # the same plan: resumes
+    other = build_plan(_model(num_layers=4), ESTConfig(enabled=True), total_steps=10, seed=3).state_dict()
+    with pytest.raises(ValueError, match="hidden_groups: checkpoint"):
+        EvolvingSubnetworks(plan, lowrank, []).prepare_resume({"est": other, "progress": {"step": 2}}, "ckpt")

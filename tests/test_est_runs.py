@@ -11,8 +11,9 @@ below draws the same subnetworks.  Proves, from the per-step trace:
   (TensorBoard), and MFU counts each step's own FLOPs;
 * a run stopped by SIGTERM in stage 1 resumes to the uninterrupted run;
 * TP=2 and PP=2 reproduce the DP=2 reference step by step;
-* with BlockShuffle FFNs (hidden units sampled per fc2 block and fc1 group),
-  TP=2 reproduces TP=1 step by step.
+* with BlockShuffle FFNs (hidden units sampled per fc2 block and fc1 group;
+  gated, so that both halves of every rank's fc1 are sliced), TP=2
+  reproduces TP=1 step by step.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ EST = {"enabled": True, "stage_ends": [0.4, 0.8], "stage1": {"p_L": 0.5, "p_H": 
        "stage2": {"p_H": 0.5, "p_M": 0.5}, "tensor_strata": 2, "layer_strata": 2}  # fmt: skip
 ONES = {"enabled": True, "stage1": {"p_L": 1.0, "p_H": 1.0, "p_M": 1.0}, "stage2": {"p_H": 1.0, "p_M": 1.0}}
 MODEL = {"num_query_groups": 2}
-BLOCKSHUFFLE = {**MODEL, "ffn": {"structure": "blockshuffle", "blocks": 2}}
+BLOCKSHUFFLE = {**MODEL, "activation": "swiglu", "ffn": {"structure": "blockshuffle", "blocks": 2}}
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,7 @@ class HeadSelection:
 class HiddenSelection:
     """This rank's kept FFN hidden units, also as positions inside each local stratum (BlockDense blocks)."""
 
-    units: torch.Tensor  # sorted local hidden-unit indices
+    units: torch.Tensor  # local hidden-unit indices in the order fc1 emits them (Subset.indices)
     within_strata: torch.Tensor  # (local strata, kept per stratum)
     scale: float
     local_width: int  # this rank's hidden units
