@@ -1,6 +1,7 @@
 """Step time against sampled FLOPs under evolving subnetwork training, through the real training step.
 
     python benchmarks/est_bench.py                     # s shape, dense and 32% LowRank, stages 1/2/3
+    python benchmarks/est_bench.py --ffn blockshuffle32 --threads 1 # 32% BlockShuffle (a smaller Monarch per step)
     python benchmarks/est_bench.py --steps 5 --json out.json
 
 Each model is built as the trainer builds it with ``est.enabled`` (megatron
@@ -12,6 +13,9 @@ full step over the FLOP saving (1.0 = the step time falls exactly with the
 FLOPs), from wall time and from the process's CPU time (less sensitive to
 other processes on a shared machine).  The optimizer update, embeddings and logits are not sampled, so
 part of every step cannot shrink.
+
+Before each model's stages, one of its FFNs alone (layer 1's MLP, full
+and with its stage-2 hidden subset) shows the structure's own saving.
 
 A second table times the design choice behind the sliced weights: an MLP
 keeping half its hidden units through gathered (random) indices against a
@@ -37,7 +41,8 @@ from train_throughput import Case, case_config, log  # noqa: E402
 
 from megatron_sffn.structured.take import take  # noqa: E402
 
-CONFIGS = {"dense": "configs/est/s_dense.yaml", "lowrank32": "configs/est/s_lowrank32.yaml"}
+CONFIGS = {"dense": "configs/est/s_dense.yaml", "lowrank32": "configs/est/s_lowrank32.yaml",
+           "blockshuffle32": "configs/est/s_blockshuffle32.yaml"}  # fmt: skip
 STAGE_STEPS = {1: 1, 2: 400, 3: 900}  # a step of each stage of a 1000-step run (stage ends 0.3, 0.6)
 
 
@@ -46,6 +51,7 @@ def measure_stages(name: str, micro_batch: int, seq_length: int, warmup: int, st
 
     config = case_config(CONFIGS[name], micro_batch, seq_length)
     case = Case("s", name, config)
+    mlp = measure_mlp(name, case, config, micro_batch * seq_length, reps=warmup + steps)
     subnetworks = EvolvingSubnetworks(config.est_plan(), config.model, case.model)
     times: dict[int, list[float]] = {stage: [] for stage in STAGE_STEPS}
     cpu_times: dict[int, list[float]] = {stage: [] for stage in STAGE_STEPS}
@@ -62,7 +68,7 @@ def measure_stages(name: str, micro_batch: int, seq_length: int, warmup: int, st
                 flops[stage].append(subnetworks.training_flops_per_token())
     full_time, full_cpu = statistics.median(times[3]), statistics.median(cpu_times[3])
     full_flops = statistics.median(flops[3])
-    rows = []
+    rows = [mlp]
     for stage in STAGE_STEPS:
         seconds, cpu, flop = (statistics.median(times[stage]), statistics.median(cpu_times[stage]),
                               statistics.mean(flops[stage]))  # fmt: skip
@@ -72,6 +78,39 @@ def measure_stages(name: str, micro_batch: int, seq_length: int, warmup: int, st
                      "flops_fraction": flop / full_flops, "flop_saving": flop_saving, **savings,
                      **{f"{k}_ratio": v / flop_saving if flop_saving > 0 else None for k, v in savings.items()}})  # fmt: skip
     return rows
+
+
+def measure_mlp(name: str, case: Case, config, tokens: int, reps: int) -> dict:
+    """CPU time of forward + backward of layer 1's MLP (structured, as built): full, and its stage-2 hidden subset.
+
+    The FFN alone, so that a structure's own saving (for BlockShuffle: the
+    smaller Monarch products with gathered factor rows) is seen apart from
+    attention, embeddings and the optimizer.  The first of ``reps`` is a warm-up.
+    """
+    from megatron_sffn.accounting.model import layer_forward_flops
+    from megatron_sffn.training.est import subnetwork_layers
+
+    mlp = subnetwork_layers(case.model)[1].mlp
+    draw = config.est_plan().draw(STAGE_STEPS[2])[1]
+    x = torch.randn(tokens, 1, config.model.hidden_size, generator=torch.Generator().manual_seed(0), requires_grad=True)
+
+    def run(subset) -> float:
+        mlp.select_hidden(subset, draw.p_M)
+        start = time.process_time()
+        out, bias = mlp(x)
+        (out if bias is None else out + bias).sum().backward()
+        return time.process_time() - start
+
+    times = {"full": [], "subset": []}
+    for _ in range(reps):
+        times["subset"].append(run(draw.hidden))
+        times["full"].append(run(None))
+    full, subset = (statistics.median(times[k][1:]) for k in ("full", "subset"))
+    flops = layer_forward_flops(config.model, 1, hidden=draw.hidden.count).ffn / layer_forward_flops(config.model, 1).ffn
+    log(f"  {name} MLP: full {full * 1e3:.0f} CPU-ms, p_M={draw.p_M} subset {subset * 1e3:.0f} CPU-ms")
+    return {"ffn": name, "stage": "MLP", "cpu_seconds_full": full, "cpu_seconds_subset": subset,
+            "flop_saving": 1 - flops, "cpu_time_saving": 1 - subset / full,
+            "cpu_time_saving_ratio": (1 - subset / full) / (1 - flops)}  # fmt: skip
 
 
 def measure_slicing(tokens: int, hidden: int, ffn: int, reps: int) -> dict[str, float]:
@@ -126,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'FFN':<10} {'stage':>5} {'s/step':>8} {'CPU-s':>8} {'FLOPs':>7} {'FLOPs saved':>11} "
           f"{'time saved':>10} {'ratio':>6} {'CPU-s saved':>11} {'ratio':>6}")
     for r in rows:
+        if r["stage"] == "MLP":
+            print(f"{r['ffn']:<10} {'MLP':>5} {'':>8} {r['cpu_seconds_subset']:>8.3f} {1 - r['flop_saving']:>6.1%} "
+                  f"{r['flop_saving']:>11.1%} {'':>10} {'':>6} {r['cpu_time_saving']:>11.1%} "
+                  f"{r['cpu_time_saving_ratio']:>6.2f}   (full MLP {r['cpu_seconds_full']:.3f} CPU-s)")  # fmt: skip
+            continue
         ratios = [f"{v:.2f}" if v is not None else "-" for v in (r["time_saving_ratio"], r["cpu_time_saving_ratio"])]
         print(f"{r['ffn']:<10} {r['stage']:>5} {r['seconds_per_step']:>8.3f} {r['cpu_seconds_per_step']:>8.3f} "
               f"{r['flops_fraction']:>6.1%} {r['flop_saving']:>11.1%} {r['time_saving']:>10.1%} {ratios[0]:>6} "

@@ -55,10 +55,14 @@ def _config(**sections) -> TrainConfig:
         ({"est": {"stage1": {"p_L": 0.3}}}, "est.stage1.p_L=0.3 keeps 0.3 x 4 layers"),
         ({"est": {"unknown": 1}}, "run.yaml:est.unknown: unknown key"),
         ({"sgt": {"enabled": True}}, "est.enabled=true cannot be combined with sgt.enabled=true"),
-        ({"model": {"ffn": {"structure": "blockshuffle", "blocks": 4}}}, "does not support model.ffn.structure='blockshuffle'"),
+        ({"model": {"ffn": {"structure": "blockshuffle", "blocks": 4}}, "est": {"stage2": {"p_M": 0.3}}},
+         "est.stage2.p_M=0.3 keeps 0.3 x 16 hidden units (one fc2 block's rows of one fc1 group) of each of the 16 "
+         "equal parts (model.ffn_hidden_size=256 / model.ffn.blocks²=4²=16)"),
+        ({"model": {"ffn": {"structure": "blockshuffle", "blocks": 2}}, "est": {"tensor_strata": 4}},
+         "est.tensor_strata=4 does not divide model.ffn.blocks=2"),
     ],
     ids=["rate-above-1", "rate-0", "stages-out-of-order", "stage-end-above-1", "heads-per-tp-rank", "strata-heads",
-         "strata-vs-tp", "layers", "unknown-key", "with-sgt", "blockshuffle"],
+         "strata-vs-tp", "layers", "unknown-key", "with-sgt", "blockshuffle-cells", "blockshuffle-strata"],
 )  # fmt: skip
 def test_bad_configs_fail_naming_the_key(sections, message):
     with pytest.raises(ConfigError) as err:
@@ -159,6 +163,9 @@ def test_shipped_est_configs_load():
         yaml.safe_load(path.read_text())
 
 
+STRUCTURES = ["dense", "lowrank", "blockdense", "blockshuffle"]
+
+
 @pytest.fixture(scope="module")
 def checks():
     cases = {
@@ -166,18 +173,20 @@ def checks():
         "dense_mha_swiglu": {"structure": "dense", "num_query_groups": 4, "activation": "swiglu"},
         "lowrank": {"structure": "lowrank"},
         "blockdense": {"structure": "blockdense"},
+        "blockshuffle": {"structure": "blockshuffle"},
+        "blockshuffle_swiglu": {"structure": "blockshuffle", "activation": "swiglu"},
     }
     run = launch(
         "tests.workers.est_checks", ["masked_reference", "full_rates_equal_baseline", "adamw_outside_subnetwork"],
         nproc=1, timeout=300,
-        kwargs={"masked_reference": {"cases": cases}, "full_rates_equal_baseline": {"structures": ["dense", "lowrank",
-                                                                                                    "blockdense"]}},
+        kwargs={"masked_reference": {"cases": cases}, "full_rates_equal_baseline": {"structures": STRUCTURES}},
     )  # fmt: skip
     return run.results[0]
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("case", ["dense_gqa", "dense_mha_swiglu", "lowrank", "blockdense"])
+@pytest.mark.parametrize("case", ["dense_gqa", "dense_mha_swiglu", "lowrank", "blockdense", "blockshuffle",
+                                  "blockshuffle_swiglu"])
 def test_sampled_step_equals_masked_reference(checks, case):
     result = checks["masked_reference"][case]
     assert result["skipped"]  # the draw skips layers, drops heads and hidden units
@@ -190,7 +199,7 @@ def test_sampled_step_equals_masked_reference(checks, case):
 
 @pytest.mark.multiproc
 def test_full_rates_are_the_baseline_model_bit_for_bit(checks):
-    assert checks["full_rates_equal_baseline"] == {"dense": True, "lowrank": True, "blockdense": True}
+    assert checks["full_rates_equal_baseline"] == dict.fromkeys(STRUCTURES, True)
 
 
 @pytest.mark.multiproc

@@ -10,7 +10,10 @@ below draws the same subnetworks.  Proves, from the per-step trace:
 * the reference (DP=2) logs the stage, the subnetwork's size and its FLOPs
   (TensorBoard), and MFU counts each step's own FLOPs;
 * a run stopped by SIGTERM in stage 1 resumes to the uninterrupted run;
-* TP=2 and PP=2 reproduce the DP=2 reference step by step.
+* TP=2 and PP=2 reproduce the DP=2 reference step by step;
+* with BlockShuffle FFNs (hidden units sampled per fc2 block and fc1 group;
+  gated, so that both halves of every rank's fc1 are sliced), TP=2
+  reproduces TP=1 step by step.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ EST = {"enabled": True, "stage_ends": [0.4, 0.8], "stage1": {"p_L": 0.5, "p_H": 
        "stage2": {"p_H": 0.5, "p_M": 0.5}, "tensor_strata": 2, "layer_strata": 2}  # fmt: skip
 ONES = {"enabled": True, "stage1": {"p_L": 1.0, "p_H": 1.0, "p_M": 1.0}, "stage2": {"p_H": 1.0, "p_M": 1.0}}
 MODEL = {"num_query_groups": 2}
+BLOCKSHUFFLE = {**MODEL, "activation": "swiglu", "ffn": {"structure": "blockshuffle", "blocks": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +117,10 @@ def test_pipeline_parallel_run_equals_data_parallel_run(tmp_path, dataset, refer
     trace, out = _run(tmp_path, dataset, "pp2", est=EST, parallel={"pipeline_parallel": 2})
     assert "TP=1 PP=2 DP=1" in out
     _assert_same_losses(trace, reference[0], ranks=(1,))
+
+
+def test_blockshuffle_tensor_parallel_run_equals_single_rank_run(tmp_path, dataset):
+    reference, _ = _run(tmp_path, dataset, "bs_tp1", nproc=1, est=EST, model=BLOCKSHUFFLE)
+    trace, out = _run(tmp_path, dataset, "bs_tp2", est=EST, model=BLOCKSHUFFLE, parallel={"tensor_parallel": 2})
+    assert "TP=2 PP=1 DP=1" in out
+    _assert_same_losses(trace, reference)

@@ -7,7 +7,8 @@ gradient); one rank's FLOPs (counted by ``FlopCounterMode``), traffic
 (recorded collectives) and parameters equal the closed-form plan that the
 documentation tabulates; sharded checkpoints reshard TP=2 <-> TP=1; and the
 BlockShuffle MLP at TP=2 is the paper's FFN written from explicit matrices
-(``tests/workers/blockshuffle_ffn.py``).
+(``tests/workers/blockshuffle_ffn.py``), also running a hidden-unit subset of
+evolving subnetwork training against that FFN with a 1/p hidden mask.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 
 from tests.mp_harness import launch
 from tests.workers.blockshuffle_ffn import TOLERANCE as SPEC_TOLERANCE
-from tests.workers.blockshuffle_ffn import spec_cases
+from tests.workers.blockshuffle_ffn import spec_cases, subset_case_name, subset_cases
 from tests.workers.tp_structured import CASES, RESHARD_CASES
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
@@ -26,7 +27,8 @@ TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module")
 def run():
-    checks = ["tp2_matches_tp1", "checkpoint_reshard", "blockshuffle_ffn_matches_spec", "block_major_checkpoint_refused"]
+    checks = ["tp2_matches_tp1", "checkpoint_reshard", "blockshuffle_ffn_matches_spec", "blockshuffle_subset_matches_spec",
+              "block_major_checkpoint_refused"]  # fmt: skip
     return launch("tests.workers.tp_structured", checks, nproc=2, timeout=420)
 
 
@@ -66,6 +68,19 @@ def test_checkpoint_reshards_between_tp2_and_tp1(run, pair):
 def test_tp2_blockshuffle_mlp_is_the_papers_ffn(run, case):
     for rank, results in enumerate(run.results):
         errors = results["blockshuffle_ffn_matches_spec"][case.name]
+        assert len([k for k in errors if k.startswith("grad:")]) == 6
+        bad = {k: v for k, v in errors.items() if not v <= SPEC_TOLERANCE}
+        assert not bad, f"rank {rank}: relative errors above {SPEC_TOLERANCE}: {bad}"
+
+
+SUBSET_CASES = subset_cases(("replicated/reduce", "split/reduce"))
+
+
+@pytest.mark.parametrize("case, rate", SUBSET_CASES, ids=[subset_case_name(*c) for c in SUBSET_CASES])
+def test_tp2_blockshuffle_hidden_subset_is_the_masked_papers_ffn(run, case, rate):
+    """Evolving subnetwork training's sampled BlockShuffle MLP at TP=2: each rank its own cells, same function."""
+    for rank, results in enumerate(run.results):
+        errors = results["blockshuffle_subset_matches_spec"][subset_case_name(case, rate)]
         assert len([k for k in errors if k.startswith("grad:")]) == 6
         bad = {k: v for k, v in errors.items() if not v <= SPEC_TOLERANCE}
         assert not bad, f"rank {rank}: relative errors above {SPEC_TOLERANCE}: {bad}"

@@ -86,10 +86,14 @@ def ffn_layer_kinds(cfg: ModelConfig) -> list[str]:
 
 
 def _ffn_weights(cfg: ModelConfig, kind: str, hidden: int | None = None) -> int:
-    """One FFN's weight parameters; ``hidden`` replaces ``ffn_hidden_size`` (a subset of the hidden units)."""
+    """One FFN's weight parameters; ``hidden`` replaces ``ffn_hidden_size`` (a subset of the hidden units).
+
+    A subset keeps each linear's BlockShuffle middle width (that of the full FFN's shape).
+    """
     if hidden == 0:
         return 0
-    return sum(counts.weight_params(kind, n, m, cfg.ffn.rank, cfg.ffn.blocks) for n, m in cfg.ffn_shapes(hidden))
+    return sum(counts.weight_params(kind, n, m, cfg.ffn.rank, cfg.ffn.blocks, middle=min(full))
+               for (n, m), full in zip(cfg.ffn_shapes(hidden), cfg.ffn_shapes()))  # fmt: skip
 
 
 def ffn_weight_params(cfg: ModelConfig) -> int:

@@ -13,6 +13,16 @@ same number is kept in each, uniformly at random.  With one stratum per
 tensor-parallel rank (per pipeline stage) every rank (stage) does the same
 work; a BlockDense FFN's hidden units are stratified by block so that every
 block of its K factor keeps the same number of inputs.
+
+A BlockShuffle FFN's hidden units are stratified by *cell*: its hidden
+vector is interleaved, ``hidden[j·B + c] = u_c[j]`` (fc1 group c, row j of
+its second factor, ``j < s = f/B``), and fc2's block k reads rows
+``j ∈ [k·s/B, (k+1)·s/B)`` of every group.  Cell ``(k, c)`` is those rows of
+group c; keeping the same number in every cell keeps every fc1 group the
+same height and every fc2 block the same width, so the subnetwork is again a
+BlockShuffle (Monarch) FFN, of width p·f.  The cells are the strata, ordered
+``k·B + c``, so a tensor-parallel rank's B/tp whole fc2 blocks are
+contiguous strata.
 """
 
 from __future__ import annotations
@@ -36,10 +46,16 @@ def kept_count(rate: float, units: int) -> int | None:
 
 @dataclass(frozen=True)
 class Subset:
-    """``kept[s]``: the sorted positions kept inside stratum ``s`` of ``total`` units (``(strata, k)``)."""
+    """``kept[s]``: the sorted positions kept inside stratum ``s`` of ``total`` units (``(strata, k)``).
+
+    ``groups`` 1: stratum s is units ``s·width .. (s+1)·width``; ``groups`` B:
+    the strata are the ``(k, c)`` cells of a BlockShuffle FFN with B blocks
+    (module docstring).
+    """
 
     total: int
     kept: torch.Tensor
+    groups: int = 1
 
     @property
     def strata(self) -> int:
@@ -60,18 +76,33 @@ class Subset:
         return self.kept[rank * per:(rank + 1) * per]
 
     def indices(self, rank: int = 0, parts: int = 1) -> torch.Tensor:
-        """Kept units of part ``rank`` of ``parts``, as sorted indices into that part's own units."""
+        """Kept units of part ``rank`` of ``parts``, as indices into that part's own units.
+
+        Sorted, except for BlockShuffle cells: there the order is the
+        compacted FFN's interleaved one, position ``j'·B + c`` holding the
+        j'-th kept row of group c (its unit ``J_c[j']·B + c``), which is the
+        order its fc1 emits and its fc2 reads them.
+        """
         local = self.local_strata(rank, parts)
-        offsets = torch.arange(local.shape[0]).unsqueeze(1) * self.width
-        return (local + offsets).reshape(-1)
+        if self.groups == 1:
+            offsets = torch.arange(local.shape[0]).unsqueeze(1) * self.width
+            return (local + offsets).reshape(-1)
+        b = self.groups
+        blocks = local.shape[0] // b
+        rows = local.view(blocks, b, -1) + (torch.arange(blocks) * self.width).view(-1, 1, 1)  # [k, c, i]: row j
+        return (rows.transpose(1, 2) * b + torch.arange(b)).reshape(-1)
 
 
-def draw_subset(seed: int, step: int, kind: int, layer: int, *, total: int, strata: int, keep: int) -> Subset:
-    """``keep`` units of each of ``strata`` equal strata of ``total``, uniformly at random from the counters."""
+def draw_subset(seed: int, step: int, kind: int, layer: int, *, total: int, strata: int, keep: int,
+                groups: int = 1) -> Subset:  # fmt: skip
+    """``keep`` units of each of ``strata`` equal strata of ``total``, uniformly at random from the counters.
+
+    ``groups``: see :class:`Subset` (BlockShuffle cells: ``strata`` = B²).
+    """
     generator = torch.Generator().manual_seed(int(guide_draw(seed, step, kind, layer) * 2**53))
     scores = torch.rand(strata, total // strata, generator=generator)
     kept = scores.topk(keep, dim=1).indices.sort(dim=1).values
-    return Subset(total, kept)
+    return Subset(total, kept, groups)
 
 
 @dataclass(frozen=True)

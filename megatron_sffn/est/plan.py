@@ -5,6 +5,10 @@ layout (:func:`build_plan`); :func:`plan_problems` says, with the config keys
 at fault, why a setting cannot be drawn (rates whose kept counts are not
 whole numbers per stratum, strata that do not split the heads, hidden units,
 blocks, layers or the parallel layout).
+
+Hidden units are stratified per layer by its FFN: by TP shard (dense,
+LowRank), by block of fc2's K (BlockDense), or by the B² (fc2 block, fc1
+group) cells of a BlockShuffle FFN (:mod:`.draws`).
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ class ESTPlan:
     heads: int
     query_groups: int
     hidden: int
-    hidden_strata: tuple[int, ...]  # per layer: tensor_strata, or the blocks of a BlockDense FFN
+    hidden_strata: tuple[int, ...]  # per layer: tensor_strata, the blocks of a BlockDense FFN, or B² BlockShuffle cells
+    hidden_groups: tuple[int, ...]  # per layer: the blocks B of a BlockShuffle FFN (cells), else 1
     tensor_strata: int
     layer_strata: int
 
@@ -82,7 +87,8 @@ class ESTPlan:
             if rates.p_M < 1.0:
                 strata = self.hidden_strata[layer]
                 keep = kept_count(rates.p_M, self.hidden // strata)
-                hidden = draw_subset(self.seed, step, HIDDEN, layer, total=self.hidden, strata=strata, keep=keep)
+                hidden = draw_subset(self.seed, step, HIDDEN, layer, total=self.hidden, strata=strata, keep=keep,
+                                     groups=self.hidden_groups[layer])  # fmt: skip
             draws.append(LayerDraw(layer, True, heads, hidden, rates.p_H, rates.p_M))
         return draws
 
@@ -99,11 +105,26 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _hidden_strata(model: ModelConfig, tensor_strata: int) -> tuple[int, ...]:
-    return tuple(
-        model.ffn.blocks if model.ffn.is_structured(layer) and model.ffn.structure == "blockdense" else tensor_strata
-        for layer in range(model.num_layers)
-    )
+@dataclass(frozen=True)
+class _HiddenStrata:
+    """How one layer's hidden units are stratified, and how messages name that."""
+
+    strata: int
+    groups: int
+    what: str  # the units of one stratum
+    key: str  # the config key that sets the strata
+
+
+def _hidden_strata(model: ModelConfig, tensor_strata: int, tensor_key: str) -> list[_HiddenStrata]:
+    """Per layer: by TP stratum, by BlockDense block, or by BlockShuffle (fc2 block, fc1 group) cell."""
+    b = model.ffn.blocks
+    tensor = structured = _HiddenStrata(tensor_strata, 1, "hidden units", tensor_key)
+    if model.ffn.structure == "blockdense":
+        structured = _HiddenStrata(b, 1, f"hidden units of each of the model.ffn.blocks={b} blocks", "model.ffn.blocks")
+    elif model.ffn.structure == "blockshuffle":
+        structured = _HiddenStrata(b * b, b, "hidden units (one fc2 block's rows of one fc1 group)",
+                                   f"model.ffn.blocks²={b}²")  # fmt: skip
+    return [structured if model.ffn.is_structured(layer) else tensor for layer in range(model.num_layers)]
 
 
 def _strata(est: ESTConfig, tensor_parallel: int, pipeline_parallel: int) -> tuple[int, int]:
@@ -116,9 +137,6 @@ def plan_problems(model: ModelConfig, est: ESTConfig, tensor_parallel: int = 1, 
                   ) -> list[str]:  # fmt: skip
     """Why ``est`` cannot be drawn for ``model`` at this layout, each naming its keys (empty: it can)."""
     problems = []
-    if model.ffn.structure == "blockshuffle":
-        problems.append("est.enabled=true does not support model.ffn.structure='blockshuffle' (its hidden units "
-                        "would have to be sampled within every Monarch group); use dense, lowrank or blockdense")  # fmt: skip
     tensor, layer = _strata(est, tensor_parallel, pipeline_parallel)
     tensor_key = "est.tensor_strata" if est.tensor_strata is not None else "est.tensor_strata (null: parallel.tensor_parallel)"
     layer_key = "est.layer_strata" if est.layer_strata is not None else "est.layer_strata (null: parallel.pipeline_parallel)"
@@ -129,11 +147,9 @@ def plan_problems(model: ModelConfig, est: ESTConfig, tensor_parallel: int = 1, 
     units = [("model.num_attention_heads", model.num_attention_heads, tensor, tensor_key,
               [("est.stage1.p_H", est.stage1.p_H), ("est.stage2.p_H", est.stage2.p_H)], "heads"),
              ("model.num_layers", model.num_layers, layer, layer_key, [("est.stage1.p_L", est.stage1.p_L)], "layers")]
-    for strata in sorted(set(_hidden_strata(model, tensor))):
-        what = "hidden units" if strata == tensor else f"hidden units of each of the model.ffn.blocks={strata} blocks"
-        where = tensor_key if strata == tensor else "model.ffn.blocks"
-        units.append(("model.ffn_hidden_size", model.ffn_hidden_size, strata, where,
-                      [("est.stage1.p_M", est.stage1.p_M), ("est.stage2.p_M", est.stage2.p_M)], what))  # fmt: skip
+    for hidden in dict.fromkeys(_hidden_strata(model, tensor, tensor_key)):
+        units.append(("model.ffn_hidden_size", model.ffn_hidden_size, hidden.strata, hidden.key,
+                      [("est.stage1.p_M", est.stage1.p_M), ("est.stage2.p_M", est.stage2.p_M)], hidden.what))  # fmt: skip
     for size_key, size, strata, strata_key, rates, what in units:
         if size % strata:
             problems.append(f"{strata_key}={strata} does not divide {size_key}={size}")
@@ -145,7 +161,7 @@ def plan_problems(model: ModelConfig, est: ESTConfig, tensor_parallel: int = 1, 
                     f"{rate_key}={rate} keeps {rate} x {per} {what} of each of the {strata} equal parts "
                     f"({size_key}={size} / {strata_key}={strata}); that must be a whole number >= 1"
                 )
-    if model.ffn.structure == "blockdense" and model.ffn.blocks % tensor:
+    if model.ffn.structure in ("blockdense", "blockshuffle") and model.ffn.blocks % tensor:
         problems.append(f"{tensor_key}={tensor} does not divide model.ffn.blocks={model.ffn.blocks}")
     return problems
 
@@ -157,6 +173,7 @@ def build_plan(model: ModelConfig, est: ESTConfig, *, total_steps: int, seed: in
     if problems:
         raise ValueError("\n".join(problems))
     tensor, layer = _strata(est, tensor_parallel, pipeline_parallel)
+    hidden = _hidden_strata(model, tensor, "est.tensor_strata")
     first, second = (math.floor(end * total_steps) for end in est.stage_ends)
     return ESTPlan(
         seed=est.seed if est.seed is not None else seed,
@@ -169,7 +186,8 @@ def build_plan(model: ModelConfig, est: ESTConfig, *, total_steps: int, seed: in
         heads=model.num_attention_heads,
         query_groups=model.num_query_groups,
         hidden=model.ffn_hidden_size,
-        hidden_strata=_hidden_strata(model, tensor),
+        hidden_strata=tuple(h.strata for h in hidden),
+        hidden_groups=tuple(h.groups for h in hidden),
         tensor_strata=tensor,
         layer_strata=layer,
     )

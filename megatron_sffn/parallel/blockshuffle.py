@@ -31,6 +31,15 @@ W2 is stored row-major, ``w2[t, c] = W2[c, t]`` with shape ``(f/B, B, d/B)``,
 so that a rank's rows are an axis-0 slice like every other fc1 output factor
 (megatron's gated-FFN checkpoint factory splits axis 0).
 
+Hidden-unit subsets (evolving subnetwork training): the draw keeps the same
+number of rows of every fc1 group inside every fc2 block's range
+(:class:`~megatron_sffn.est.Subset` cells), given in the compacted
+interleaved order ``j'·B + c``.  fc1 keeps those rows of W2 (its stored
+``w2`` flattened is indexed by the hidden unit ``t·B + c`` itself), fc2 the
+matching columns of its W1 blocks, so both stay Monarch products of width
+p·f, computed by the same kernels, and a rank's kept units are still B/tp
+whole fc2 blocks of the smaller FFN.
+
 Checkpoints carry :data:`HIDDEN_ORDER` in each module's ``_extra_state``;
 one without it was written when fc1's hidden units were block-major, a
 different FFN, and is refused on load (:meth:`BlockShuffleFC1.set_extra_state`).
@@ -43,6 +52,7 @@ from typing import Any
 import torch
 
 from ..structured.functional import block_diag_matmul, shuffle_blocks_matmul
+from ..structured.take import take
 from . import comm
 from .base import REPLICATED, SHARDED, FactorSpec, TPStructuredLinear
 
@@ -88,6 +98,12 @@ class BlockShuffleFC1(_BlockShuffleLinear):
         h = self._whole_block_diag(x, self.w1)
         return shuffle_blocks_matmul(h, self.w2.transpose(0, 1))  # rows t of every group, interleaved
 
+    def _project_subset(self, x: torch.Tensor, selection) -> torch.Tensor:
+        """The selected units are rows of W2 (both halves when gated), ``B`` per compacted row; W1 is shared."""
+        h = self._whole_block_diag(x, self.w1)
+        rows = take(self.w2.flatten(0, 1), selection.fc1_rows(self.shape.gated))  # row t·B + c is W2[c, t]
+        return shuffle_blocks_matmul(h, rows.view(-1, *self.w2.shape[1:]).transpose(0, 1))
+
 
 class BlockShuffleFC2(_BlockShuffleLinear):
     """Down-projection; input: this rank's hidden units, output: complete on every rank."""
@@ -108,4 +124,12 @@ class BlockShuffleFC2(_BlockShuffleLinear):
         h_local = block_diag_matmul(a, self.w1)  # this rank's d/tp slice of the middle vector
         # The slice is positions a of every shuffle group c: with the column slice of every W2 block,
         # the same shuffle-and-interleave as fc1's gives this rank's partial output.
+        return comm.reduce_from_region(shuffle_blocks_matmul(h_local, self.w2), self.tp_group)
+
+    def _project_subset(self, a: torch.Tensor, selection) -> torch.Tensor:
+        """The selected units are inputs of every W1 block (as many in each), scaled by 1/p; W2 is shared."""
+        blocks, rows, width = self.w1.shape
+        offsets = torch.arange(blocks, device=selection.units.device).unsqueeze(1) * width
+        columns = (selection.units.view(blocks, -1) - offsets).unsqueeze(1).expand(-1, rows, -1)
+        h_local = block_diag_matmul(a, torch.gather(self.w1, 2, columns) * selection.scale)
         return comm.reduce_from_region(shuffle_blocks_matmul(h_local, self.w2), self.tp_group)

@@ -23,7 +23,9 @@ Hidden units (``MLP``): dense fc1's rows (both halves of a gated fc1) and
 fc2's columns scaled by 1/p_M; a structured fc1/fc2 computes its own subset
 (:meth:`~.base.TPStructuredLinear.forward_hidden_subset`): LowRank and
 BlockDense keep the rows of fc1's output factor U and the matching input
-columns of fc2's V, or within every block of fc2's K.
+columns of fc2's V, or within every block of fc2's K; BlockShuffle keeps
+rows of every group of fc1's W2 and the matching columns of every block of
+fc2's W1, a smaller Monarch FFN (:mod:`.blockshuffle`).
 
 The selections are per tensor-parallel shard: the draws give every rank the
 same number of heads and hidden units (:class:`~megatron_sffn.est.Subset`).
@@ -79,7 +81,7 @@ class HeadSelection:
 class HiddenSelection:
     """This rank's kept FFN hidden units, also as positions inside each local stratum (BlockDense blocks)."""
 
-    units: torch.Tensor  # sorted local hidden-unit indices
+    units: torch.Tensor  # local hidden-unit indices in the order fc1 emits them (Subset.indices)
     within_strata: torch.Tensor  # (local strata, kept per stratum)
     scale: float
     local_width: int  # this rank's hidden units

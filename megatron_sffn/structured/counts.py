@@ -46,9 +46,15 @@ def validate_structure(
 
 
 def weight_params(
-    kind: str, in_features: int, out_features: int, rank: int | None = None, blocks: int | None = None
+    kind: str, in_features: int, out_features: int, rank: int | None = None, blocks: int | None = None,
+    middle: int | None = None,
 ) -> int:
-    """Number of weight entries (= multiply-adds per token), bias excluded."""
+    """Number of weight entries (= multiply-adds per token), bias excluded.
+
+    ``middle``: BlockShuffle's width between its factors, min(N, M) unless
+    given.  A hidden-unit subset of a BlockShuffle FFN (evolving subnetwork
+    training) keeps the full FFN's middle width, whichever side is smaller.
+    """
     validate_structure(kind, in_features, out_features, rank, blocks)
     n, m = in_features, out_features
     if kind == "dense":
@@ -57,7 +63,7 @@ def weight_params(
         return (n + m) * rank
     if kind == "blockdense":
         return rank * (m + n // blocks)
-    return min(n, m) * (n + m) // blocks
+    return (min(n, m) if middle is None else middle) * (n + m) // blocks
 
 
 def forward_flops_per_token(

@@ -98,6 +98,8 @@ class EvolvingSubnetworks:
     def prepare_resume(self, header: dict[str, Any], where: str) -> None:
         """Before loading this run's checkpoint: the same plan, or (without EST) no EST stage left unfinished."""
         saved = header.get("est")
+        if saved is not None and "hidden_groups" not in saved:  # saved before BlockShuffle subsets: no cells anywhere
+            saved = {**saved, "hidden_groups": [1] * int(saved["num_layers"])}
         if self.plan is not None:
             require_same_plan(self.plan.state_dict(), saved, where, "evolving subnetwork training", "est.enabled")
             return

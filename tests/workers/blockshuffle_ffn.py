@@ -89,12 +89,40 @@ def spec_weights(case: SpecCase, seed: int = 0) -> dict[str, torch.Tensor]:
     }  # fmt: skip
 
 
-def spec_ffn(weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """The paper's FFN on ``x (..., d)`` from explicit matrices."""
+def spec_ffn(weights: dict[str, torch.Tensor], x: torch.Tensor, hidden_mask: torch.Tensor | None = None
+             ) -> torch.Tensor:  # fmt: skip
+    """The paper's FFN on ``x (..., d)`` from explicit matrices; ``hidden_mask`` multiplies the hidden units."""
     fc1 = blockshuffle_matrix(weights["linear_fc1.w1"], weights["linear_fc1.w2"])
     fc2 = blockshuffle_matrix(weights["linear_fc2.w1"], weights["linear_fc2.w2"])
     hidden = F.gelu(x @ fc1.T + weights["linear_fc1.bias"], approximate="tanh")
+    if hidden_mask is not None:
+        hidden = hidden * hidden_mask
     return hidden @ fc2.T + weights["linear_fc2.bias"]
+
+
+@dataclass(frozen=True)
+class HiddenDraw:
+    """A hidden-unit subset for :func:`compare_with_spec`: the draw and its rate p_M."""
+
+    subset: Any  # megatron_sffn.est.Subset over the B² (fc2 block k, fc1 group c) cells, stratum k*B + c
+    rate: float
+
+
+def spec_hidden_mask(case: SpecCase, draw: HiddenDraw) -> torch.Tensor:
+    """Evolving subnetwork training's mask, from the definition: kept units 1/p, dropped 0.
+
+    Hidden unit ``j*B + c`` is row j of fc1 group c; fc2 block k reads rows
+    ``j`` in ``[k*s/B, (k+1)*s/B)`` of every group (s = f/B).  Cell (k, c)
+    keeps rows ``k*s/B + kept[k*B + c]`` of group c.
+    """
+    b = case.blocks
+    cell = case.ffn_hidden // b // b
+    mask = torch.zeros(case.ffn_hidden)
+    for k in range(b):
+        for c in range(b):
+            for position in draw.subset.kept[k * b + c].tolist():
+                mask[(k * cell + position) * b + c] = 1.0 / draw.rate
+    return mask
 
 
 def _module_view(linear, factor_values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -107,11 +135,13 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def compare_with_spec(mlp, case: SpecCase, finish_grads=None) -> dict[str, float]:
+def compare_with_spec(mlp, case: SpecCase, finish_grads=None, hidden: HiddenDraw | None = None) -> dict[str, float]:
     """Relative errors of ``mlp`` (already built for ``case``) against :func:`spec_ffn` on shared weights.
 
     ``finish_grads(mlp)`` completes gradients that ranks hold in part (the
-    step ``finalize_model_grads`` performs in training).
+    step ``finalize_model_grads`` performs in training).  With ``hidden``,
+    ``mlp`` (a ``SubnetworkMLP``) computes only that subset and the reference
+    is the full FFN under :func:`spec_hidden_mask`.
     """
     from megatron_sffn.parallel.layout import TPLayout
     from tests.workers.tp_structured import full_tensor_slice
@@ -127,21 +157,26 @@ def compare_with_spec(mlp, case: SpecCase, finish_grads=None) -> dict[str, float
             linear.bias.copy_(full_tensor_slice(linear.bias, weights[f"{role}.bias"], layout))
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(*TOKENS, case.hidden, generator=gen)
-    g = torch.randn(*TOKENS, case.hidden, generator=gen)
+    target = torch.randn(*TOKENS, case.hidden, generator=gen)
 
     reference = {k: v.clone().requires_grad_(True) for k, v in weights.items()}
     x_ref = x.clone().requires_grad_(True)
-    y_ref = spec_ffn(reference, x_ref)
-    y_ref.backward(g)
+    y_ref = spec_ffn(reference, x_ref, spec_hidden_mask(case, hidden) if hidden is not None else None)
+    loss_ref = (y_ref - target).square().sum()
+    loss_ref.backward()
 
+    if hidden is not None:
+        mlp.select_hidden(hidden.subset, hidden.rate)
     x_mlp = x.clone().requires_grad_(True)
     out, bias = mlp(x_mlp)
     y = out + bias
-    y.backward(g)
+    loss = (y - target).square().sum()
+    loss.backward()
     if finish_grads is not None:
         finish_grads(mlp)
 
-    errors = {"output": _relative_error(y.detach(), y_ref.detach()), "input_grad": _relative_error(x_mlp.grad, x_ref.grad)}
+    errors = {"output": _relative_error(y.detach(), y_ref.detach()), "loss": _relative_error(loss, loss_ref),
+              "input_grad": _relative_error(x_mlp.grad, x_ref.grad)}  # fmt: skip
     for role in ("linear_fc1", "linear_fc2"):
         linear = getattr(mlp, role)
         expected_views = _module_view(linear, {k: reference[f"{role}.{k}"].grad for k in ("w1", "w2")})
@@ -152,13 +187,56 @@ def compare_with_spec(mlp, case: SpecCase, finish_grads=None) -> dict[str, float
     return errors
 
 
-def build_spec_mlp(case: SpecCase, tp_group: Any):
-    """megatron's MLP with the BlockShuffle fc1/fc2 of the spec factory, as the model builds it."""
+def build_spec_mlp(case: SpecCase, tp_group: Any, subnetwork: bool = False):
+    """megatron's MLP with the BlockShuffle fc1/fc2 of the spec factory, as the model builds it.
+
+    ``subnetwork``: the MLP that can run a hidden-unit subset (evolving subnetwork training's).
+    """
+    from megatron_sffn.parallel.subnetwork import SubnetworkMLP
     from tests.workers.tp_structured import Case, build_mlp
 
     model_case = Case("blockshuffle", blocks=case.blocks, strategy=case.strategy, hidden=case.hidden,
                       ffn_hidden=case.ffn_hidden)  # fmt: skip
-    return build_mlp(model_case, tp_group)
+    return build_mlp(model_case, tp_group, mlp_class=SubnetworkMLP if subnetwork else None)
+
+
+SUBSET_BLOCKS = [2, 4]
+SUBSET_RATES = [0.5, 0.25]
+
+
+def subset_cases(strategies: tuple[str, ...] = ("auto",)) -> list[tuple[SpecCase, float]]:
+    """Each width, B in {2, 4}, each strategy, with the rates of :data:`SUBSET_RATES`."""
+    return [(SpecCase(d, f, b, s), rate) for d, f in WIDTHS for b in SUBSET_BLOCKS for s in strategies
+            for rate in SUBSET_RATES]  # fmt: skip
+
+
+def subset_case_name(case: SpecCase, rate: float) -> str:
+    return f"{case.name}-p{rate}"
+
+
+def hidden_draw(case: SpecCase, rate: float, step: int = 3, layer: int = 1) -> HiddenDraw:
+    """The draw a BlockShuffle layer of a plan gets: ``rate`` of every cell, from the counters."""
+    from megatron_sffn.est.draws import HIDDEN, draw_subset, kept_count
+
+    b = case.blocks
+    keep = kept_count(rate, case.ffn_hidden // b // b)
+    return HiddenDraw(draw_subset(11, step, HIDDEN, layer, total=case.ffn_hidden, strata=b * b, keep=keep, groups=b),
+                      rate)  # fmt: skip
+
+
+def blockshuffle_subset_matches_spec() -> dict[str, dict[str, float]]:
+    """TP=2 (gloo): hidden-unit subsets of every subset case and both fc1 strategies against the masked spec FFN."""
+    from megatron_sffn.parallel.grads import average_token_split_grads
+    from tests.workers.tp_structured import _init, _tp_group
+
+    _init(2)
+    group = _tp_group()
+    results = {}
+    for case, rate in subset_cases(("replicated/reduce", "split/reduce")):
+        mlp = build_spec_mlp(case, None, subnetwork=True)
+        results[subset_case_name(case, rate)] = compare_with_spec(
+            mlp, case, lambda m: average_token_split_grads([m], group), hidden_draw(case, rate))
+    return results
 
 
 def blockshuffle_ffn_matches_spec() -> dict[str, dict[str, float]]:

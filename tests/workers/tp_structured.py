@@ -23,6 +23,7 @@ from megatron_sffn.parallel.layout import TPLayout, shard_ranges, take_rows
 from tests.workers.blockshuffle_ffn import (  # noqa: F401  (checks of this module's launch)
     block_major_checkpoint_refused,
     blockshuffle_ffn_matches_spec,
+    blockshuffle_subset_matches_spec,
 )
 
 HIDDEN, FFN_HIDDEN = 32, 128
@@ -86,10 +87,10 @@ def transformer_config(case: Case, **overrides: Any):
 
 
 def build_mlp(case: Case, tp_group: Any, seed: int = SEED, linears: tuple[type, type] | None = None,
-              **config_overrides: Any):  # fmt: skip
+              mlp_class: type | None = None, **config_overrides: Any):  # fmt: skip
     """megatron's MLP for ``case`` built from the spec factory, weights drawn from ``seed``.
 
-    ``linears`` replaces the spec's fc1 and fc2 classes (same options).
+    ``linears`` replaces the spec's fc1 and fc2 classes (same options), ``mlp_class`` the MLP's.
     """
     from megatron.core.transformer.spec_utils import build_module
 
@@ -101,6 +102,8 @@ def build_mlp(case: Case, tp_group: Any, seed: int = SEED, linears: tuple[type, 
     spec = mlp_spec(model_cfg, 1, tp_strategy=case.strategy)
     if linears is not None:
         spec.submodules.linear_fc1.module, spec.submodules.linear_fc2.module = linears
+    if mlp_class is not None:
+        spec.module = mlp_class
     config = transformer_config(case, **config_overrides)
     torch.manual_seed(seed)
     return build_module(spec, config=config, ffn_hidden_size=case.ffn_hidden, tp_group=tp_group)
