@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     from megatron_sffn import cpu_compat
-    from megatron_sffn.training.metrics import resolve_peak_flops
+    from megatron_sffn.planning.devices import resolve_peak_flops
 
     cpu_compat.enable_if_no_cuda()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

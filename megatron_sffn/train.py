@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Sequence
 
-from .config.loading import load_config
+from .config.loading import add_config_arguments, load_config
 from .config.train import TrainConfig
 from .entry_setup import quiet_known_warnings
 
@@ -29,8 +29,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m megatron_sffn.train",
         description="Pretrain a GPT with structured FFNs (run under torchrun for several processes).",
     )
-    parser.add_argument("config", help="run configuration (YAML)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. training.train_steps=100")
+    add_config_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -65,8 +64,8 @@ def checked_config(path: str, overrides: Sequence[str], world_size: int) -> Trai
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--dry-run" in argv:  # plan only; options: python -m megatron_sffn.training.dry_run -h
-        from .training.dry_run import main as dry_run_main
+    if "--dry-run" in argv:  # plan only; options: python -m megatron_sffn.planning -h
+        from .planning.report import main as dry_run_main
 
         return dry_run_main([arg for arg in argv if arg != "--dry-run"])
     args = parse_args(argv)
