@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from train_throughput import Case, case_config, log  # noqa: E402
 
+from megatron_sffn.planning.steps import est_plan
 from megatron_sffn.structured.take import take  # noqa: E402
 
 CONFIGS = {"dense": "configs/est/s_dense.yaml", "lowrank32": "configs/est/s_lowrank32.yaml"}
@@ -46,7 +47,7 @@ def measure_stages(name: str, micro_batch: int, seq_length: int, warmup: int, st
 
     config = case_config(CONFIGS[name], micro_batch, seq_length)
     case = Case("s", name, config)
-    subnetworks = EvolvingSubnetworks(config.est_plan(), config.model, case.model)
+    subnetworks = EvolvingSubnetworks(est_plan(config), config.model, case.model)
     times: dict[int, list[float]] = {stage: [] for stage in STAGE_STEPS}
     cpu_times: dict[int, list[float]] = {stage: [] for stage in STAGE_STEPS}
     flops: dict[int, list[float]] = {stage: [] for stage in STAGE_STEPS}

@@ -38,14 +38,17 @@ def preflight(config: TrainConfig, world_size: int, job_id: str | None = None) -
 
     ``job_id``: the torchrun run id of the job being launched (see :func:`.training.run_lock.holder_of`).
     """
+    from .planning.checks import check_run_config
+    from .planning.steps import resolved_train_steps, resolved_warmup_steps
     from .training.data_setup import check_dataset
     from .training.model_setup import check_optimizer_choice
     from .training.resume_checks import check_starting_point
     from .training.run_lock import holder_of, locked_message
     from .training.schedule import check_warmup
 
+    check_run_config(config)
     config.validate_layout(world_size)
-    check_warmup(config.resolved_train_steps(), config.resolved_warmup_steps())
+    check_warmup(resolved_train_steps(config), resolved_warmup_steps(config))
     check_optimizer_choice(config)
     check_dataset(config)
     check_starting_point(config)

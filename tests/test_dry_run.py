@@ -172,6 +172,8 @@ REFUSALS = [
     (TINY, ["--world-size", "3", "training.global_batch_size=8", "training.micro_batch_size=4"],
      ["training.global_batch_size=8", "data-parallel size 3"]),
     (TINY, ["--world-size", "2", "parallel.tensor_parallel=2", "model.vocab_size=8191"], ["model.vocab_size=8191"]),
+    (TINY, ["sgt.enabled=true", "sgt.mode=same_flops", "sgt.guided_fraction=1.0", "sgt.stochastic=false"],
+     ["sgt: ", "no same-FLOPs run exists"]),
     (CONFIGS / "paper" / "xl_dense.yaml", ["--world-size", "8", "--device", "L4", "training.micro_batch_size=16"],
      ["memory:", "24.00 GiB of L4"]),
     (TINY, ["--assume-mfu", "1.5"], ["--assume-mfu=1.5"]),

@@ -105,7 +105,7 @@ class StageMemory:
 
 def _ffn_params_per_rank(model: ModelConfig, kind: str, tp: int) -> int:
     """FFN weights and biases one TP rank holds; structured factors follow the TP plan the modules use
-    (``model.ffn.tp_strategy``, whose divisibility :class:`TrainConfig` has already checked)."""
+    (``model.ffn.tp_strategy``, whose divisibility :func:`.checks.check_run_config` has already checked)."""
     d = model.hidden_size
     (_, fc1_out), _ = model.ffn_shapes()
     if tp == 1:  # every factor whole; spares importing the TP modules (and megatron) for a one-rank plan
@@ -114,10 +114,11 @@ def _ffn_params_per_rank(model: ModelConfig, kind: str, tp: int) -> int:
     from ..parallel.plan import rank_cost
 
     strategy = None if kind == "dense" else _tp_strategy(model, kind, tp)
-    return rank_cost(_ffn_shape(model, kind), strategy, tp).params
+    return rank_cost(ffn_shape(model, kind), strategy, tp).params
 
 
-def _ffn_shape(model: ModelConfig, kind: str):
+def ffn_shape(model: ModelConfig, kind: str):
+    """The FFN as the TP sharding plan sees it (``kind`` of one layer: dense or the model's structure)."""
     from ..parallel.plan import FFNShape
 
     return FFNShape(kind, model.hidden_size, model.ffn_hidden_size, model.ffn.rank, model.ffn.blocks,
@@ -128,7 +129,7 @@ def _tp_strategy(model: ModelConfig, kind: str, tp: int):
     """The structured FFN's TP plan as the modules choose it (``model.ffn.tp_strategy`` or the automatic one)."""
     from ..parallel.plan import choose_strategy
 
-    return choose_strategy(_ffn_shape(model, kind), tp, model.ffn.tp_strategy)
+    return choose_strategy(ffn_shape(model, kind), tp, model.ffn.tp_strategy)
 
 
 def _layer_params_per_rank(model: ModelConfig, layer: int, tp: int) -> int:

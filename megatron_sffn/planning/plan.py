@@ -25,6 +25,7 @@ from ..accounting.model import (
 )
 from ..config.loading import to_dict
 from ..config.train import TrainConfig
+from .checks import check_run_config
 from .devices import Device, resolve_device
 from .memory import (
     StageMemory,
@@ -37,6 +38,7 @@ from .memory import (
     stage_params_per_rank,
     static_bytes_per_param,
 )
+from .steps import resolved_train_steps
 
 DEFAULT_ASSUMED_MFU = 0.4
 TIGHT_MEMORY_FRACTION = 0.9
@@ -100,6 +102,7 @@ class RunPlan:
 
 def plan_layout(cfg: TrainConfig, world_size: int) -> Layout:
     """The TP x PP x DP split and batch arithmetic; raises ValueError naming the key that does not divide."""
+    check_run_config(cfg)
     cfg.validate_layout(world_size)
     model, training, parallel = cfg.model, cfg.training, cfg.parallel
     if model.vocab_size % parallel.tensor_parallel:
@@ -117,7 +120,7 @@ def plan_layout(cfg: TrainConfig, world_size: int) -> Layout:
         global_batch_size=training.global_batch_size,
         seq_length=model.seq_length,
         tokens_per_step=cfg.tokens_per_step(),
-        train_steps=cfg.resolved_train_steps(),
+        train_steps=resolved_train_steps(cfg),
     )
 
 

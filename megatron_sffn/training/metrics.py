@@ -70,6 +70,7 @@ from ..accounting.model import training_flops_per_token
 from ..config.model import ModelConfig
 from ..config.train import TrainConfig
 from ..planning.devices import PeakFlops, resolve_peak_flops
+from ..planning.steps import resolved_train_steps
 
 TENSORBOARD_SUBDIR = "tensorboard"
 _GIB = 1024**3
@@ -253,7 +254,7 @@ class MetricsLogger:
             peak = resolve_peak_flops(device, precision, cfg.logging.peak_tflops_per_device)
         return cls(
             model=cfg.model,
-            train_steps=cfg.resolved_train_steps(),
+            train_steps=resolved_train_steps(cfg),
             world_size=world_size,
             log_interval=cfg.logging.log_interval,
             device=device,

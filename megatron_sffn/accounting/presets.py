@@ -15,8 +15,8 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from ..accounting.ratio import paper_ffn_sizes, solve_ffn_sizes
-from .model import FFNConfig, ModelConfig
+from ..config.model import FFNConfig, ModelConfig
+from .ratio import paper_ffn_sizes, solve_ffn_sizes
 
 # Shapes only: vocab 32000 (LLaMA tokenizer) and context 1024 are ModelConfig's defaults.
 _SHAPES: dict[str, dict[str, Any]] = {
