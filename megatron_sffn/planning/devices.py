@@ -132,18 +132,26 @@ def measure_cpu_matmul_peak(
             return best
 
 
+def named_peak_flops(name: str, precision: str, override_tflops: float | None = None) -> PeakFlops | None:
+    """The peak of the device called ``name``: the override, the datasheet for a GPU, or on ``cpu`` a measurement."""
+    if override_tflops is not None:
+        return PeakFlops(override_tflops * 1e12, "logging.peak_tflops_per_device")
+    if name.lower() == "cpu":
+        import torch
+
+        source = f"measured fp32 matmul peak of this process on CPU ({torch.get_num_threads()} threads)"
+        return PeakFlops(measure_cpu_matmul_peak(), source)
+    return lookup_gpu_peak(name, precision)
+
+
 def resolve_peak_flops(device: torch.device, precision: str, override_tflops: float | None = None) -> PeakFlops | None:
     """The MFU denominator for one device: the override, the datasheet, or (CPU) a measurement."""
     import torch
 
-    if override_tflops is not None:
-        return PeakFlops(override_tflops * 1e12, "logging.peak_tflops_per_device")
-    if device.type == "cuda":
-        return lookup_gpu_peak(torch.cuda.get_device_name(device), precision)
-    if device.type != "cpu":
+    if override_tflops is None and device.type not in ("cuda", "cpu"):
         return None
-    measured = measure_cpu_matmul_peak()
-    return PeakFlops(measured, f"measured fp32 matmul peak of this process on CPU ({torch.get_num_threads()} threads)")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return named_peak_flops(name, precision, override_tflops)
 
 
 @dataclass(frozen=True)
@@ -197,19 +205,14 @@ def resolve_device(
         name = detected[0] if detected else "cpu"
     if name.lower() == "cpu":
         import psutil
-        import torch
 
-        if peak_tflops is not None:
-            peak, peak_source = peak_tflops * 1e12, "logging.peak_tflops_per_device"
-        else:
-            peak = measure_cpu_matmul_peak()
-            peak_source = f"measured fp32 matmul peak of this process ({torch.get_num_threads()} threads)"
+        peak = named_peak_flops(name, "fp32", peak_tflops)
         if memory_gib is not None:
             memory, memory_source = int(memory_gib * _GIB), "--device-memory-gib"
         else:
             memory = psutil.virtual_memory().total // max(processes_per_node, 1)
             memory_source = f"this machine's RAM / {max(processes_per_node, 1)} process(es) per node"
-        return Device("CPU", False, peak, peak_source, memory, memory_source)
+        return Device("CPU", False, peak.flops_per_second, peak.source, memory, memory_source)
 
     spec = find_device(name)
     if spec is None and detected is None and (peak_tflops is None or memory_gib is None):
@@ -217,11 +220,8 @@ def resolve_device(
             f"--device {name!r} is not a device this planner knows; known: {', '.join(known_device_names())} "
             f"(or plan an unlisted device by giving both --device-memory-gib and logging.peak_tflops_per_device)"
         )
-    if peak_tflops is not None:
-        peak, peak_source = peak_tflops * 1e12, "logging.peak_tflops_per_device"
-    else:
-        found = lookup_gpu_peak(name, precision_on_gpu)
-        peak, peak_source = (found.flops_per_second, found.source) if found else (None, "unknown device")
+    found = named_peak_flops(name, precision_on_gpu, peak_tflops)
+    peak, peak_source = (found.flops_per_second, found.source) if found else (None, "unknown device")
     if memory_gib is not None:
         memory, memory_source = int(memory_gib * _GIB), "--device-memory-gib"
     elif detected is not None:

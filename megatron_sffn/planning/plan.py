@@ -230,13 +230,13 @@ def _judge_memory(plan: RunPlan) -> None:
             hints.append("parallel.use_distributed_optimizer=true shards the optimizer state")
         hints.append("a smaller training.micro_batch_size or more tensor/pipeline parallelism lower it")
         plan.problems.append(
-            f"memory: {where} needs {format_gib(peak.total)}, more than the {format_gib(capacity)} of {plan.device.name} "
-            f"({plan.device.memory_source}); " + "; ".join(hints)
+            f"memory: {where} needs {format_gib(peak.total)}, more than the {format_gib(capacity)} of "
+            f"{plan.device.name} ({plan.device.memory_source}); " + "; ".join(hints)
         )
     elif peak.total > TIGHT_MEMORY_FRACTION * capacity:
         plan.notes.append(
-            f"memory is tight: {format_gib(peak.total)} of {format_gib(capacity)}; the CUDA context, communication buffers and "
-            f"allocator fragmentation need a few GiB on top"
+            f"memory is tight: {format_gib(peak.total)} of {format_gib(capacity)}; the CUDA context, communication "
+            f"buffers and allocator fragmentation need a few GiB on top"
         )
 
 

@@ -98,8 +98,9 @@ def format_plan(plan: RunPlan) -> str:
         )
     peak = plan.peak_stage
     lines.append(
-        f"  activations per micro-batch (stage {peak.stage}): no recompute {format_gib(peak.activations_no_recompute)}, "
-        f"full recompute {format_gib(peak.activations_full_recompute)}, configured {format_gib(peak.activations_per_micro_batch)}; "
+        f"  activations per micro-batch (stage {peak.stage}): no recompute "
+        f"{format_gib(peak.activations_no_recompute)}, full recompute {format_gib(peak.activations_full_recompute)}, "
+        f"configured {format_gib(peak.activations_per_micro_batch)}; "
         f"last stage output and loss {format_gib(plan.stages[-1].output_and_loss)}"
     )
     capacity = format_gib(dev.memory_bytes) if dev.memory_bytes is not None else "unknown"
