@@ -38,9 +38,9 @@ from pathlib import Path
 
 import torch
 
+from megatron_sffn.accounting.presets import PAPER_BLOCKDENSE_BLOCKS, preset, with_structure
 from megatron_sffn.config import ModelConfig
 from megatron_sffn.config.loading import load_config
-from megatron_sffn.config.presets import PAPER_BLOCKDENSE_BLOCKS, preset, with_structure
 
 STRUCTURED = ("lowrank", "blockdense", "blockshuffle")
 FORMS = ("dense", "structured", "pre-merged")

@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from train_throughput import Case, case_config, log  # noqa: E402
 
+from megatron_sffn.planning.steps import est_plan  # noqa: E402
 from megatron_sffn.structured.take import take  # noqa: E402
 
 CONFIGS = {"dense": "configs/est/s_dense.yaml", "lowrank32": "configs/est/s_lowrank32.yaml",
@@ -52,7 +53,7 @@ def measure_stages(name: str, micro_batch: int, seq_length: int, warmup: int, st
     config = case_config(CONFIGS[name], micro_batch, seq_length)
     case = Case("s", name, config)
     mlp = measure_mlp(name, case, config, micro_batch * seq_length, reps=warmup + steps)
-    subnetworks = EvolvingSubnetworks(config.est_plan(), config.model, case.model)
+    subnetworks = EvolvingSubnetworks(est_plan(config), config.model, case.model)
     times: dict[int, list[float]] = {stage: [] for stage in STAGE_STEPS}
     cpu_times: dict[int, list[float]] = {stage: [] for stage in STAGE_STEPS}
     flops: dict[int, list[float]] = {stage: [] for stage in STAGE_STEPS}
@@ -91,7 +92,7 @@ def measure_mlp(name: str, case: Case, config, tokens: int, reps: int) -> dict:
     from megatron_sffn.training.est import subnetwork_layers
 
     mlp = subnetwork_layers(case.model)[1].mlp
-    draw = config.est_plan().draw(STAGE_STEPS[2])[1]
+    draw = est_plan(config).draw(STAGE_STEPS[2])[1]
     x = torch.randn(tokens, 1, config.model.hidden_size, generator=torch.Generator().manual_seed(0), requires_grad=True)
 
     def run(subset) -> float:

@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from megatron_sffn.config.loading import load_config  # noqa: E402
 from megatron_sffn.config.train import TrainConfig  # noqa: E402
+from megatron_sffn.planning.steps import resolved_train_steps
 
 # size -> (dense config, 32% LowRank config, default micro-batch, default sequence length)
 SIZES = {
@@ -91,7 +92,11 @@ class Case:
     def __init__(self, size: str, structure: str, config: TrainConfig) -> None:
         from megatron_sffn.model import seed_model_parallel
         from megatron_sffn.training.model_setup import (
-            Numerics, build_model, build_optimizer, install_schedule_hooks, wrap_data_parallel,
+            Numerics,
+            build_model,
+            build_optimizer,
+            install_schedule_hooks,
+            wrap_data_parallel,
         )  # fmt: skip
         from megatron_sffn.training.schedule import build_lr_scheduler
 
@@ -101,7 +106,7 @@ class Case:
         self.model = [wrap_data_parallel(build_model(config, numerics), numerics)]
         install_schedule_hooks(self.model)
         self.optimizer = build_optimizer(config, numerics, self.model)
-        self.scheduler = build_lr_scheduler(self.optimizer, config.optimizer, config.resolved_train_steps(), 0)
+        self.scheduler = build_lr_scheduler(self.optimizer, config.optimizer, resolved_train_steps(config), 0)
         self.generator = torch.Generator().manual_seed(0)
         self.times: list[float] = []
         self.cpu_times: list[float] = []
@@ -161,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     from megatron_sffn import cpu_compat
-    from megatron_sffn.training.metrics import resolve_peak_flops
+    from megatron_sffn.planning.devices import resolve_peak_flops
 
     cpu_compat.enable_if_no_cuda()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

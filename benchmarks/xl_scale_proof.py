@@ -68,7 +68,7 @@ def overrides(run_dir: Path, data: Path, steps: int, tp: int, recompute: str, in
 
 def dry_run_estimate(config_path: Path, args: list[str], world_size: int) -> dict:
     """Per-process memory the dry run predicts for this launch (tensor bytes, CPU, fp32)."""
-    from megatron_sffn.training.dry_run import plan_run
+    from megatron_sffn.planning.plan import plan_run
 
     cfg = load_config(TrainConfig, config_path, [*args, "logging.peak_tflops_per_device=1"])
     plan = plan_run(cfg, world_size, device="cpu", processes_per_node=world_size)

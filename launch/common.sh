@@ -101,7 +101,7 @@ sffn_preflight() {
 
 # sffn_dry_run WORLD_SIZE NPROC: print the plan of this launch instead of training.
 sffn_dry_run() {
-  exec "$SFFN_PYTHON" -m megatron_sffn.training.dry_run --world-size "$1" --nproc-per-node "$2" "${SFFN_ARGS[@]}"
+  exec "$SFFN_PYTHON" -m megatron_sffn.planning --world-size "$1" --nproc-per-node "$2" "${SFFN_ARGS[@]}"
 }
 
 # sffn_torchrun LOG_DIR TORCHRUN_OPTIONS...: run the trainer under torchrun with per-rank logs in LOG_DIR

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_sffn.config.loading import load_config
+from megatron_sffn.config.loading import add_config_arguments, load_config
 from megatron_sffn.config.train import TrainConfig
 from megatron_sffn.entry_setup import quiet_known_warnings
 from megatron_sffn.train import preflight
@@ -26,8 +26,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--world-size", type=int, required=True, help="processes of the launch (all nodes)")
     parser.add_argument("--job-id", help="multi-node: the rendezvous id ('' for the default, sffn-<run_dir name>); "
                         "printed on a second line")  # fmt: skip
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*")
+    add_config_arguments(parser)
     args = parser.parse_intermixed_args(argv)
     try:
         config = load_config(TrainConfig, args.config, args.overrides)

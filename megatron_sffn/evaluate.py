@@ -99,11 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
+        from .planning.checks import check_run_config
         from .training.checkpointing import CONFIG_FILE, check_same_model, resolve_checkpoint
         from .training.data_setup import check_dataset
 
         checkpoint = resolve_checkpoint(args.checkpoint)
         config = load_config(TrainConfig, checkpoint / CONFIG_FILE, args.overrides)
+        check_run_config(config)
         check_same_model(checkpoint, config, allow_attention_swap=True)
         config.validate_layout(world_size)
         check_dataset(config)

@@ -22,6 +22,7 @@ import json
 import sys
 from typing import Any, Sequence
 
+from .accounting.est import est_run_flops
 from .accounting.model import (
     count_parameters,
     dense_counterpart,
@@ -29,13 +30,12 @@ from .accounting.model import (
     training_flops_per_token,
     training_run_flops,
 )
-from .accounting.est import est_run_flops
 from .accounting.paper import reproduce_table1
+from .accounting.presets import PRESETS, preset, settings_table, training_budget, with_structure
 from .accounting.ratio import ffn_param_ratio
 from .accounting.sgt import MODES as SGT_MODES
 from .accounting.sgt import sgt_run_flops, sgt_steps
 from .config.model import ATTENTIONS, FFNConfig, ModelConfig, SupraConfig
-from .config.presets import PRESETS, preset, settings_table, training_budget, with_structure
 from .structured.counts import STRUCTURES
 from .structured.guided import SCHEDULES
 
@@ -220,7 +220,7 @@ def sgt_report(args: argparse.Namespace, cfg: ModelConfig, steps: int | None) ->
 def est_report(args: argparse.Namespace, cfg: ModelConfig, steps: int | None) -> dict[str, Any]:
     """Expected training FLOPs of ``cfg`` under an EST schedule, stage by stage, and the saving."""
     from .config.est import ESTConfig
-    from .config.loading import load_yaml_mapping, from_dict
+    from .config.loading import from_dict, load_yaml_mapping
     from .est import build_plan
 
     if steps is None:

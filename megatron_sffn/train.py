@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Sequence
 
-from .config.loading import load_config
+from .config.loading import add_config_arguments, load_config
 from .config.train import TrainConfig
 from .entry_setup import quiet_known_warnings
 
@@ -29,8 +29,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m megatron_sffn.train",
         description="Pretrain a GPT with structured FFNs (run under torchrun for several processes).",
     )
-    parser.add_argument("config", help="run configuration (YAML)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. training.train_steps=100")
+    add_config_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -39,14 +38,17 @@ def preflight(config: TrainConfig, world_size: int, job_id: str | None = None) -
 
     ``job_id``: the torchrun run id of the job being launched (see :func:`.training.run_lock.holder_of`).
     """
+    from .planning.checks import check_run_config
+    from .planning.steps import resolved_train_steps, resolved_warmup_steps
     from .training.data_setup import check_dataset
     from .training.model_setup import check_optimizer_choice
     from .training.resume_checks import check_starting_point
     from .training.run_lock import holder_of, locked_message
     from .training.schedule import check_warmup
 
+    check_run_config(config)
     config.validate_layout(world_size)
-    check_warmup(config.resolved_train_steps(), config.resolved_warmup_steps())
+    check_warmup(resolved_train_steps(config), resolved_warmup_steps(config))
     check_optimizer_choice(config)
     check_dataset(config)
     check_starting_point(config)
@@ -65,8 +67,8 @@ def checked_config(path: str, overrides: Sequence[str], world_size: int) -> Trai
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--dry-run" in argv:  # plan only; options: python -m megatron_sffn.training.dry_run -h
-        from .training.dry_run import main as dry_run_main
+    if "--dry-run" in argv:  # plan only; options: python -m megatron_sffn.planning -h
+        from .planning.report import main as dry_run_main
 
         return dry_run_main([arg for arg in argv if arg != "--dry-run"])
     args = parse_args(argv)

@@ -32,8 +32,8 @@ from megatron_sffn.accounting import (
     training_flops_per_token,
     training_run_flops,
 )
+from megatron_sffn.accounting.presets import preset, settings_table, training_budget, with_structure
 from megatron_sffn.config.model import FFNConfig, ModelConfig
-from megatron_sffn.config.presets import preset, settings_table, training_budget, with_structure
 from megatron_sffn.structured import build_linear
 
 # --------------------------------------------------------------------------- Table 1

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from megatron_sffn.accounting.model import count_parameters
+from megatron_sffn.accounting.presets import preset, training_budget
 from megatron_sffn.config.loading import from_dict, load_config, load_yaml_mapping
 from megatron_sffn.config.model import ModelConfig
-from megatron_sffn.config.presets import preset, training_budget
 from megatron_sffn.config.train import TrainConfig
+from megatron_sffn.planning.steps import resolved_train_steps, resolved_warmup_steps
 from megatron_sffn.structured import counts
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -81,7 +82,7 @@ def paper_ratio_formula(structure: str, d: int, rank: int | None, blocks: int | 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.relative_to(CONFIGS).as_posix())
 def test_run_config_loads_and_fits_a_launch(path):
     cfg = load_run(path)
-    assert cfg.resolved_train_steps() > 0
+    assert resolved_train_steps(cfg) > 0
     cfg.validate_layout(world_size=1)
     cfg.validate_layout(world_size=2)
 
@@ -141,8 +142,8 @@ def test_paper_run_recipe(path):
     cfg = load_run(path)
     opt, training = cfg.optimizer, cfg.training
     assert opt.lr == ref["lr"] and training.train_tokens == ref["tokens"]
-    assert cfg.resolved_train_steps() == ref["steps"]
-    assert cfg.resolved_warmup_steps() == int(0.1 * ref["steps"])
+    assert resolved_train_steps(cfg) == ref["steps"]
+    assert resolved_warmup_steps(cfg) == int(0.1 * ref["steps"])
     assert (opt.adam_beta1, opt.adam_beta2, opt.adam_eps, opt.weight_decay, opt.clip_grad) == (0.9, 0.999, 1e-8, 0.1, 1.0)
     assert (opt.decay_style, opt.min_lr_ratio, opt.warmup_fraction) == ("cosine", 0.1, 0.1)
     assert cfg.tokens_per_step() == 512 * 1024
@@ -185,7 +186,7 @@ def test_wide_runs(name, preset_name):
     budget = training_budget(preset_name)
     assert cfg.model == preset(preset_name)
     assert (cfg.optimizer.lr, cfg.training.train_tokens) == (budget.peak_lr, budget.tokens)
-    assert cfg.resolved_train_steps() == budget.steps
+    assert resolved_train_steps(cfg) == budget.steps
 
 
 def test_tiny_quickstart_configs():

@@ -29,7 +29,8 @@ import pytest
 from megatron_sffn.accounting.model import count_parameters, dense_counterpart, training_flops_per_token
 from megatron_sffn.config.loading import load_config
 from megatron_sffn.config.train import TrainConfig
-from megatron_sffn.training import dry_run
+from megatron_sffn.planning import devices, memory, report
+from megatron_sffn.planning.plan import plan_run
 from tests.test_launch import REPO_ROOT, TINY, build_dataset, tiny_context_length
 
 CONFIGS = REPO_ROOT / "configs"
@@ -42,7 +43,7 @@ def config(path: Path, *overrides: str) -> TrainConfig:
 
 
 def run_main(*args: str, capsys) -> tuple[int, str, str]:
-    status = dry_run.main([*map(str, args), "logging.peak_tflops_per_device=100"])
+    status = report.main([*map(str, args), "logging.peak_tflops_per_device=100"])
     out = capsys.readouterr()
     return status, out.out, out.err
 
@@ -56,8 +57,8 @@ def test_one_rank_holds_every_parameter(path):
     """At TP=1 the per-stage count must add up to the independent whole-model count (accounting)."""
     model = config(path).model
     total = count_parameters(model).total
-    assert dry_run.stage_params_per_rank(model, tp=1, pp=1, stage=0) == total
-    two_stages = [dry_run.stage_params_per_rank(model, tp=1, pp=2, stage=s) for s in (0, 1)]
+    assert memory.stage_params_per_rank(model, tp=1, pp=1, stage=0) == total
+    two_stages = [memory.stage_params_per_rank(model, tp=1, pp=2, stage=s) for s in (0, 1)]
     tied_copy = model.vocab_size * model.hidden_size  # the last stage's copy of the tied embedding
     assert sum(two_stages) == total + tied_copy
 
@@ -69,17 +70,17 @@ def test_tensor_parallel_splits_match_the_module_plan():
     model = config(CONFIGS / "paper" / "s_lowrank32.yaml").model
     shape = FFNShape("lowrank", model.hidden_size, model.ffn_hidden_size, model.ffn.rank)
     strategy = choose_strategy(shape, 1, model.ffn.tp_strategy)
-    assert dry_run._ffn_params_per_rank(model, "lowrank", 1) == rank_cost(shape, strategy, 1).params
-    per_rank = [dry_run.stage_params_per_rank(model, tp, 1, 0) for tp in (1, 2, 4)]
+    assert memory._ffn_params_per_rank(model, "lowrank", 1) == rank_cost(shape, strategy, 1).params
+    per_rank = [memory.stage_params_per_rank(model, tp, 1, 0) for tp in (1, 2, 4)]
     assert per_rank[0] > per_rank[1] > per_rank[2] > per_rank[0] / 4, "TP shards most, but not all, parameters"
 
 
 def test_activation_settings_order_and_pipeline_in_flight():
     cfg = config(CONFIGS / "paper" / "m_lowrank32.yaml", "parallel.pipeline_parallel=4", "training.micro_batch_size=2")
-    none, selective, full = (dry_run.stage_activation_bytes(cfg, 0, 2, setting, "uniform", 1)
+    none, selective, full = (memory.stage_activation_bytes(cfg, 0, 2, setting, "uniform", 1)
                              for setting in (None, "selective", "full"))  # fmt: skip
     assert none > selective > full > 0
-    plan = dry_run.plan_run(cfg, 16, device="H100")
+    plan = plan_run(cfg, 16, device="H100")
     micro_batches = plan.layout.micro_batches
     assert [s.in_flight for s in plan.stages] == [min(4 - s, micro_batches) for s in range(4)]
     assert [s.output_and_loss > 0 for s in plan.stages] == [False, False, False, True]
@@ -88,9 +89,9 @@ def test_activation_settings_order_and_pipeline_in_flight():
 
 def test_distributed_optimizer_shards_only_the_optimizer_state():
     cfg = config(CONFIGS / "paper" / "s_dense.yaml")
-    sharded = dry_run.plan_run(cfg, 8, device="A100-SXM4-80GB").stages[0]  # the GPU default
+    sharded = plan_run(cfg, 8, device="A100-SXM4-80GB").stages[0]  # the GPU default
     cfg.parallel.use_distributed_optimizer = False
-    unsharded = dry_run.plan_run(cfg, 8, device="A100-SXM4-80GB").stages[0]
+    unsharded = plan_run(cfg, 8, device="A100-SXM4-80GB").stages[0]
     params = sharded.params
     assert (sharded.weights, sharded.gradients) == (unsharded.weights, unsharded.gradients) == (2 * params, 4 * params)
     assert unsharded.optimizer == 12 * params and sharded.optimizer == 12 * params // 8
@@ -98,7 +99,7 @@ def test_distributed_optimizer_shards_only_the_optimizer_state():
 
 def test_expected_throughput_uses_the_structured_flops():
     cfg = config(CONFIGS / "paper" / "s_lowrank32.yaml")
-    plan = dry_run.plan_run(cfg, 8, device="H100", assumed_mfu=0.5)
+    plan = plan_run(cfg, 8, device="H100", assumed_mfu=0.5)
     flops = training_flops_per_token(cfg.model)
     assert plan.throughput.training_flops_per_token == flops < training_flops_per_token(dense_counterpart(cfg.model))
     assert plan.throughput.tokens_per_second == pytest.approx(0.5 * 100e12 * 8 / flops)
@@ -112,7 +113,7 @@ def test_expected_throughput_uses_the_structured_flops():
      ("AMD Instinct MI300X", 192.0, 1307.4), ("NVIDIA L40S", 48.0, 362.05), ("L40", 48.0, 181.05)],
 )  # fmt: skip
 def test_known_devices_plan_with_their_datasheet_figures(name, memory_gib, bf16_tflops):
-    device = dry_run.resolve_device(name, precision_on_gpu="bf16")
+    device = devices.resolve_device(name, precision_on_gpu="bf16")
     assert device.memory_bytes == int(memory_gib * 1024**3) and device.peak_flops == bf16_tflops * 1e12
 
 
@@ -121,9 +122,9 @@ def test_an_unknown_device_is_refused_listing_the_known_ones(capsys):
     assert status == 2 and "OK" not in out
     assert "'H1000' is not a device" in err and "H100, " in err and "B200" in err and "MI300X" in err
     with pytest.raises(ValueError, match="'H100X'"):
-        dry_run.resolve_device("H100X", precision_on_gpu="bf16")
+        devices.resolve_device("H100X", precision_on_gpu="bf16")
     # an unlisted device can still be planned from explicit figures
-    device = dry_run.resolve_device("Custom9", precision_on_gpu="bf16", memory_gib=64, peak_tflops=500)
+    device = devices.resolve_device("Custom9", precision_on_gpu="bf16", memory_gib=64, peak_tflops=500)
     assert (device.memory_bytes, device.peak_flops) == (64 * 1024**3, 500e12)
 
 
@@ -171,6 +172,8 @@ REFUSALS = [
     (TINY, ["--world-size", "3", "training.global_batch_size=8", "training.micro_batch_size=4"],
      ["training.global_batch_size=8", "data-parallel size 3"]),
     (TINY, ["--world-size", "2", "parallel.tensor_parallel=2", "model.vocab_size=8191"], ["model.vocab_size=8191"]),
+    (TINY, ["sgt.enabled=true", "sgt.mode=same_flops", "sgt.guided_fraction=1.0", "sgt.stochastic=false"],
+     ["sgt: ", "no same-FLOPs run exists"]),
     (CONFIGS / "paper" / "xl_dense.yaml", ["--world-size", "8", "--device", "L4", "training.micro_batch_size=16"],
      ["memory:", "24.00 GiB of L4"]),
     (TINY, ["--assume-mfu", "1.5"], ["--assume-mfu=1.5"]),
@@ -279,7 +282,7 @@ def test_memory_estimate_of_tiny_is_within_25_percent_of_a_real_run(tiny_dataset
     assert done.returncode == 0, done.stderr[-6000:]
     measured = json.loads(out.read_text())
 
-    plan = dry_run.plan_run(config(TINY, *overrides), 1, device="cpu")
+    plan = plan_run(config(TINY, *overrides), 1, device="cpu")
     stage = plan.peak_stage
     static = stage.weights + stage.gradients + stage.optimizer
     summary = (

@@ -21,6 +21,8 @@ from megatron_sffn.config.model import ModelConfig
 from megatron_sffn.config.train import TrainConfig
 from megatron_sffn.est import build_plan, draw_subset
 from megatron_sffn.flops import main as flops_main
+from megatron_sffn.planning.checks import check_run_config
+from megatron_sffn.planning.steps import est_plan
 from tests.mp_harness import launch
 
 BASE = {
@@ -66,7 +68,7 @@ def _config(**sections) -> TrainConfig:
 )  # fmt: skip
 def test_bad_configs_fail_naming_the_key(sections, message):
     with pytest.raises(ConfigError) as err:
-        _config(**sections)
+        check_run_config(_config(**sections))
     assert message in str(err.value)
 
 
@@ -74,11 +76,11 @@ def test_disabled_by_default_and_off_means_no_plan():
     data = copy.deepcopy(BASE)
     del data["est"]
     config = from_dict(TrainConfig, data, "run.yaml")
-    assert config.est.enabled is False and config.est_plan() is None
+    assert config.est.enabled is False and est_plan(config) is None
 
 
 def test_stages_follow_the_boundaries():
-    plan = _config(est={"stage_ends": [0.3, 0.6]}).est_plan()
+    plan = est_plan(_config(est={"stage_ends": [0.3, 0.6]}))
     assert [plan.rates(s).stage for s in range(1, 11)] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 3]
     assert plan.rates(4).p_L == 1.0 and plan.rates(9).full
 
@@ -102,7 +104,7 @@ def test_draws_are_counter_functions_stratified_and_change_every_step():
 
 def test_plan_keeps_whole_blocks_per_stratum_and_layers_per_stage():
     cfg = _config(model={"ffn": {"structure": "blockdense", "rank": 32, "blocks": 4}}, est={"layer_strata": 2})
-    plan = cfg.est_plan()
+    plan = est_plan(cfg)
     assert plan.hidden_strata == (1, 4, 4, 4)  # layer 0 stays dense
     for step in range(1, 4):
         draws = plan.draw(step)
@@ -159,7 +161,7 @@ def test_shipped_est_configs_load():
     assert names
     for path in names:
         config = load_config(TrainConfig, path)
-        assert config.est.enabled and config.est_plan() is not None, path
+        assert config.est.enabled and est_plan(config) is not None, path
         yaml.safe_load(path.read_text())
 
 

@@ -365,5 +365,5 @@ def test_user_environment_wins(tmp_path):
     seen = dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines() if "=" in line)
     assert (seen["OMP_NUM_THREADS"], seen["NCCL_DEBUG"], seen["CUDA_DEVICE_MAX_CONNECTIONS"]) == ("7", "INFO", "1")
     argv = (tmp_path / "argv").read_text().splitlines()
-    assert argv[:6] == ["-m", "megatron_sffn.training.dry_run", "--world-size", "3", "--nproc-per-node", "3"]
+    assert argv[:6] == ["-m", "megatron_sffn.planning", "--world-size", "3", "--nproc-per-node", "3"]
     assert argv[6:] == [str(TINY), "--device", "H100"]

@@ -13,17 +13,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from megatron_sffn.config.loading import from_dict
 from megatron_sffn.config.model import ModelConfig
 from megatron_sffn.config.train import TrainConfig
+from megatron_sffn.planning.devices import PeakFlops, lookup_gpu_peak, measure_cpu_matmul_peak, resolve_peak_flops
 from megatron_sffn.training.metrics import (
     IntervalMetrics,
     MetricsLogger,
-    PeakFlops,
     format_count,
     format_duration,
-    lookup_gpu_peak,
-    measure_cpu_matmul_peak,
     peak_memory_bytes,
     perplexity,
-    resolve_peak_flops,
 )
 
 # d 64, 2 layers, 4 heads of 16, context 32, vocab 128; layer 1's FFN LowRank R=16, layer 0 dense.

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_sffn.accounting.sgt import sgt_run_flops, sgt_steps, same_flops_ratio
-from megatron_sffn.config.presets import preset, training_budget
+from megatron_sffn.accounting.presets import preset, training_budget
+from megatron_sffn.accounting.sgt import same_flops_ratio, sgt_run_flops, sgt_steps
+from megatron_sffn.planning.steps import resolved_train_steps, resolved_warmup_steps, run_sgt_steps
 from megatron_sffn.structured import build_linear
 from megatron_sffn.structured.guided import (
     GuidedLinear,
@@ -307,10 +308,10 @@ def test_shipped_sgt_runs(path):
     paper = load_config(TrainConfig, path.parent.parent / "paper" / f"{size}_{kind}32.yaml")
     assert config.model == paper.model  # SGT changes the run, never the model (checkpoints stay compatible)
     assert config.sgt.enabled and config.sgt.mode == mode and config.sgt.schedule == "cosine" and config.sgt.stochastic
-    steps = config.sgt_steps()
+    steps = run_sgt_steps(config)
     base = training_budget(size).steps
     assert steps.base_steps == base == config.resolved_base_steps()
-    assert config.resolved_train_steps() == steps.total_steps
+    assert resolved_train_steps(config) == steps.total_steps
     if mode == "fixed_steps":
         assert (steps.extra_steps, steps.guided_steps) == (0, int(0.5 * base))
         return
@@ -339,11 +340,11 @@ def _run(**sections):
 def test_run_length_and_refusals_of_the_sgt_section():
     from megatron_sffn.config.loading import ConfigError
 
-    assert _run().resolved_train_steps() == 100 and _run().sgt_steps() is None
+    assert resolved_train_steps(_run()) == 100 and run_sgt_steps(_run()) is None
     same = _run(sgt={"enabled": True, "mode": "same_flops", "ratio": 0.25})
-    assert (same.resolved_base_steps(), same.resolved_train_steps(), same.sgt_steps().guided_steps) == (100, 125, 25)
-    assert same.resolved_warmup_steps() == 12  # 10% of all S + g steps
-    assert _run(sgt={"enabled": True}).sgt_steps().guided_steps == 50
+    assert (same.resolved_base_steps(), resolved_train_steps(same), run_sgt_steps(same).guided_steps) == (100, 125, 25)
+    assert resolved_warmup_steps(same) == 12  # 10% of all S + g steps
+    assert run_sgt_steps(_run(sgt={"enabled": True})).guided_steps == 50
     with pytest.raises(ConfigError, match="sgt.enabled=true needs structured FFNs"):
         _run(sgt={"enabled": True}, model={"ffn": {"structure": "dense"}})
     with pytest.raises(ConfigError, match="sgt.stochastic=true cannot be combined with training.recompute_granularity"):

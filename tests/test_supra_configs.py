@@ -9,6 +9,7 @@ import pytest
 
 from megatron_sffn.config.loading import load_config, load_yaml_mapping
 from megatron_sffn.config.train import TrainConfig
+from megatron_sffn.planning.steps import resolved_train_steps, resolved_warmup_steps
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # uptraining run -> the softmax run whose checkpoint it loads
@@ -34,7 +35,7 @@ def test_uptraining_runs_start_from_their_softmax_run(name):
     assert run.model.attention == "supra" and source.model.attention == "softmax"
     assert run.checkpoint.load == source.run_dir != run.run_dir
     assert dataclasses.replace(run.model, attention="softmax") == source.model  # only the attention changes
-    assert run.resolved_warmup_steps() < run.resolved_train_steps()
+    assert resolved_warmup_steps(run) < resolved_train_steps(run)
     if name.startswith("xl"):
         assert run.tokens_per_step() == 2**21 and run.optimizer.adam_beta2 == 0.95
         assert run.training.train_tokens == pytest.approx(0.05 * source.training.train_tokens, rel=1e-3)

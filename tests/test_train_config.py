@@ -9,6 +9,8 @@ import yaml
 
 from megatron_sffn.config.loading import ConfigError, from_dict, load_config, save_config
 from megatron_sffn.config.train import TrainConfig
+from megatron_sffn.planning.checks import check_run_config
+from megatron_sffn.planning.steps import resolved_train_steps, resolved_warmup_steps
 
 BASE = {
     "run_dir": "runs/test",
@@ -43,16 +45,16 @@ def test_token_budget_becomes_whole_steps():
     # 8 sequences x 32 tokens = 256 tokens per step; 2600 tokens hold 10 whole steps (the budget is not exceeded).
     cfg = build(training={"train_steps": None, "train_tokens": 2600})
     assert cfg.tokens_per_step() == 256
-    assert cfg.resolved_train_steps() == 10
-    assert build(training={"train_steps": 7}).resolved_train_steps() == 7
+    assert resolved_train_steps(cfg) == 10
+    assert resolved_train_steps(build(training={"train_steps": 7})) == 7
 
 
 def test_warmup_resolution():
-    assert build(training={"train_steps": 1000}).resolved_warmup_steps() == 100
-    assert build(optimizer={"warmup_fraction": 0.25}, training={"train_steps": 10}).resolved_warmup_steps() == 2
-    assert build(optimizer={"warmup_steps": 30}, training={"train_steps": 1000}).resolved_warmup_steps() == 30
-    assert build(optimizer={"warmup_steps": 30}, training={"train_steps": 10}).resolved_warmup_steps() == 10
-    assert build(optimizer={"warmup_steps": 0}).resolved_warmup_steps() == 0
+    assert resolved_warmup_steps(build(training={"train_steps": 1000})) == 100
+    assert resolved_warmup_steps(build(optimizer={"warmup_fraction": 0.25}, training={"train_steps": 10})) == 2
+    assert resolved_warmup_steps(build(optimizer={"warmup_steps": 30}, training={"train_steps": 1000})) == 30
+    assert resolved_warmup_steps(build(optimizer={"warmup_steps": 30}, training={"train_steps": 10})) == 10
+    assert resolved_warmup_steps(build(optimizer={"warmup_steps": 0})) == 0
 
 
 def test_device_dependent_choices():
@@ -165,8 +167,9 @@ def test_every_data_reader_owns_whole_lanes():
     ],
 )
 def test_inconsistencies_name_the_key_and_value(sections, fragment):
+    """Caught loading the config or, for what needs the sharding plan, in the preflight's config checks."""
     with pytest.raises(ConfigError) as err:
-        build(**sections)
+        check_run_config(build(**sections))
     assert fragment in str(err.value)
 
 
@@ -185,7 +188,7 @@ def test_overrides_and_resolved_round_trip(tmp_path):
         ["parallel.tensor_parallel=2", "optimizer.lr=1e-3", "model.ffn.structure=lowrank", "model.ffn.rank=16", "training.train_steps=20"],
     )
     assert cfg.parallel.tensor_parallel == 2 and cfg.optimizer.lr == 1e-3 and cfg.model.ffn.rank == 16
-    assert cfg.resolved_train_steps() == 20
+    assert resolved_train_steps(cfg) == 20
     saved = tmp_path / "run_dir" / "config.yaml"
     save_config(cfg, saved)
     reloaded = load_config(TrainConfig, saved)

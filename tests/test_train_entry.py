@@ -43,6 +43,12 @@ CASES = [
     (["training.warmup_steps=3"], 1, ["training.warmup_steps"]),
     (["optimizer.warmup_steps=2", "optimizer.warmup_fraction=0.1"], 1, ["warmup_fraction=0.1", "warmup_steps=2"]),
     (["optimizer.warmup_steps=6"], 1, ["warmup of 6 steps", "6 steps", "optimizer.warmup_steps"]),
+    # the checks that need the sharding plan, the SGT accounting or the EST draws
+    (["model.ffn.structure=blockshuffle", "model.ffn.blocks=2", "parallel.tensor_parallel=4"], 4,
+     ["model.ffn (structure=blockshuffle", "blocks=2", "parallel.tensor_parallel=4"]),
+    (["sgt.enabled=true", "sgt.mode=same_flops", "sgt.guided_fraction=1.0", "sgt.stochastic=false"], 1,
+     ["sgt: ", "guided_fraction=1.0", "no same-FLOPs run exists"]),
+    (["est.enabled=true", "est.tensor_strata=3"], 1, ["est.tensor_strata=3", "model.num_attention_heads=4"]),
     pytest.param(
         ["parallel.use_distributed_optimizer=true"], 1, ["parallel.use_distributed_optimizer=true", "fused Adam"],
         marks=pytest.mark.skipif(fused_adam_available(), reason="Transformer Engine or Apex is installed"),

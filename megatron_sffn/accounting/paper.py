@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config.presets import preset, training_budget
 from .model import count_parameters, training_run_flops
+from .presets import preset, training_budget
 
 
 @dataclass(frozen=True)

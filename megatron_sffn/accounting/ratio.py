@@ -80,18 +80,19 @@ def solve_ffn_sizes(
         raise ValueError(f"{kind}: target FFN parameter ratio={ratio} is unreachable; expected 0 < ratio <= 1")
     if d <= 0 or f <= 0:
         raise ValueError(f"{kind}: d={d} and f={f} must be positive")
-    if rank_multiple is not None and (kind == "blockshuffle" or rank_multiple <= 0):
+    takes = counts.STRUCTURE_SIZES[kind]
+    if rank_multiple is not None and ("rank" not in takes or rank_multiple <= 0):
+        ranked = "/".join(k for k, sizes in counts.STRUCTURE_SIZES.items() if "rank" in sizes)
         raise ValueError(
-            f"{kind}: rank_multiple={rank_multiple} is invalid (it must be positive, and only lowrank/blockdense take it)"
+            f"{kind}: rank_multiple={rank_multiple} is invalid (it must be positive, and only {ranked} take it)"
         )
-    if kind == "lowrank" and blocks is not None:
-        raise ValueError(f"lowrank: blocks={blocks} does not apply to this structure")
+    counts.check_size_options(kind, blocks=blocks)
 
-    if kind == "blockshuffle":
+    if "rank" not in takes:  # sized by its block count alone
         sizes = _solve_blocks(d, f, ratio, blocks, gated)
     else:
-        if kind == "blockdense" and blocks is None:
-            raise ValueError(f"blockdense: blocks is required to solve R for ratio={ratio} (d={d}, f={f})")
+        if "blocks" in takes and blocks is None:
+            raise ValueError(f"{kind}: blocks is required to solve R for ratio={ratio} (d={d}, f={f})")
         sizes = _solve_rank(kind, d, f, ratio, blocks, rank_multiple or 1, gated)
     _check_tolerance(kind, d, f, ratio, sizes, tolerance)
     return sizes
@@ -114,7 +115,7 @@ def paper_ffn_sizes(
     paper lists (for example d=768 at 32% LowRank: the nearest multiple of 256
     and of 128 both give R=256 at 41.7%, so R=192, a multiple of 64, is used).
     """
-    if kind == "blockshuffle":
+    if "rank" not in counts.STRUCTURE_SIZES.get(kind, ()):  # no R to round
         return solve_ffn_sizes(kind, d, f, ratio, blocks=blocks, gated=gated, tolerance=tolerance)
     misses = []
     for multiple in PAPER_RANK_MULTIPLES:

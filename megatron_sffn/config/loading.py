@@ -13,6 +13,7 @@ running the default.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import types
@@ -212,3 +213,10 @@ def load_config(cls: type[T], path: str | os.PathLike | None, overrides: list[st
 def save_config(obj: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML atomically (temporary file, then rename)."""
     write_text_atomic(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``CONFIG.yaml [dotted.key=value ...]`` positionals of every command that reads a run config
+    (read them back with ``load_config(TrainConfig, args.config, args.overrides)``)."""
+    parser.add_argument("config", help="run configuration (YAML)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. training.train_steps=100")

@@ -37,8 +37,8 @@ class FFNConfig:
     def __post_init__(self) -> None:
         # Sizes the structure does not use are dropped: a config whose base is a LowRank model, overridden to
         # structure=dense (or blockshuffle), must not carry the base's rank into reports and checkpoint matching.
-        for size in ("rank", "blocks"):
-            if size not in counts.STRUCTURE_SIZES.get(self.structure, ("rank", "blocks")):
+        for size in counts.SIZE_OPTIONS:
+            if size not in counts.STRUCTURE_SIZES.get(self.structure, counts.SIZE_OPTIONS):
                 setattr(self, size, None)
 
     def is_structured(self, layer: int) -> bool:

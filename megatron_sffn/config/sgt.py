@@ -21,12 +21,7 @@ FLOPs a setting gives.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
-
-from .model import ModelConfig
-
-if TYPE_CHECKING:
-    from ..accounting.sgt import SGTSteps
+from typing import Literal
 
 
 @dataclass
@@ -57,10 +52,3 @@ class SGTConfig:
                 raise ValueError(f"ratio={self.ratio} applies to mode='same_flops' only (mode={self.mode!r})")
             if self.ratio <= 0.0:
                 raise ValueError(f"ratio={self.ratio} must be positive (or null to solve it)")
-
-    def steps(self, model: ModelConfig, base_steps: int) -> "SGTSteps":
-        """S, g and T for a run whose own length is ``base_steps``."""
-        from ..accounting.sgt import sgt_steps
-
-        return sgt_steps(model, base_steps, mode=self.mode, ratio=self.ratio, guided_fraction=self.guided_fraction,
-                         stochastic=self.stochastic)  # fmt: skip

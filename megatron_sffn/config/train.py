@@ -5,21 +5,19 @@ then checks what only the whole run can know (the model against the parallel
 layout, the batch against the sequence length).  Errors name the dotted key
 and the offending value, so a bad launch fails before any process group or
 weight exists.  The data-parallel size is only known at launch, which is why
-the batch/world-size checks live in :meth:`TrainConfig.validate_layout`.
+the batch/world-size checks live in :meth:`TrainConfig.validate_layout`; the
+checks that need the sharding plan, the FLOP accounting or the EST draws are
+:func:`megatron_sffn.planning.checks.check_run_config`, run by the preflight.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from .est import ESTConfig
 from .model import ModelConfig
 from .sgt import SGTConfig
-
-if TYPE_CHECKING:
-    from ..accounting.sgt import SGTSteps
-    from ..est import ESTPlan
 
 DEFAULT_WARMUP_FRACTION = 0.1
 
@@ -315,9 +313,9 @@ class TrainConfig:
     def _validate_tensor_parallel(self) -> None:
         """Every tensor split across TP ranks must split evenly.
 
-        The structured FFN's rules (whole blocks per rank, BlockShuffle's
-        per-block widths, an explicit ``tp_strategy``) are those of the sharding
-        code itself, asked here so that the config cannot drift from it.
+        The structured FFN's own rules (whole blocks per rank, BlockShuffle's
+        per-block widths, an explicit ``tp_strategy``) are the sharding code's,
+        asked by :func:`megatron_sffn.planning.checks.check_run_config`.
         """
         model, tp = self.model, self.parallel.tensor_parallel
         sizes = {
@@ -327,25 +325,10 @@ class TrainConfig:
         }
         for key, value in sizes.items():
             _require(value % tp == 0, f"{key}={value} is not divisible by parallel.tensor_parallel={tp}")
-        ffn = model.ffn
-        if tp == 1 or ffn.structure == "dense":
-            return
-        # Imported here: the sharding package loads megatron-core, which only a tensor-parallel run needs.
-        from ..parallel.plan import FFNShape, choose_strategy, require_shardable
-
-        shape = FFNShape(ffn.structure, model.hidden_size, model.ffn_hidden_size, ffn.rank, ffn.blocks,
-                         gated=model.activation == "swiglu")  # fmt: skip
-        try:
-            require_shardable(shape, tp)
-            choose_strategy(shape, tp, ffn.tp_strategy)
-        except ValueError as exc:
-            raise ValueError(
-                f"model.ffn (structure={ffn.structure}, rank={ffn.rank}, blocks={ffn.blocks}, "
-                f"tp_strategy={ffn.tp_strategy}) cannot be split over parallel.tensor_parallel={tp}: {exc}"
-            ) from exc
 
     def _validate_sgt(self) -> None:
-        """Self-guided training needs structured FFNs, and its per-micro-batch draws a forward run in order."""
+        """Self-guided training needs structured FFNs, and its per-micro-batch draws a forward run in order
+        (whether its steps can be solved is the accounting's: :mod:`megatron_sffn.planning.checks`)."""
         if not self.sgt.enabled:
             return
         _require(self.model.ffn.structure != "dense",
@@ -356,33 +339,16 @@ class TrainConfig:
             "would rerun its forward after later micro-batches changed its guide draw; set sgt.stochastic=false "
             "or recompute selectively",
         )
-        try:
-            self.sgt_steps()
-        except ValueError as exc:
-            raise ValueError(f"sgt: {exc}") from exc
 
     def _validate_est(self) -> None:
-        """Evolving subnetwork training: a drawable plan at this layout, and not combined with SGT."""
+        """Evolving subnetwork training: not combined with SGT, on softmax attention (whether its plan can be
+        drawn at this layout is the EST package's: :mod:`megatron_sffn.planning.checks`)."""
         if not self.est.enabled:
             return
         _require(not self.sgt.enabled, "est.enabled=true cannot be combined with sgt.enabled=true (both change "
                  "what each step computes); enable one of them")  # fmt: skip
         _require(self.model.attention == "softmax", f"est.enabled=true needs model.attention=softmax, got "
                  f"{self.model.attention!r}: subnetworks of SUPRA's linear attention are not defined")  # fmt: skip
-        from ..est import plan_problems
-
-        problems = plan_problems(self.model, self.est, self.parallel.tensor_parallel, self.parallel.pipeline_parallel)
-        _require(not problems, "\n".join(problems))
-
-    def est_plan(self) -> ESTPlan | None:
-        """The run's EST schedule and draws (None when ``est.enabled`` is false)."""
-        if not self.est.enabled:
-            return None
-        from ..est import build_plan
-
-        return build_plan(self.model, self.est, total_steps=self.resolved_train_steps(), seed=self.training.seed,
-                          tensor_parallel=self.parallel.tensor_parallel,
-                          pipeline_parallel=self.parallel.pipeline_parallel)  # fmt: skip
 
     def tokens_per_step(self) -> int:
         return self.training.global_batch_size * self.model.seq_length
@@ -392,20 +358,6 @@ class TrainConfig:
         if self.training.train_steps is not None:
             return self.training.train_steps
         return self.training.train_tokens // self.tokens_per_step()
-
-    def resolved_train_steps(self) -> int:
-        """Optimizer steps of the run: the base steps, plus those self-guided training appends (same-FLOPs mode)."""
-        steps = self.sgt_steps()
-        return self.resolved_base_steps() if steps is None else steps.total_steps
-
-    def sgt_steps(self) -> SGTSteps | None:
-        """S, g and T of self-guided training (None when ``sgt.enabled`` is false)."""
-        if not self.sgt.enabled:
-            return None
-        return self.sgt.steps(self.model, self.resolved_base_steps())
-
-    def resolved_warmup_steps(self) -> int:
-        return self.optimizer.resolved_warmup_steps(self.resolved_train_steps())
 
     def data_parallel_size(self, world_size: int) -> int:
         """Data-parallel replicas at ``world_size`` processes; raises if the layout does not divide it."""

@@ -57,6 +57,7 @@ def plan_generation(
     world_size: int | None = None,
 ) -> GenerationPlan:
     """Check a generation request against the run (cheap; no model, no process groups)."""
+    from ..planning.checks import check_run_config
     from ..training.checkpointing import CONFIG_FILE, resolve_step_checkpoint
 
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
@@ -74,6 +75,7 @@ def plan_generation(
     if not names_data:
         overrides.append(f"data.path={NO_DATA}")
     config = load_config(TrainConfig, checkpoint / CONFIG_FILE, overrides)
+    check_run_config(config)  # the TP split of its structured FFN, before any process group
     spec = tokenizer or config.data.tokenizer
     if spec is None and not names_data:
         raise ValueError(f"{checkpoint}: the run names no tokenizer (data.tokenizer) nor data; pass --tokenizer")

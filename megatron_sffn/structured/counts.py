@@ -8,25 +8,44 @@ the paper's formula is caught at construction time in tests.
 
 from __future__ import annotations
 
-STRUCTURES = ("dense", "lowrank", "blockdense", "blockshuffle")
-# The size parameters each structure is defined by (the others mean nothing to it).
+# The size options a structure may take, and which of them each structure is defined by (the others mean
+# nothing to it): the one table that the layers, the config, the presets and the ratio solver read.
+SIZE_OPTIONS = ("rank", "blocks")
 STRUCTURE_SIZES: dict[str, tuple[str, ...]] = {
     "dense": (),
     "lowrank": ("rank",),
     "blockdense": ("rank", "blocks"),
     "blockshuffle": ("blocks",),
 }
+STRUCTURES = tuple(STRUCTURE_SIZES)
+
+
+def check_structure(kind: str) -> None:
+    """Raise ValueError for a structure name that is not one of :data:`STRUCTURES`."""
+    if kind not in STRUCTURE_SIZES:
+        raise ValueError(f"unknown structure {kind!r}; expected one of {', '.join(STRUCTURES)}")
+
+
+def check_size_options(kind: str, **sizes: int | None) -> None:
+    """Raise ValueError for a size option given to a structure that does not take it.
+
+    ``rank`` for BlockShuffle, say, must be None: a mistyped config is an
+    error rather than silently ignored.
+    """
+    check_structure(kind)
+    for option, value in sizes.items():
+        if value is not None and option not in STRUCTURE_SIZES[kind]:
+            raise ValueError(f"{kind}: option {option}={value} does not apply to this structure")
 
 
 def validate_structure(
     kind: str, in_features: int, out_features: int, rank: int | None = None, blocks: int | None = None
 ) -> None:
     """Raise ValueError naming the offending values if the structure cannot be built."""
-    if kind not in STRUCTURES:
-        raise ValueError(f"unknown structure {kind!r}; expected one of {', '.join(STRUCTURES)}")
+    check_structure(kind)
     if in_features <= 0 or out_features <= 0:
         raise ValueError(f"{kind}: in_features={in_features} and out_features={out_features} must be positive")
-    if kind in ("lowrank", "blockdense"):
+    if "rank" in STRUCTURE_SIZES[kind]:
         if rank is None or rank <= 0:
             raise ValueError(f"{kind}: rank must be a positive integer, got rank={rank}")
         limit = min(in_features, out_features)
@@ -34,7 +53,7 @@ def validate_structure(
             raise ValueError(
                 f"{kind}: rank={rank} exceeds min(in_features={in_features}, out_features={out_features})={limit}"
             )
-    if kind in ("blockdense", "blockshuffle"):
+    if "blocks" in STRUCTURE_SIZES[kind]:
         if blocks is None or blocks <= 0:
             raise ValueError(f"{kind}: blocks must be a positive integer, got blocks={blocks}")
         if in_features % blocks:

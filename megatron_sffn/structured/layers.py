@@ -237,13 +237,9 @@ def build_linear(kind: str, in_features: int, out_features: int, **kwargs) -> St
     Options that a structure does not take (``rank`` for BlockShuffle, say) must
     be None so that a mistyped config is an error rather than silently ignored.
     """
-    if kind not in _CLASSES:
-        raise ValueError(f"unknown structure {kind!r}; expected one of {', '.join(_CLASSES)}")
-    takes = {"dense": (), "lowrank": ("rank",), "blockdense": ("rank", "blocks"), "blockshuffle": ("blocks",)}[kind]
-    for key in ("rank", "blocks"):
-        if key not in takes and kwargs.get(key) is not None:
-            raise ValueError(f"{kind}: option {key}={kwargs[key]} does not apply to this structure")
-        if key not in takes:
+    counts.check_size_options(kind, **{key: kwargs.get(key) for key in counts.SIZE_OPTIONS})
+    for key in counts.SIZE_OPTIONS:
+        if key not in counts.STRUCTURE_SIZES[kind]:
             kwargs.pop(key, None)
     return _CLASSES[kind](in_features, out_features, **kwargs)
 

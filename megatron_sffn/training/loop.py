@@ -33,6 +33,8 @@ from ..config.loading import save_config
 from ..config.train import TrainConfig
 from ..entry_setup import missing_accelerators_note
 from ..model import initialize_model_parallel, seed_model_parallel
+from ..planning.checks import check_run_config
+from ..planning.steps import est_plan, resolved_train_steps, run_sgt_steps
 from .checkpoint_dirs import CheckpointDirs
 from .checkpointing import (
     CHECKPOINTS_SUBDIR,
@@ -90,7 +92,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, faults: FaultPlan) -> None:
         self.config, self.faults = config, faults
-        check_starting_point(config)  # also done by the preflight; repeated for callers that skip it
+        check_run_config(config)  # the preflight's checks, repeated for callers that skip it
+        check_starting_point(config)
         self.start = starting_point(config)
         self.on_gpu = torch.cuda.is_available()
         cpu_compat.enable_if_no_cuda()
@@ -104,7 +107,7 @@ class Trainer:
         if note:
             say(note)
         self.num_micro_batches = config.num_micro_batches(self.world_size)
-        self.train_steps = config.resolved_train_steps()
+        self.train_steps = resolved_train_steps(config)
         self.run_dir = Path(config.run_dir)
         self.dirs = CheckpointDirs(self.run_dir / CHECKPOINTS_SUBDIR)
         if self.rank == 0:
@@ -123,7 +126,7 @@ class Trainer:
             micro_batches=self.num_micro_batches, dp_rank=parallel_state.get_data_parallel_rank(),
         )  # fmt: skip
         self.optimizer = self.guidance.optimizer
-        self.subnetworks = EvolvingSubnetworks(config.est_plan(), config.model, self.model)
+        self.subnetworks = EvolvingSubnetworks(est_plan(config), config.model, self.model)
         start = self.start
         self.lr_schedule = (resume_schedule(start.checkpoint, config) if start is not None and start.resuming
                             else LRSchedule.of(config))  # fmt: skip
@@ -136,7 +139,7 @@ class Trainer:
             dp_size=parallel_state.get_data_parallel_world_size(),
             micro_batches_per_step=self.num_micro_batches,
         )
-        sgt = config.sgt_steps()
+        sgt = run_sgt_steps(config)
         self.replay = GuidedDataReplay(self.data.train, sgt.base_steps) if sgt and sgt.extra_steps else None
         self.progress = TrainProgress()
         self.trace = StepTrace(self.rank)

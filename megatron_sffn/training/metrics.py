@@ -10,7 +10,7 @@ trainers, so its two inputs are pinned down here:
   evolving subnetwork training each step counts its own subnetwork's FLOPs.
   Activation recomputation is not counted (MFU, not hardware utilisation);
 * the denominator is one device's peak: the vendor's dense (no 2:4 sparsity)
-  bf16 or fp32 figure for known GPUs (:data:`.devices.DEVICES`), or
+  bf16 or fp32 figure for known GPUs (:data:`megatron_sffn.planning.devices.DEVICES`), or
   ``logging.peak_tflops_per_device``.  On CPU there is no meaningful
   datasheet figure, so the peak is measured once with a short fp32 matmul
   micro-benchmark: CPU "MFU" is relative to the matmul throughput this
@@ -69,65 +69,11 @@ import torch
 from ..accounting.model import training_flops_per_token
 from ..config.model import ModelConfig
 from ..config.train import TrainConfig
-from .devices import find_device
+from ..planning.devices import PeakFlops, resolve_peak_flops
+from ..planning.steps import resolved_train_steps
 
 TENSORBOARD_SUBDIR = "tensorboard"
 _GIB = 1024**3
-
-
-@dataclass(frozen=True)
-class PeakFlops:
-    """One device's peak FLOP/s and where the figure comes from (printed once, so MFU can be audited)."""
-
-    flops_per_second: float
-    source: str
-
-
-def lookup_gpu_peak(device_name: str, precision: str) -> PeakFlops | None:
-    """The datasheet peak for ``device_name`` at ``precision`` (bf16/fp32); None for unknown GPUs and MIG slices."""
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision={precision!r}; expected 'bf16' or 'fp32'")
-    spec = find_device(device_name)
-    if spec is None:
-        return None
-    tflops = spec.bf16_tflops if precision == "bf16" else spec.fp32_tflops
-    return PeakFlops(tflops * 1e12, f"{spec.label}, dense {precision}")
-
-
-def measure_cpu_matmul_peak(
-    size: int = 1024, min_seconds: float = 0.5, clock: Callable[[], float] = time.perf_counter
-) -> float:
-    """Best fp32 matmul FLOP/s this process reaches with its intra-op threads.
-
-    Best-of-several rather than mean: the question is what the CPU can do,
-    and interference from other processes only ever makes a repetition slower.
-    """
-    a = torch.randn(size, size)
-    b = torch.randn(size, size)
-    out = torch.empty(size, size)
-    torch.mm(a, b, out=out)  # first call pays for thread-pool start-up and page faults
-    flops = 2.0 * size**3
-    best = 0.0
-    start = clock()
-    while True:
-        t0 = clock()
-        torch.mm(a, b, out=out)
-        t1 = clock()
-        best = max(best, flops / max(t1 - t0, 1e-9))
-        if t1 - start >= min_seconds:
-            return best
-
-
-def resolve_peak_flops(device: torch.device, precision: str, override_tflops: float | None = None) -> PeakFlops | None:
-    """The MFU denominator for one device: the override, the datasheet, or (CPU) a measurement."""
-    if override_tflops is not None:
-        return PeakFlops(override_tflops * 1e12, "logging.peak_tflops_per_device")
-    if device.type == "cuda":
-        return lookup_gpu_peak(torch.cuda.get_device_name(device), precision)
-    if device.type != "cpu":
-        return None
-    measured = measure_cpu_matmul_peak()
-    return PeakFlops(measured, f"measured fp32 matmul peak of this process on CPU ({torch.get_num_threads()} threads)")
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -308,7 +254,7 @@ class MetricsLogger:
             peak = resolve_peak_flops(device, precision, cfg.logging.peak_tflops_per_device)
         return cls(
             model=cfg.model,
-            train_steps=cfg.resolved_train_steps(),
+            train_steps=resolved_train_steps(cfg),
             world_size=world_size,
             log_interval=cfg.logging.log_interval,
             device=device,

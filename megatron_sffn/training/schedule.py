@@ -21,6 +21,7 @@ import yaml
 from ..atomic_io import write_text_atomic
 from ..config.loading import from_dict
 from ..config.train import OptimizerConfig, TrainConfig
+from ..planning.steps import resolved_train_steps, resolved_warmup_steps
 from .checkpoint_dirs import step_of
 
 
@@ -82,8 +83,8 @@ class LRSchedule:
     @classmethod
     def of(cls, config: TrainConfig) -> "LRSchedule":
         opt = config.optimizer
-        return cls(opt.lr, opt.min_lr_ratio, opt.decay_style, config.resolved_warmup_steps(),
-                   config.resolved_train_steps())  # fmt: skip
+        return cls(opt.lr, opt.min_lr_ratio, opt.decay_style, resolved_warmup_steps(config),
+                   resolved_train_steps(config))  # fmt: skip
 
     @classmethod
     def saved_in(cls, checkpoint: Path) -> "LRSchedule":

@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..parallel.base import TPStructuredLinear
+from ..planning.steps import run_sgt_steps
 from ..structured.guided import drawn_alpha, guide_alpha
 
 STATE_FORMAT = "megatron-sffn/sgt-v1"
@@ -295,7 +296,7 @@ def refuse_guided_checkpoint(header: dict[str, Any], where: str) -> None:
 def build_guidance(config, model_chunks: list, model_optimizer, *, micro_batches: int, dp_rank: int
                    ) -> SelfGuidance:  # fmt: skip
     """The run's guidance, its guides attached (collective); inert when ``config.sgt`` is off."""
-    steps = config.sgt_steps()
+    steps = run_sgt_steps(config)
     plan = None
     if steps is not None:
         plan = GuidancePlan(steps.guided_steps, config.sgt.schedule, config.sgt.stochastic, config.training.seed)

@@ -15,8 +15,9 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from ..accounting.ratio import paper_ffn_sizes, solve_ffn_sizes
-from .model import FFNConfig, ModelConfig
+from ..config.model import FFNConfig, ModelConfig
+from ..structured import counts
+from .ratio import paper_ffn_sizes, solve_ffn_sizes
 
 # Shapes only: vocab 32000 (LLaMA tokenizer) and context 1024 are ModelConfig's defaults.
 _SHAPES: dict[str, dict[str, Any]] = {
@@ -135,8 +136,6 @@ def preset(
     return with_structure(cfg, structure, ratio=ratio, rank=rank, blocks=blocks, rank_multiple=rank_multiple)
 
 
-_SIZE_OPTIONS = {"dense": (), "lowrank": ("rank",), "blockdense": ("rank", "blocks"), "blockshuffle": ("blocks",)}
-
 
 def with_structure(
     cfg: ModelConfig,
@@ -154,8 +153,7 @@ def with_structure(
     it.  Otherwise ``rank``/``blocks`` are taken as given.  Which layers stay
     dense is kept from ``cfg``.
     """
-    if structure not in _SIZE_OPTIONS:
-        raise ValueError(f"unknown structure {structure!r}; expected one of {', '.join(_SIZE_OPTIONS)}")
+    counts.check_structure(structure)
     if ratio is not None:
         if structure == "dense" or rank is not None:
             raise ValueError(f"{structure}: ratio={ratio} cannot be combined with rank={rank} or a dense FFN")
@@ -168,9 +166,7 @@ def with_structure(
         rank, blocks = sizes.rank, sizes.blocks
     elif rank_multiple is not None:
         raise ValueError(f"{structure}: rank_multiple={rank_multiple} only applies when solving from a ratio")
-    for option, value in (("rank", rank), ("blocks", blocks)):
-        if value is not None and option not in _SIZE_OPTIONS[structure]:
-            raise ValueError(f"{structure}: option {option}={value} does not apply to this structure")
+    counts.check_size_options(structure, rank=rank, blocks=blocks)
     ffn = dataclasses.replace(
         cfg.ffn, structure=structure, rank=rank, blocks=blocks, dense_layers=list(cfg.ffn.dense_layers)
     )
