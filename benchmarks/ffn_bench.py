@@ -22,6 +22,15 @@ Speed-up is dense time over structured time from the same invocation; the
 ideal speed-up is the FLOP ratio (dense over structured FFN weight
 parameters, the paper's accounting); efficiency is their quotient.
 
+The GELU between the linears acts on the f-wide hidden vector, which a
+structured FFN keeps at full width, so its time does not shrink with the
+weights.  Each round also times the GELU alone (forward, and forward +
+backward, on a ``tokens x f`` input), and the ``bound`` columns give the
+speed-up a structured FFN would reach if its linears ran exactly at the FLOP
+ratio of the dense linears and cost nothing else:
+``dense / ((dense - gelu) / ideal + gelu)``.  No implementation of the same
+function can pass it.
+
 On CPU, glibc hands every large tensor fresh pages from the kernel, and
 first-touching them costs more than the work done on them (about 55 ms per
 128 MB on a 2-core development VM, against 31 ms to copy 128 MB into memory
@@ -142,6 +151,23 @@ def make_timer(device: torch.device, clock: str = "wall") -> Callable[[Callable[
     return cpu_time
 
 
+class ActivationWorkload:
+    """The FFN's GELU alone on its ``tokens x f`` input, timed like a :class:`Workload`."""
+
+    def __init__(self, hidden: torch.Tensor, grad: torch.Tensor) -> None:
+        self.hidden, self.grad = hidden.requires_grad_(True), grad
+
+    def forward(self) -> None:
+        with torch.no_grad():
+            F.gelu(self.hidden, approximate="tanh")
+
+    def forward_backward(self) -> None:
+        F.gelu(self.hidden, approximate="tanh").backward(self.grad)
+
+    def clear_grads(self) -> None:
+        self.hidden.grad = None
+
+
 class Workload:
     """The two timed steps of one FFN: forward only (no autograd) and forward + backward."""
 
@@ -162,9 +188,12 @@ class Workload:
             p.grad = None
 
 
+ACTIVATION = "activation"  # key of the GELU-alone timings
+
+
 def measure(
     cases: Sequence[Case], args: argparse.Namespace, dtype: torch.dtype, device: torch.device
-) -> dict[Case, dict[str, list[float]]]:
+) -> dict[Case | str, dict[str, list[float]]]:
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(args.tokens, args.width, generator=generator, dtype=dtype, device=device)
     grad_out = torch.randn(args.tokens, args.width, generator=generator, dtype=dtype, device=device)
@@ -175,31 +204,35 @@ def measure(
         progress(f"building {case.label}")
         ffn = FFN(case, args.width, args.ffn_hidden, dtype, device)
         workloads[case] = Workload(ffn, x, grad_out)
-    times: dict[Case, dict[str, list[float]]] = {case: {"fwd": [], "fwd_bwd": []} for case in cases}
+    hidden = torch.randn(args.tokens, args.ffn_hidden, generator=generator, dtype=dtype, device=device)
+    workloads[ACTIVATION] = ActivationWorkload(hidden, torch.randn_like(hidden))
+    times: dict[Case | str, dict[str, list[float]]] = {key: {"fwd": [], "fwd_bwd": []} for key in workloads}
     rounds = args.warmup + args.repeats
     for round_index in range(rounds):
         timed = round_index >= args.warmup
         phase = f"repeat {round_index - args.warmup + 1}/{args.repeats}" if timed else f"warm-up {round_index + 1}/{args.warmup}"
-        for case in cases:
-            work = workloads[case]
+        for key, work in workloads.items():
             fwd_bwd = timer(work.forward_backward)
             work.clear_grads()
             fwd = timer(work.forward)
-            progress(f"{phase} {case.label}: fwd {fwd:.1f} ms, fwd+bwd {fwd_bwd:.1f} ms")
+            label = "GELU alone" if key == ACTIVATION else key.label
+            progress(f"{phase} {label}: fwd {fwd:.1f} ms, fwd+bwd {fwd_bwd:.1f} ms")
             if timed:
-                times[case]["fwd"].append(fwd)
-                times[case]["fwd_bwd"].append(fwd_bwd)
+                times[key]["fwd"].append(fwd)
+                times[key]["fwd_bwd"].append(fwd_bwd)
     return times
 
 
-def summarize(cases: Sequence[Case], times: dict[Case, dict[str, list[float]]]) -> list[dict]:
+def summarize(cases: Sequence[Case], times: dict[Case | str, dict[str, list[float]]]) -> list[dict]:
     dense = cases[0]
     base = {key: statistics.median(times[dense][key]) for key in ("fwd", "fwd_bwd")}
+    gelu = {key: statistics.median(times[ACTIVATION][key]) for key in ("fwd", "fwd_bwd")}
     rows = []
     for case in cases:
         median = {key: statistics.median(times[case][key]) for key in ("fwd", "fwd_bwd")}
         ideal = dense.weight_params / case.weight_params
         speedup = {key: base[key] / median[key] for key in median}
+        bound = {key: base[key] / ((base[key] - gelu[key]) / ideal + gelu[key]) for key in median}
         rows.append(
             {
                 **asdict(case),
@@ -210,6 +243,10 @@ def summarize(cases: Sequence[Case], times: dict[Case, dict[str, list[float]]]) 
                 "fwd_speedup": speedup["fwd"],
                 "fwd_bwd_speedup": speedup["fwd_bwd"],
                 "ideal_speedup": ideal,
+                "fwd_bound": bound["fwd"],
+                "fwd_bwd_bound": bound["fwd_bwd"],
+                "gelu_fwd_ms": gelu["fwd"],
+                "gelu_fwd_bwd_ms": gelu["fwd_bwd"],
                 "fwd_efficiency": speedup["fwd"] / ideal,
                 "fwd_bwd_efficiency": speedup["fwd_bwd"] / ideal,
                 "fwd_ms_runs": times[case]["fwd"],
@@ -222,7 +259,7 @@ def summarize(cases: Sequence[Case], times: dict[Case, dict[str, list[float]]]) 
 def format_table(rows: Sequence[dict]) -> str:
     header = (
         f"{'structure':<13}{'ratio':>7}{'R/B':>13}{'params':>11}{'fwd ms':>10}{'fwd+bwd ms':>12}"
-        f"{'speedup fwd':>13}{'fwd+bwd':>9}{'ideal':>7}{'eff fwd':>9}{'fwd+bwd':>9}"
+        f"{'speedup fwd':>13}{'fwd+bwd':>9}{'ideal':>7}{'bound fwd':>11}{'fwd+bwd':>9}{'eff fwd':>9}{'fwd+bwd':>9}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -230,8 +267,10 @@ def format_table(rows: Sequence[dict]) -> str:
         lines.append(
             f"{r['structure']:<13}{ratio:>7}{r['sizes']:>13}{r['weight_params'] / 1e6:>10.2f}M"
             f"{r['fwd_ms']:>10.1f}{r['fwd_bwd_ms']:>12.1f}{r['fwd_speedup']:>12.2f}x{r['fwd_bwd_speedup']:>8.2f}x"
-            f"{r['ideal_speedup']:>6.2f}x{r['fwd_efficiency']:>9.0%}{r['fwd_bwd_efficiency']:>9.0%}"
+            f"{r['ideal_speedup']:>6.2f}x{r['fwd_bound']:>10.2f}x{r['fwd_bwd_bound']:>8.2f}x"
+            f"{r['fwd_efficiency']:>9.0%}{r['fwd_bwd_efficiency']:>9.0%}"
         )
+    lines.append(f"GELU alone (tokens x f): fwd {rows[0]['gelu_fwd_ms']:.1f} ms, fwd+bwd {rows[0]['gelu_fwd_bwd_ms']:.1f} ms")
     return "\n".join(lines)
 
 

@@ -58,6 +58,11 @@ def test_benchmark_reports_every_case_with_paper_sizes(ffn_bench, tmp_path, caps
         assert len(row["fwd_bwd_ms_runs"]) == len(row["fwd_ms_runs"]) == 2
         assert row["fwd_bwd_speedup"] == pytest.approx(rows[0]["fwd_bwd_ms"] / row["fwd_bwd_ms"])
         assert row["fwd_bwd_efficiency"] == pytest.approx(row["fwd_bwd_speedup"] / row["ideal_speedup"])
+        for key in ("fwd", "fwd_bwd"):  # the linears at the FLOP ratio, the full-width GELU as measured
+            dense_ms, gelu_ms = rows[0][f"{key}_ms"], row[f"gelu_{key}_ms"]
+            expected = dense_ms / ((dense_ms - gelu_ms) / row["ideal_speedup"] + gelu_ms)
+            assert row[f"{key}_bound"] == pytest.approx(expected)
+    assert rows[0]["fwd_bound"] == pytest.approx(1.0)
 
     saved = json.loads(out.read_text())
     assert saved["rows"] == json.loads(json.dumps(rows))
@@ -96,4 +101,5 @@ def test_command_line_with_glibc_memory_reuse(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "[ffn_bench] repeat 1/1 lowrank 32% (R=16)" in result.stderr  # progress goes to stderr
     lines = result.stdout.splitlines()
-    assert [line.split()[0] for line in lines[-2:]] == ["dense", "lowrank"]
+    assert [line.split()[0] for line in lines[-3:-1]] == ["dense", "lowrank"]
+    assert lines[-1].startswith("GELU alone (tokens x f): fwd ")
