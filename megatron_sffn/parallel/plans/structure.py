@@ -73,7 +73,10 @@ class StructurePlan(ABC):
 
     @abstractmethod
     def factors(self, shape: FFNShape, strategy: TPStrategy | None) -> dict[str, dict[str, FactorSpec]]:
-        """``{"fc1": {name: spec}, "fc2": {name: spec}}``: every weight factor in the modules' storage layout."""
+        """``{"fc1": {name: spec}, "fc2": {name: spec}}``: every weight factor in the modules' storage layout.
+
+        Each linear's factors in the order its input meets them: the in-factor first.
+        """
 
     @abstractmethod
     def traffic(self, shape: FFNShape, strategy: TPStrategy | None, tp: int) -> tuple[Fraction, Fraction]:
