@@ -129,7 +129,6 @@ class TPStructuredLinear(GuideMixin, PreMergeMixin, MegatronModule):
         return PLANS[self.kind].factors(self.shape, self.strategy)[self.role]
 
     # -- structure (subclasses) ------------------------------------------------------
-
     def _full_from_pure(self, pure: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The full factors in this class's storage layout, taken from the pure layer."""
         raise NotImplementedError

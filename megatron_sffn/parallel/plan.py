@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from itertools import product
 
-from ..structured import counts
 from .layout import REPLICATED, SHARDED, require_divisible
 from .plans import PLANS, ROLES, FFNShape, StructurePlan, TPStrategy
 
@@ -46,6 +45,7 @@ __all__ = [
     "dense_equivalent",
     "factor_placements",
     "parse_strategy",
+    "plan_of",
     "rank_cost",
     "require_shardable",
     "saved_features_per_token",
@@ -66,7 +66,7 @@ class RankCost:
 def plan_of(kind: str) -> StructurePlan:
     """The registered plan of structure ``kind``; a ValueError naming the known ones otherwise."""
     if kind not in PLANS:
-        raise ValueError(f"unknown structure {kind!r}; expected one of {', '.join(counts.STRUCTURES)}")
+        raise ValueError(f"unknown structure {kind!r}; expected one of {', '.join(PLANS)}")
     return PLANS[kind]
 
 
