@@ -15,15 +15,15 @@ keeps this rank's slice, so one seed gives the same full weights at every TP
 size and TP=2 computes what TP=1 computes.  Megatron's ``init_method`` is not
 used: each structure has its own initialisation (structured-ffn spec, sec. 1).
 
-Subclasses declare their factors in :meth:`_factor_specs` (full shape, how
-the group holds it, which axis is split) and compute in :meth:`_project`;
-this class turns the declaration into parameters, megatron's TP attributes
-and a TP-size-independent sharded checkpoint.
+A structure's factors (full shape, how the group holds them, which axis is
+split) are declared once, by its plan (:data:`.plans.PLANS`); subclasses take
+them from the pure layer in :meth:`_full_from_pure` and compute in
+:meth:`_project`.  This class turns the declaration into parameters,
+megatron's TP attributes and a TP-size-independent sharded checkpoint.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,29 +35,22 @@ from ..structured.functional import block_diag_matmul
 from ..structured.take import take
 from . import comm, grads
 from .guide import GuideMixin
-from .layout import TPLayout, padded_tokens, shard_ranges, take_rows
+from .layout import (
+    SHARDED,
+    TOKEN_SPLIT,
+    FactorSpec,
+    TPLayout,
+    padded_tokens,
+    set_tp_attributes,
+    shard_ranges,
+    take_rows,
+)
 from .plan import FFNShape, TPStrategy, choose_strategy, require_shardable
+from .plans import PLANS
 from .premerge import PreMergeMixin
 
 if TYPE_CHECKING:
     from .subnetwork import HiddenSelection
-
-SHARDED, REPLICATED, TOKEN_SPLIT = "sharded", "replicated", "token_split"
-
-
-@dataclass(frozen=True)
-class FactorSpec:
-    """A weight factor: its full (global, TP-independent) shape and how this group holds it.
-
-    ``axis`` is the split axis of a sharded factor; ``strided`` marks fc1's
-    output factor, whose split follows the gate/value parts of a gated FFN.
-    """
-
-    shape: tuple[int, ...]
-    placement: str
-    axis: int | None = None
-    strided: bool = False
-
 
 class TPStructuredLinear(GuideMixin, PreMergeMixin, MegatronModule):
     """Base of the fc1/fc2 classes; ``kind`` is the structure, ``role`` is "fc1" or "fc2".
@@ -130,10 +123,12 @@ class TPStructuredLinear(GuideMixin, PreMergeMixin, MegatronModule):
             lambda state_dict, prefix, *args, **kwargs: state_dict.setdefault(f"{prefix}_extra_state")
         )
 
-    # -- declaration (subclasses) --------------------------------------------
+    # -- declaration -------------------------------------------------------------
     def _factor_specs(self) -> dict[str, FactorSpec]:
-        raise NotImplementedError
+        """This linear's factors as its structure's plan declares them for the chosen strategy."""
+        return PLANS[self.kind].factors(self.shape, self.strategy)[self.role]
 
+    # -- structure (subclasses) ------------------------------------------------------
     def _full_from_pure(self, pure: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The full factors in this class's storage layout, taken from the pure layer."""
         raise NotImplementedError
@@ -163,7 +158,7 @@ class TPStructuredLinear(GuideMixin, PreMergeMixin, MegatronModule):
     def _add_factor(self, factor: str, spec: FactorSpec, full: torch.Tensor) -> None:
         param = torch.nn.Parameter(self.local_view(factor, full).contiguous())
         if spec.placement == SHARDED:
-            _set_tp_attributes(param, spec.axis, self.shape.stride if spec.strided else 1)
+            set_tp_attributes(param, spec.axis, self.shape.stride if spec.strided else 1)
         elif spec.placement == TOKEN_SPLIT:
             grads.mark_token_split(param)
         self.register_parameter(factor, param)
@@ -175,7 +170,7 @@ class TPStructuredLinear(GuideMixin, PreMergeMixin, MegatronModule):
         if self.role == "fc1":  # one bias per local hidden unit, split like fc1's output
             width = sum(r.stop - r.start for r in shard_ranges(self.output_size, self.layout, self.shape.stride))
             self.bias = torch.nn.Parameter(torch.zeros(width, dtype=dtype))
-            _set_tp_attributes(self.bias, 0, self.shape.stride)
+            set_tp_attributes(self.bias, 0, self.shape.stride)
         else:  # added once to the complete output: replicated
             self.bias = torch.nn.Parameter(torch.zeros(self.output_size, dtype=dtype))
 
@@ -294,10 +289,3 @@ def _resolve_group(tp_group: Any):
 
     group = get_tensor_model_parallel_group_if_none(None)
     return group if group is not None else comm.ShapeOnlyGroup(0, 1)
-
-
-def _set_tp_attributes(param: torch.nn.Parameter, axis: int, stride: int) -> None:
-    """Megatron's TP marks: gradient clipping counts the parameter on every rank, not once."""
-    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
-
-    set_tensor_model_parallel_attributes(param, True, axis, stride)

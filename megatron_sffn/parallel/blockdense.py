@@ -20,19 +20,13 @@ from torch.nn.functional import linear
 from ..structured.functional import block_diag_matmul
 from ..structured.take import take
 from . import comm
-from .base import REPLICATED, SHARDED, TOKEN_SPLIT, FactorSpec, TPStructuredLinear
+from .base import TPStructuredLinear
 
 
 class BlockDenseFC1(TPStructuredLinear):
     """Up-projection; output: this rank's hidden units."""
 
     kind, role = "blockdense", "fc1"
-
-    def _factor_specs(self) -> dict[str, FactorSpec]:
-        r, b, d = self.shape.rank, self.shape.blocks, self.input_size
-        k_shape = (b, r // b, d // b)
-        k = FactorSpec(k_shape, SHARDED, 0) if self.strategy.fc1_in == "split" else FactorSpec(k_shape, REPLICATED)
-        return {"k": k, "u": FactorSpec((self.output_size, r), SHARDED, 0, strided=True)}
 
     def _full_from_pure(self, pure) -> dict[str, torch.Tensor]:
         return {"k": pure.k, "u": pure.u}
@@ -49,11 +43,6 @@ class BlockDenseFC2(TPStructuredLinear):
     """Down-projection; input: this rank's hidden units, output: complete on every rank."""
 
     kind, role = "blockdense", "fc2"
-
-    def _factor_specs(self) -> dict[str, FactorSpec]:
-        r, b, d = self.shape.rank, self.shape.blocks, self.output_size
-        u = FactorSpec((d, r), TOKEN_SPLIT) if self.strategy.fc2_out == "token" else FactorSpec((d, r), SHARDED, 1)
-        return {"k": FactorSpec((b, r // b, self.input_size // b), SHARDED, 0), "u": u}
 
     def _full_from_pure(self, pure) -> dict[str, torch.Tensor]:
         return {"k": pure.k, "u": pure.u}

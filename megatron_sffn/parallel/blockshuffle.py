@@ -54,7 +54,7 @@ import torch
 from ..structured.functional import block_diag_matmul, shuffle_blocks_matmul
 from ..structured.take import take
 from . import comm
-from .base import REPLICATED, SHARDED, FactorSpec, TPStructuredLinear
+from .base import TPStructuredLinear
 
 HIDDEN_ORDER = "blockshuffle-hidden-units/paper-interleaved"
 
@@ -85,12 +85,6 @@ class BlockShuffleFC1(_BlockShuffleLinear):
 
     role = "fc1"
 
-    def _factor_specs(self) -> dict[str, FactorSpec]:
-        b, d = self.shape.blocks, self.input_size
-        w1_shape = (b, d // b, d // b)
-        w1 = FactorSpec(w1_shape, SHARDED, 0) if self.strategy.fc1_in == "split" else FactorSpec(w1_shape, REPLICATED)
-        return {"w1": w1, "w2": FactorSpec((self.output_size // b, b, d // b), SHARDED, 0, strided=True)}
-
     def _full_from_pure(self, pure) -> dict[str, torch.Tensor]:
         return {"w1": pure.w1, "w2": pure.w2.transpose(0, 1)}
 
@@ -109,13 +103,6 @@ class BlockShuffleFC2(_BlockShuffleLinear):
     """Down-projection; input: this rank's hidden units, output: complete on every rank."""
 
     role = "fc2"
-
-    def _factor_specs(self) -> dict[str, FactorSpec]:
-        b, d = self.shape.blocks, self.output_size
-        return {
-            "w1": FactorSpec((b, d // b, self.input_size // b), SHARDED, 0),
-            "w2": FactorSpec((b, d // b, d // b), SHARDED, 2),
-        }
 
     def _full_from_pure(self, pure) -> dict[str, torch.Tensor]:
         return {"w1": pure.w1, "w2": pure.w2}

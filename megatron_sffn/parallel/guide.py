@@ -27,6 +27,7 @@ from torch.nn.functional import linear
 
 from ..structured.guided import mix_guided
 from . import comm
+from .layout import set_tp_attributes
 
 
 class GuideMixin:
@@ -65,11 +66,9 @@ class GuideMixin:
 
     def attach_guide(self) -> torch.nn.Parameter:
         """Add the guide, initialised to :meth:`dense_shard`, with megatron's TP marks; returns it."""
-        from .base import _set_tp_attributes
-
         guide = torch.nn.Parameter(self.dense_shard())
         axis, stride = self.guide_split()
-        _set_tp_attributes(guide, axis, stride)
+        set_tp_attributes(guide, axis, stride)
         self.guide = guide
         self.guide_alpha = 0.0
         return guide

@@ -1,7 +1,10 @@
-"""Which slice of each full factor a tensor-parallel rank holds.
+"""How a tensor-parallel group holds each full factor, and which slice a rank holds.
 
-Pure index arithmetic, no process groups: the modules, the checkpoint code,
-the planning tools and the tests all derive a rank's shard from these
+A factor is declared by a :class:`FactorSpec` (its full shape and one of the
+placements below); the structure plans (:mod:`.plans`) declare them, the
+modules build parameters from them and the cost model counts them.  The rest
+is pure index arithmetic, no process groups: the modules, the checkpoint
+code, the planning tools and the tests all derive a rank's shard from these
 functions, so a shard is defined in exactly one place.  Every layout here is
 independent of the tensor-parallel size in the sense that matters for
 checkpoints: the *global* tensors (and the FFN's hidden-unit order) are the
@@ -10,9 +13,33 @@ same at any TP size; only the slice a rank holds changes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+# Placements: how a full factor of n elements is spread over the group.
+SHARDED = "sharded"  # rank holds n/tp (split along ``axis``), computes n/tp per token
+REPLICATED = "replicated"  # rank holds n, computes n per token
+TOKEN_SPLIT = "token_split"  # rank holds n, computes n/tp per token (applied to 1/tp of the tokens)
+
+
+@dataclass(frozen=True)
+class FactorSpec:
+    """A weight factor: its full (global, TP-independent) shape and how the group holds it.
+
+    ``axis`` is the split axis of a sharded factor; ``strided`` marks fc1's
+    output factor, whose split follows the gate/value parts of a gated FFN.
+    """
+
+    shape: tuple[int, ...]
+    placement: str
+    axis: int | None = None
+    strided: bool = False
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -60,3 +87,10 @@ def padded_tokens(tokens: int, tp: int) -> int:
     and changes no result (a zero token has zero output and zero gradient).
     """
     return -(-tokens // tp) * tp
+
+
+def set_tp_attributes(param: torch.nn.Parameter, axis: int, stride: int) -> None:
+    """Megatron's TP marks on a sharded parameter: gradient clipping counts it on every rank, not once."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    set_tensor_model_parallel_attributes(param, True, axis, stride)

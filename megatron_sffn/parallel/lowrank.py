@@ -17,18 +17,13 @@ from torch.nn.functional import linear
 
 from ..structured.take import take
 from . import comm
-from .base import REPLICATED, SHARDED, TOKEN_SPLIT, FactorSpec, TPStructuredLinear
+from .base import TPStructuredLinear
 
 
 class LowRankFC1(TPStructuredLinear):
     """Up-projection; output: this rank's hidden units."""
 
     kind, role = "lowrank", "fc1"
-
-    def _factor_specs(self) -> dict[str, FactorSpec]:
-        r, d = self.shape.rank, self.input_size
-        v = TOKEN_SPLIT if self.strategy.fc1_in == "split" else REPLICATED
-        return {"v": FactorSpec((r, d), v), "u": FactorSpec((self.output_size, r), SHARDED, 0, strided=True)}
 
     def _full_from_pure(self, pure) -> dict[str, torch.Tensor]:
         return {"v": pure.v, "u": pure.u}
@@ -54,11 +49,6 @@ class LowRankFC2(TPStructuredLinear):
     """Down-projection; input: this rank's hidden units, output: complete on every rank."""
 
     kind, role = "lowrank", "fc2"
-
-    def _factor_specs(self) -> dict[str, FactorSpec]:
-        r, d = self.shape.rank, self.output_size
-        u = TOKEN_SPLIT if self.strategy.fc2_out == "token" else REPLICATED
-        return {"v": FactorSpec((r, self.input_size), SHARDED, 1), "u": FactorSpec((d, r), u)}
 
     def _full_from_pure(self, pure) -> dict[str, torch.Tensor]:
         return {"v": pure.v, "u": pure.u}

@@ -14,9 +14,8 @@ from .blockshuffle import BlockShuffleFC1, BlockShuffleFC2
 from .lowrank import LowRankFC1, LowRankFC2
 
 STRUCTURED_LINEARS = {
-    "lowrank": (LowRankFC1, LowRankFC2),
-    "blockdense": (BlockDenseFC1, BlockDenseFC2),
-    "blockshuffle": (BlockShuffleFC1, BlockShuffleFC2),
+    fc1.kind: (fc1, fc2)
+    for fc1, fc2 in ((LowRankFC1, LowRankFC2), (BlockDenseFC1, BlockDenseFC2), (BlockShuffleFC1, BlockShuffleFC2))
 }
 
 

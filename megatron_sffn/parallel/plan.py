@@ -5,36 +5,26 @@ factor nearest the FFN's hidden units always splits cleanly (fc1's output
 factor by hidden units, fc2's input factor by hidden units, exactly like
 megatron's column/row parallel pair).  The other two factors, fc1's
 *in-factor* (d -> m) and fc2's *out-factor* (m -> d), touch every hidden unit
-and have modes:
+and have modes, which each structure's plan declares (:mod:`.plans`):
 
 fc1 in-factor
-  ``split``       exact 1/tp of its FLOPs.  LowRank: token-split (each rank
-                  applies V to 1/tp of the tokens, then all-gathers the
-                  R-vectors).  BlockDense: block-split (each rank owns whole
-                  blocks of K, all-gathers the R features).  BlockShuffle:
-                  block-split like BlockDense (whole W1 blocks on their d/tp
-                  inputs, the d-long middle vector all-gathered, because the
-                  paper's hidden order makes every rank's W2 rows read all
-                  of it).
+  ``split``       exact 1/tp of its FLOPs; its output all-gathered.
   ``replicated``  full factor on every rank, no forward communication,
-                  (1 - 1/tp) of its FLOPs as overhead.  The only choice
-                  within dense traffic for BlockShuffle: its fc2 already
-                  all-reduces d, the dense FFN's whole forward budget.
+                  (1 - 1/tp) of its FLOPs as overhead.
 fc2 out-factor
-  ``token``       exact.  LowRank: reduce-scatter the partial R-vectors along
-                  tokens; BlockDense: all-to-all the local R/tp features into
-                  token slices; then U on 1/tp of the tokens and an
-                  all-gather of d along tokens.
-  ``reduce``      exact.  Partial outputs from the rank's share of the middle
+  ``token``       exact; the middle features re-cut along tokens, the factor
+                  applied to 1/tp of the tokens, d all-gathered.
+  ``reduce``      exact; partial outputs from the rank's share of the middle
                   features, all-reduced (megatron's row-parallel pattern).
-                  BlockDense and BlockShuffle.
-  ``replicated``  LowRank: all-reduce the partial R-vector, then the full U
-                  on every rank (overhead (1 - 1/tp) of U's FLOPs).
+  ``replicated``  the middle features all-reduced, then the full factor on
+                  every rank (overhead (1 - 1/tp) of its FLOPs).
 
-The automatic choice takes, among the combinations whose forward *and*
-backward traffic are each at most the dense FFN's, the one with the fewest
-FLOPs per rank, then the least traffic, then the fewest parameters per rank.
-All figures are exact fractions per rank and per token.
+Everything here loops over the plans' declarations: a factor's FLOPs and
+parameters follow from its placement, the traffic and the saved features are
+the plan's.  The automatic choice takes, among the combinations whose
+forward *and* backward traffic are each at most the dense FFN's, the one with
+the fewest FLOPs per rank, then the least traffic, then the fewest parameters
+per rank.  All figures are exact fractions per rank and per token.
 """
 
 from __future__ import annotations
@@ -43,61 +33,23 @@ from dataclasses import dataclass
 from fractions import Fraction
 from itertools import product
 
-from ..structured import counts
-from .layout import require_divisible
+from .layout import REPLICATED, SHARDED, require_divisible
+from .plans import PLANS, ROLES, FFNShape, StructurePlan, TPStrategy
 
-IN_MODES = {
-    "lowrank": ("split", "replicated"),
-    "blockdense": ("split", "replicated"),
-    "blockshuffle": ("split", "replicated"),
-}
-OUT_MODES = {"lowrank": ("token", "replicated"), "blockdense": ("token", "reduce"), "blockshuffle": ("reduce",)}
-
-
-@dataclass(frozen=True)
-class TPStrategy:
-    """The modes of fc1's in-factor and fc2's out-factor, written ``"<fc1_in>/<fc2_out>"``."""
-
-    fc1_in: str
-    fc2_out: str
-
-    def __str__(self) -> str:
-        return f"{self.fc1_in}/{self.fc2_out}"
-
-    @classmethod
-    def parse(cls, kind: str, text: str) -> "TPStrategy":
-        if kind not in IN_MODES:
-            raise ValueError(f"no tensor-parallel strategies for structure {kind!r}")
-        allowed = [f"{i}/{o}" for i, o in product(IN_MODES[kind], OUT_MODES[kind])]
-        if text not in allowed:
-            raise ValueError(f"{kind}: tp_strategy={text!r}; expected 'auto' or one of {allowed}")
-        fc1_in, fc2_out = text.split("/")
-        return cls(fc1_in, fc2_out)
-
-
-@dataclass(frozen=True)
-class FFNShape:
-    """One FFN: ``hidden -> ffn_hidden (x2 when gated) -> hidden`` with a structure."""
-
-    kind: str
-    hidden: int
-    ffn_hidden: int
-    rank: int | None = None
-    blocks: int | None = None
-    gated: bool = False
-
-    @property
-    def stride(self) -> int:
-        """How many equal parts fc1's output has (gate and value for a gated FFN)."""
-        return 2 if self.gated else 1
-
-    @property
-    def fc1_out(self) -> int:
-        return self.stride * self.ffn_hidden
-
-    def validate(self) -> None:
-        counts.validate_structure(self.kind, self.hidden, self.fc1_out, self.rank, self.blocks)
-        counts.validate_structure(self.kind, self.ffn_hidden, self.hidden, self.rank, self.blocks)
+__all__ = [
+    "FFNShape",
+    "RankCost",
+    "TPStrategy",
+    "candidate_strategies",
+    "choose_strategy",
+    "dense_equivalent",
+    "factor_placements",
+    "parse_strategy",
+    "plan_of",
+    "rank_cost",
+    "require_shardable",
+    "saved_features_per_token",
+]
 
 
 @dataclass(frozen=True)
@@ -111,77 +63,41 @@ class RankCost:
     params: int
 
 
+def plan_of(kind: str) -> StructurePlan:
+    """The registered plan of structure ``kind``; a ValueError naming the known ones otherwise."""
+    if kind not in PLANS:
+        raise ValueError(f"unknown structure {kind!r}; expected one of {', '.join(PLANS)}")
+    return PLANS[kind]
+
+
+def candidate_strategies(kind: str) -> list[TPStrategy]:
+    """Every mode combination of ``kind``, in the order the automatic choice breaks ties by (none for dense)."""
+    plan = plan_of(kind)
+    return [TPStrategy(i, o) for i, o in product(plan.in_modes, plan.out_modes)]
+
+
+def parse_strategy(kind: str, text: str) -> TPStrategy:
+    """``"<fc1_in>/<fc2_out>"`` as a strategy of ``kind``; a ValueError listing the allowed ones otherwise."""
+    allowed = [str(s) for s in candidate_strategies(kind)]
+    if not allowed:
+        raise ValueError(f"no tensor-parallel strategies for structure {kind!r}")
+    if text not in allowed:
+        raise ValueError(f"{kind}: tp_strategy={text!r}; expected 'auto' or one of {allowed}")
+    fc1_in, fc2_out = text.split("/")
+    return TPStrategy(fc1_in, fc2_out)
+
+
 def require_shardable(shape: FFNShape, tp: int) -> None:
     """Raise a ValueError naming the numbers if ``shape`` cannot be split over ``tp`` ranks."""
     shape.validate()
     require_divisible("ffn_hidden_size", shape.ffn_hidden, tp)
-    if shape.kind in ("blockdense", "blockshuffle"):
-        require_divisible(f"{shape.kind}: blocks", shape.blocks, tp)
-    if shape.kind == "blockshuffle":  # a rank's hidden range is whole fc2 blocks and rows of every fc1 group
-        require_divisible("blockshuffle: hidden_size/blocks", shape.hidden // shape.blocks, tp)
-        require_divisible("blockshuffle: ffn_hidden_size/blocks", shape.ffn_hidden // shape.blocks, tp)
+    PLANS[shape.kind].require_shardable(shape, tp)
 
 
-# Factor placements: how a full factor of n elements is spread over the group.
-_SHARDED = "sharded"  # rank holds n/tp, computes n/tp per token
-_REPLICATED = "replicated"  # rank holds n, computes n per token
-_TOKEN_SPLIT = "token_split"  # rank holds n, computes n/tp per token
-
-
-def factor_placements(shape: FFNShape, strategy: TPStrategy) -> list[tuple[str, int, str]]:
+def factor_placements(shape: FFNShape, strategy: TPStrategy | None) -> list[tuple[str, int, str]]:
     """``(name, full elements, placement)`` of every weight factor of the FFN under ``strategy``."""
-    d, f, f1, r, b = shape.hidden, shape.ffn_hidden, shape.fc1_out, shape.rank, shape.blocks
-    if shape.kind == "dense":
-        return [("fc1.weight", f1 * d, _SHARDED), ("fc2.weight", d * f, _SHARDED)]
-    if shape.kind == "lowrank":
-        return [
-            ("fc1.v", r * d, _TOKEN_SPLIT if strategy.fc1_in == "split" else _REPLICATED),
-            ("fc1.u", f1 * r, _SHARDED),
-            ("fc2.v", r * f, _SHARDED),
-            ("fc2.u", d * r, _TOKEN_SPLIT if strategy.fc2_out == "token" else _REPLICATED),
-        ]
-    if shape.kind == "blockdense":
-        return [
-            ("fc1.k", r * d // b, _SHARDED if strategy.fc1_in == "split" else _REPLICATED),
-            ("fc1.u", f1 * r, _SHARDED),
-            ("fc2.k", r * f // b, _SHARDED),
-            ("fc2.u", d * r, _TOKEN_SPLIT if strategy.fc2_out == "token" else _SHARDED),
-        ]
-    return [
-        ("fc1.w1", d * d // b, _SHARDED if strategy.fc1_in == "split" else _REPLICATED),
-        ("fc1.w2", f1 * d // b, _SHARDED),
-        ("fc2.w1", d * f // b, _SHARDED),
-        ("fc2.w2", d * d // b, _SHARDED),
-    ]
-
-
-def _traffic(shape: FFNShape, strategy: TPStrategy, tp: int) -> tuple[Fraction, Fraction]:
-    """(forward, backward) elements sent per rank per token."""
-    d, m = shape.hidden, shape.rank if shape.kind != "blockshuffle" else shape.hidden
-
-    def gather(n: int) -> Fraction:  # all-gather or reduce-scatter of n features per token
-        return Fraction(n * (tp - 1), tp)
-
-    def all_reduce(n: int) -> Fraction:
-        return 2 * gather(n)
-
-    if shape.kind == "dense":
-        return all_reduce(d), all_reduce(d)
-    if strategy.fc1_in == "split":
-        fwd, bwd = gather(m), gather(m) + gather(d)
-    else:
-        fwd, bwd = Fraction(0), all_reduce(m)
-    if strategy.fc2_out == "reduce":
-        fwd += all_reduce(d)
-    elif strategy.fc2_out == "replicated":
-        fwd += all_reduce(m)
-    elif shape.kind == "lowrank":  # token: reduce-scatter R, all-gather d; back: all-gather R
-        fwd += gather(m) + gather(d)
-        bwd += gather(m)
-    else:  # blockdense token: all-to-all of the local R/tp features, all-gather d; back: all-to-all
-        fwd += Fraction(m, tp) * Fraction(tp - 1, tp) + gather(d)
-        bwd += Fraction(m, tp) * Fraction(tp - 1, tp)
-    return fwd, bwd
+    factors = plan_of(shape.kind).factors(shape, strategy)
+    return [(f"{role}.{name}", spec.numel, spec.placement) for role in ROLES for name, spec in factors[role].items()]
 
 
 def rank_cost(shape: FFNShape, strategy: TPStrategy | None, tp: int) -> RankCost:
@@ -189,10 +105,10 @@ def rank_cost(shape: FFNShape, strategy: TPStrategy | None, tp: int) -> RankCost
     flops = Fraction(0)
     params = 0
     for _, numel, placement in factor_placements(shape, strategy):
-        flops += Fraction(2 * numel, 1 if placement == _REPLICATED else tp)
-        params += numel if placement != _SHARDED else numel // tp
+        flops += Fraction(2 * numel, 1 if placement == REPLICATED else tp)
+        params += numel if placement != SHARDED else numel // tp
     params += shape.fc1_out // tp + shape.hidden  # fc1 bias sharded, fc2 bias replicated
-    fwd_comm, bwd_comm = _traffic(shape, strategy, tp)
+    fwd_comm, bwd_comm = PLANS[shape.kind].traffic(shape, strategy, tp)
     return RankCost(flops, 2 * flops, fwd_comm, bwd_comm, params)
 
 
@@ -200,14 +116,17 @@ def dense_equivalent(shape: FFNShape) -> FFNShape:
     return FFNShape("dense", shape.hidden, shape.ffn_hidden, gated=shape.gated)
 
 
-def candidate_strategies(kind: str) -> list[TPStrategy]:
-    return [TPStrategy(i, o) for i, o in product(IN_MODES[kind], OUT_MODES[kind])]
+def choose_strategy(shape: FFNShape, tp: int, override: str | None = None) -> TPStrategy | None:
+    """The strategy the modules use: ``override`` if given (not "auto"), else the automatic choice.
 
-
-def choose_strategy(shape: FFNShape, tp: int, override: str | None = None) -> TPStrategy:
-    """The strategy the modules use: ``override`` if given (not "auto"), else the automatic choice."""
+    None for a structure without modes (dense: megatron's own split), whatever
+    ``override`` says: the configured strategy is the structured layers', and
+    a model's dense layers share its configuration.
+    """
+    if not plan_of(shape.kind).in_modes:
+        return None
     if override not in (None, "auto"):
-        return TPStrategy.parse(shape.kind, override)
+        return parse_strategy(shape.kind, override)
     dense = rank_cost(dense_equivalent(shape), None, tp)
     best = None
     for order, strategy in enumerate(candidate_strategies(shape.kind)):
@@ -217,6 +136,17 @@ def choose_strategy(shape: FFNShape, tp: int, override: str | None = None) -> TP
         key = (cost.forward_flops, cost.forward_comm + cost.backward_comm, cost.params, order)
         if best is None or key < best[0]:
             best = (key, strategy)
-    if best is None:  # every structure has a strategy within the dense budget; this guards the table above
+    if best is None:  # every structure has a strategy within the dense budget; this guards the plans
         raise AssertionError(f"no tensor-parallel strategy of {shape} stays within dense traffic at tp={tp}")
     return best[1]
+
+
+def saved_features_per_token(shape: FFNShape, tp: int, override: str | None = "auto") -> int:
+    """Inner features per token one rank's FFN linears keep for the backward pass, under the modules' strategy.
+
+    Beyond the FFN's input and hidden activations, which every structure
+    keeps alike.  ``override`` is the configured ``tp_strategy``; one rank
+    holds every factor whole, so at ``tp=1`` no strategy is asked for.
+    """
+    strategy = choose_strategy(shape, tp, override) if tp > 1 else None
+    return plan_of(shape.kind).saved_features(shape, strategy, tp)

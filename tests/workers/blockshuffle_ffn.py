@@ -261,8 +261,8 @@ def block_major_mlp(tp_group: Any):
     recorded a hidden-unit order (``_extra_state`` None).  Only the storage
     matters here, so the weights are not drawn.
     """
-    from megatron_sffn.parallel.base import SHARDED, FactorSpec
     from megatron_sffn.parallel.blockshuffle import BlockShuffleFC1, BlockShuffleFC2
+    from megatron_sffn.parallel.layout import SHARDED, FactorSpec
     from tests.workers.tp_structured import Case, build_mlp
 
     class BlockMajorFC1(BlockShuffleFC1):
