@@ -41,7 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from megatron_sffn.config import FFNConfig, ModelConfig  # noqa: E402
-from megatron_sffn.parallel import FFNShape, ShapeOnlyGroup, choose_strategy, mlp_spec, rank_cost, record_traffic  # noqa: E402
+from megatron_sffn.parallel.comm import ShapeOnlyGroup, record_traffic  # noqa: E402
+from megatron_sffn.parallel.mlp_spec import mlp_spec  # noqa: E402
+from megatron_sffn.parallel.plan import FFNShape, choose_strategy, rank_cost  # noqa: E402
 from megatron_sffn.parallel.plan import require_shardable  # noqa: E402
 
 DOCS = ROOT / "docs" / "tensor-parallel.md"

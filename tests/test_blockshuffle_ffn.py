@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_sffn.parallel import ShapeOnlyGroup
+from megatron_sffn.parallel.comm import ShapeOnlyGroup
 from tests.workers.blockshuffle_ffn import (
     TOLERANCE,
     build_spec_mlp,

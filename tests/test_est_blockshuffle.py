@@ -25,7 +25,7 @@ from megatron_sffn.config.est import ESTConfig, ESTStage1
 from megatron_sffn.config.model import ModelConfig
 from megatron_sffn.est import build_plan
 from megatron_sffn.flops import main as flops_main
-from megatron_sffn.parallel import ShapeOnlyGroup
+from megatron_sffn.parallel.comm import ShapeOnlyGroup
 from tests.workers.blockshuffle_ffn import (
     TOLERANCE,
     SpecCase,

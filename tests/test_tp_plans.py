@@ -23,7 +23,7 @@ def test_every_structure_has_one_plan():
 
 
 def test_every_plan_with_modes_has_its_tp_linears():
-    from megatron_sffn.parallel import STRUCTURED_LINEARS
+    from megatron_sffn.parallel.mlp_spec import STRUCTURED_LINEARS
 
     assert sorted(STRUCTURED_LINEARS) == sorted(kind for kind, plan in PLANS.items() if plan.in_modes)
     for kind, linears in STRUCTURED_LINEARS.items():

@@ -15,15 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from megatron_sffn.config import FFNConfig, ModelConfig
-from megatron_sffn.parallel import (
-    STRUCTURED_LINEARS,
-    FFNShape,
-    ShapeOnlyGroup,
-    TPStrategy,
-    choose_strategy,
-    mlp_spec,
-    rank_cost,
-)
+from megatron_sffn.parallel.comm import ShapeOnlyGroup
+from megatron_sffn.parallel.mlp_spec import STRUCTURED_LINEARS, mlp_spec
+from megatron_sffn.parallel.plan import FFNShape, TPStrategy, choose_strategy, rank_cost
 from megatron_sffn.parallel.grads import TP_AVERAGED
 from megatron_sffn.parallel.layout import TPLayout, padded_tokens, shard_ranges
 from megatron_sffn.parallel.plan import candidate_strategies, dense_equivalent, require_shardable

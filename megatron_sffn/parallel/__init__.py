@@ -1,28 +1,8 @@
-"""Tensor-parallel structured FFN linears for megatron-core (see docs/tensor-parallel.md)."""
+"""Tensor-parallel structured FFN linears for megatron-core (see docs/tensor-parallel.md).
 
-from .blockdense import BlockDenseFC1, BlockDenseFC2
-from .blockshuffle import BlockShuffleFC1, BlockShuffleFC2
-from .comm import ShapeOnlyGroup, record_traffic
-from .grads import average_token_split_grads
-from .lowrank import LowRankFC1, LowRankFC2
-from .mlp_spec import STRUCTURED_LINEARS, mlp_spec
-from .plan import FFNShape, RankCost, TPStrategy, choose_strategy, rank_cost
-
-__all__ = [
-    "BlockDenseFC1",
-    "BlockDenseFC2",
-    "BlockShuffleFC1",
-    "BlockShuffleFC2",
-    "FFNShape",
-    "LowRankFC1",
-    "LowRankFC2",
-    "RankCost",
-    "STRUCTURED_LINEARS",
-    "ShapeOnlyGroup",
-    "TPStrategy",
-    "average_token_split_grads",
-    "choose_strategy",
-    "mlp_spec",
-    "rank_cost",
-    "record_traffic",
-]
+The package itself imports nothing: the structure plans and the cost model
+(:mod:`.plans`, :mod:`.plan`, :mod:`.layout`) are pure Python, and the
+planning tools read them without loading megatron-core.  Import the modules
+by name: ``from megatron_sffn.parallel.mlp_spec import mlp_spec``,
+``from megatron_sffn.parallel.plan import choose_strategy``, ...
+"""

@@ -66,7 +66,7 @@ from dataclasses import dataclass
 from ..accounting.model import ffn_layer_kinds, supra_feature_map_widths
 from ..config.model import ModelConfig
 from ..config.train import TrainConfig
-from ..structured import counts
+from ..parallel.plan import FFNShape, choose_strategy, rank_cost, saved_features_per_token
 
 _GIB = 1024**3
 _FP32 = 4
@@ -106,30 +106,14 @@ class StageMemory:
 def _ffn_params_per_rank(model: ModelConfig, kind: str, tp: int) -> int:
     """FFN weights and biases one TP rank holds; structured factors follow the TP plan the modules use
     (``model.ffn.tp_strategy``, whose divisibility :func:`.checks.check_run_config` has already checked)."""
-    d = model.hidden_size
-    (_, fc1_out), _ = model.ffn_shapes()
-    if tp == 1:  # every factor whole; spares importing the TP modules (and megatron) for a one-rank plan
-        weights = sum(counts.weight_params(kind, n, m, model.ffn.rank, model.ffn.blocks) for n, m in model.ffn_shapes())
-        return weights + fc1_out + d
-    from ..parallel.plan import rank_cost
-
-    strategy = None if kind == "dense" else _tp_strategy(model, kind, tp)
-    return rank_cost(ffn_shape(model, kind), strategy, tp).params
+    shape = ffn_shape(model, kind)
+    return rank_cost(shape, choose_strategy(shape, tp, model.ffn.tp_strategy), tp).params
 
 
-def ffn_shape(model: ModelConfig, kind: str):
+def ffn_shape(model: ModelConfig, kind: str) -> FFNShape:
     """The FFN as the TP sharding plan sees it (``kind`` of one layer: dense or the model's structure)."""
-    from ..parallel.plan import FFNShape
-
     return FFNShape(kind, model.hidden_size, model.ffn_hidden_size, model.ffn.rank, model.ffn.blocks,
                     gated=model.activation == "swiglu")  # fmt: skip
-
-
-def _tp_strategy(model: ModelConfig, kind: str, tp: int):
-    """The structured FFN's TP plan as the modules choose it (``model.ffn.tp_strategy`` or the automatic one)."""
-    from ..parallel.plan import choose_strategy
-
-    return choose_strategy(ffn_shape(model, kind), tp, model.ffn.tp_strategy)
 
 
 def _layer_params_per_rank(model: ModelConfig, layer: int, tp: int) -> int:
@@ -169,19 +153,6 @@ def stage_params_per_rank(model: ModelConfig, tp: int, pp: int, stage: int) -> i
 # -- activations ------------------------------------------------------------------------------------
 
 
-def _structured_inner_features(model: ModelConfig, kind: str, tp: int) -> int:
-    """Inner features per token that a structured FFN's two linears keep for the backward pass."""
-    if kind in ("lowrank", "blockdense"):
-        return 2 * model.ffn.rank
-    if kind == "blockshuffle":
-        (fc1_in, fc1_out), (fc2_in, fc2_out) = model.ffn_shapes()
-        inner = min(fc1_in, fc1_out) + min(fc2_in, fc2_out) // tp
-        if tp > 1 and _tp_strategy(model, kind, tp).fc1_in == "split":
-            inner += fc1_in // tp
-        return inner
-    return 0
-
-
 def _supra_attention_bytes_per_token(model: ModelConfig, tp: int, element_bytes: int) -> int:
     """What a SUPRA layer's attention keeps per token (see the module docstring); it has no selective recompute."""
     e, heads, width = element_bytes, model.num_attention_heads // tp, model.attention_width // tp
@@ -207,7 +178,7 @@ def layer_activation_bytes_per_token(model: ModelConfig, layer: int, tp: int, el
         attention += model.num_attention_heads // tp * _FP32
         if selective_recompute:
             attention -= model.attention_width // tp * e + model.num_attention_heads // tp * _FP32
-    ffn = (fc1_out + model.ffn_hidden_size) // tp * e + _structured_inner_features(model, kind, tp) * e
+    ffn = (fc1_out + model.ffn_hidden_size) // tp * e + saved_features_per_token(ffn_shape(model, kind), tp, model.ffn.tp_strategy) * e
     return norms + attention + ffn
 
 

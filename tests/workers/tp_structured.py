@@ -17,7 +17,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_sffn.config import FFNConfig, ModelConfig
-from megatron_sffn.parallel import FFNShape, mlp_spec, rank_cost, record_traffic
+from megatron_sffn.parallel.comm import record_traffic
+from megatron_sffn.parallel.mlp_spec import mlp_spec
+from megatron_sffn.parallel.plan import FFNShape, rank_cost
 from megatron_sffn.parallel.grads import average_token_split_grads
 from megatron_sffn.parallel.layout import TPLayout, shard_ranges, take_rows
 from tests.workers.blockshuffle_ffn import (  # noqa: F401  (checks of this module's launch)
