@@ -26,7 +26,16 @@ import torch.nn.functional as F
 
 from megatron_sffn.parallel.layout import TPLayout, shard_ranges
 from megatron_sffn.structured.guided import drawn_alpha
-from tests.workers.tp_structured import CASES, _init, _relative_error, _tp_group, build_mlp, full_tensor_slice, inputs
+from tests.workers.tp_structured import (
+    CASES,
+    _init,
+    _relative_error,
+    _tp_group,
+    build_mlp,
+    full_tensor_slice,
+    inputs,
+    run_mlp,
+)
 
 GUIDED_CASES = [case for case in CASES if case.structure != "dense"]
 ALPHAS = (1.0, 0.35)
@@ -71,15 +80,6 @@ def _output(mlp, x: torch.Tensor) -> torch.Tensor:
     return out + bias
 
 
-def _forward_backward(mlp, x: torch.Tensor, target: torch.Tensor):
-    x = x.clone().requires_grad_(True)
-    out, bias = mlp(x)
-    y = out + bias
-    loss = (y - target).square().sum()
-    loss.backward()
-    return y.detach(), loss.detach(), x.grad
-
-
 def guided_mlp_tp2_matches_tp1() -> dict[str, dict[str, float]]:
     """Per case: relative errors of TP=2 against TP=1 with guides, and of α = 1 / α = 0 against references."""
     from megatron_sffn.parallel.grads import average_token_split_grads
@@ -104,8 +104,8 @@ def guided_mlp_tp2_matches_tp1() -> dict[str, dict[str, float]]:
         for alpha in ALPHAS:
             _set_alpha(reference, alpha)
             _set_alpha(parallel, alpha)
-            y1, loss1, dx1 = _forward_backward(reference, x, target)
-            y2, loss2, dx2 = _forward_backward(parallel, x, target)
+            y1, loss1, dx1 = run_mlp(reference, x, target)
+            y2, loss2, dx2 = run_mlp(parallel, x, target)
             average_token_split_grads([parallel], group)
             errors.update({f"{alpha}:output": _relative_error(y2, y1), f"{alpha}:loss": _relative_error(loss2, loss1),
                            f"{alpha}:input_grad": _relative_error(dx2, dx1)})  # fmt: skip
