@@ -170,7 +170,6 @@ def _record_forward_alphas(guidance, log: list) -> list:
 
 def _train(tp: int, pp: int, structure: dict[str, Any]) -> dict[str, Any]:
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_sffn.model import initialize_model_parallel, seed_model_parallel
     from megatron_sffn.training.model_setup import (
@@ -178,7 +177,7 @@ def _train(tp: int, pp: int, structure: dict[str, Any]) -> dict[str, Any]:
     )  # fmt: skip
     from megatron_sffn.training.schedule import build_lr_scheduler
     from megatron_sffn.training.self_guided import GuidancePlan, SelfGuidance
-    from megatron_sffn.training.step import make_forward_step, reduce_step_numbers, sum_reports
+    from megatron_sffn.training.step import make_forward_step, reduce_step_numbers, run_schedule
 
     config = _train_config(tp, pp, structure)
     initialize_model_parallel(tp, pp)
@@ -204,13 +203,10 @@ def _train(tp: int, pp: int, structure: dict[str, Any]) -> dict[str, Any]:
         guidance.optimizer.zero_grad()
         batches = _global_batches(step)[dp_rank * local:(dp_rank + 1) * local]
         log.clear()
-        reports = get_forward_backward_func()(
-            forward_step_func=make_forward_step(before_micro_batch=guidance.before_micro_batch),
-            data_iterator=iter(batches),
-            model=model, num_microbatches=local, seq_length=SEQ, micro_batch_size=MICRO_BATCH_SIZE,
-            forward_only=False,
-        )  # fmt: skip
-        loss_sum, count = reduce_step_numbers(sum_reports(reports), [])
+        forward_step = make_forward_step(before_micro_batch=guidance.before_micro_batch)
+        local_loss = run_schedule(model, batches, forward_step, seq_length=SEQ, micro_batch_size=MICRO_BATCH_SIZE,
+                                  forward_only=False)
+        loss_sum, count = reduce_step_numbers(local_loss, [])
         guidance.optimizer.step()
         losses.append(loss_sum / count)
         used.append(list(log))
