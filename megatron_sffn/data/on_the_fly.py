@@ -61,7 +61,7 @@ import logging
 import math
 import os
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from typing import Any, Iterator, NamedTuple
 
@@ -366,71 +366,29 @@ def text_settings(files: list[str] | list[SourceFile], tokenizer: str, context_l
     return TextSettings(tuple(sources), str(tokenizer), context_length, **options)
 
 
-def build_text_train_loader(
-    files: list[str] | list[SourceFile],
-    *,
-    tokenizer: str,
-    context_length: int,
-    micro_batch_size: int,
-    dp_rank: int = 0,
-    dp_size: int = 1,
-    num_workers: int = 0,
-    seed: int = 1234,
-    lanes: int = 8,
-    text_key: str | None = None,
-    eos_token: str | None = None,
-    validation_fraction: float = 0.005,
-    split_seed: int = 0,
-    shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
-    batch_documents: int = DEFAULT_BATCH_DOCUMENTS,
-    bad_documents: str = "error",
-    skip_bad_files: bool = False,
-    prefetch_factor: int = 2,
-    pin_memory: bool = False,
-) -> TrainStream:
-    """The endless training stream of rank ``dp_rank`` over raw parquet / JSONL / text files.
+def build_text_train_loader(settings: TextSettings, layout: StreamLayout, *, seed: int = 1234,
+                            lanes: int = 8) -> TrainStream:
+    """The endless training stream of rank ``layout.dp_rank`` over raw parquet / JSONL / text files.
 
-    ``validation_fraction`` and ``split_seed`` hold out the same documents as
-    ``prepare`` does with ``--validation-fraction`` / ``--seed``;
+    ``settings`` (see ``text_settings``) hold out the same documents as
+    ``prepare`` does with the same ``--validation-fraction`` / ``--seed``;
     ``bad_documents`` is ``prepare``'s ``--bad-documents``; ``skip_bad_files``
     leaves out and counts files that cannot be read (``data.skip_bad_shards``).
     """
-    settings = text_settings(files, tokenizer, context_length, text_key=text_key, eos_token=eos_token,
-                             validation_fraction=validation_fraction, split_seed=split_seed,
-                             shuffle_window=shuffle_window, batch_documents=batch_documents,
-                             bad_documents=bad_documents, skip_bad_files=skip_bad_files)
-    layout = StreamLayout(micro_batch_size, dp_rank, dp_size, num_workers, prefetch_factor, pin_memory)
     identity = {"source": "text", "seed": seed, "data": _fingerprint(settings)}
     return TrainStream(TextSource(settings, seed, lanes), layout, identity, lanes,
                        chunk_rows=max(1, min(64, (1 << 16) // settings.sample_length)))
 
 
-def build_text_validation_loader(
-    files: list[str] | list[SourceFile],
-    *,
-    tokenizer: str,
-    context_length: int,
-    micro_batch_size: int,
-    dp_rank: int = 0,
-    dp_size: int = 1,
-    text_key: str | None = None,
-    eos_token: str | None = None,
-    validation_fraction: float = 0.005,
-    split_seed: int = 0,
-    bad_documents: str = "error",
-    skip_bad_files: bool = False,
-    batches_multiple_of: int = 1,
-    pin_memory: bool = False,
-) -> ValidationLoader:
+def build_text_validation_loader(settings: TextSettings, layout: StreamLayout, *,
+                                 batches_multiple_of: int = 1) -> ValidationLoader:
     """The held-out documents of the files, packed as ``prepare`` packs its validation split.
 
+    The samples are materialised in this process, so ``layout``'s worker count is not used.
     Skipped bad documents and files are counted by the training stream, which reads every file too.
     """
-    settings = text_settings(files, tokenizer, context_length, text_key=text_key, eos_token=eos_token,
-                             validation_fraction=validation_fraction, split_seed=split_seed,
-                             bad_documents=bad_documents, skip_bad_files=skip_bad_files)
-    layout = StreamLayout(micro_batch_size, dp_rank, dp_size, 0, 2, pin_memory)
-    return ValidationLoader(ArrayRows(held_out_samples(settings)), layout, batches_multiple_of)
+    in_process = replace(layout, num_workers=0)
+    return ValidationLoader(ArrayRows(held_out_samples(settings)), in_process, batches_multiple_of)
 
 
 def held_out_samples(settings: TextSettings) -> np.ndarray:
