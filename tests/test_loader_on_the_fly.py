@@ -102,7 +102,7 @@ def test_one_lane_one_file_gives_prepares_samples(corpus, tmp_path):
     paths, tokenizer = corpus
     out = tmp_path / "prepared"
     options = PrepareOptions(tokenizer=tokenizer, out=out, context_length=CONTEXT, samples_per_shard=16,
-                             validation_fraction=FRACTION, seed=0)
+                             validation_fraction=FRACTION, split_seed=0)
     prepare(expand_inputs(paths[:1]), options, progress=False)
     manifest = load_manifest(out)
 

@@ -68,7 +68,7 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 
 from .order import UNIT_ORDER_TAG, WINDOW_ORDER_TAG, ReaderSlot, permutation
-from .packing import TokenPacker, is_validation
+from .packing import PackingSettings, TokenPacker
 from .streaming import Row, StreamLayout, TrainStream
 from .text_sources import (
     FILE_SKIP_HINT,
@@ -79,7 +79,6 @@ from .text_sources import (
     Record,
     SourceError,
     SourceFile,
-    check_bad_documents_mode,
     content_signature,
     expand_inputs,
     numbered_records,
@@ -106,39 +105,22 @@ class Cursor(NamedTuple):
 START = Cursor(0, 0, 0, 0)
 
 
-@dataclass(frozen=True)
-class TextSettings:
-    """Everything besides seed and lanes that decides the sample stream."""
+@dataclass(frozen=True, kw_only=True)
+class TextSettings(PackingSettings):
+    """Everything besides seed and lanes that decides the sample stream (skipped bad documents are counted in
+    the loader's stats)."""
 
     files: tuple[SourceFile, ...]
-    tokenizer: str
-    context_length: int
-    text_key: str | None = None
-    eos_token: str | None = None
-    validation_fraction: float = 0.005
-    split_seed: int = 0  # seed of the document-hash split, as in prepare
     shuffle_window: int = DEFAULT_SHUFFLE_WINDOW
     batch_documents: int = DEFAULT_BATCH_DOCUMENTS
-    bad_documents: str = "error"  # or "skip" (counted in the loader's stats)
     skip_bad_files: bool = False  # leave out (and count) files that cannot be read instead of stopping
 
     def __post_init__(self) -> None:
-        check_bad_documents_mode(self.bad_documents)
+        super().__post_init__()
         if not self.files:
             raise ValueError("an on-the-fly stream needs at least one input file")
-        if self.context_length < 1:
-            raise ValueError(f"context_length={self.context_length} must be positive")
         if self.shuffle_window < 1:
             raise ValueError(f"shuffle_window={self.shuffle_window} must be positive")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError(f"validation_fraction={self.validation_fraction} must be in [0, 1)")
-
-    @property
-    def sample_length(self) -> int:
-        return self.context_length + 1
-
-    def is_held_out(self, text: str) -> bool:
-        return self.validation_fraction > 0 and is_validation(text, self.validation_fraction, self.split_seed)
 
 
 _TOKENIZERS: dict[tuple[str, str | None], Tokenizer] = {}
@@ -363,7 +345,7 @@ def text_settings(files: list[str] | list[SourceFile], tokenizer: str, context_l
         sources = list(files)
     else:
         sources = expand_inputs([str(f) for f in files])
-    return TextSettings(tuple(sources), str(tokenizer), context_length, **options)
+    return TextSettings(files=tuple(sources), tokenizer=str(tokenizer), context_length=context_length, **options)
 
 
 def build_text_train_loader(settings: TextSettings, layout: StreamLayout, *, seed: int = 1234,
