@@ -18,17 +18,11 @@ import pytest
 import torch
 
 from megatron_sffn.data.loader import build_train_loader, build_validation_loader
-from megatron_sffn.data.manifest import (
-    Manifest,
-    ManifestError,
-    ShardInfo,
-    SplitInfo,
-    TokenizerInfo,
-    write_manifest_atomic,
-)
+from megatron_sffn.data.manifest import ManifestError, TokenizerInfo
 from megatron_sffn.data.order import ShardedOrder, reader_slot
 from megatron_sffn.data.streaming import StreamLayout, merge_states
-from megatron_sffn.data.shard_writer import shard_name, write_shard_atomic
+
+from tests.prepared_data import write_prepared
 
 VOCAB = 50_000
 CONTEXT = 8
@@ -42,26 +36,11 @@ def sample_tokens(index: int, sample_length: int = CONTEXT + 1) -> np.ndarray:
 
 def write_dataset(out: Path, train: int = 61, validation: int = 17, per_shard: int = 7) -> Path:
     """A prepared dataset with ``train``/``validation`` samples, built without ``prepare``."""
-    splits = {}
-    for split, total in (("train", train), ("validation", validation)):
-        shards = []
-        for first in range(0, total, per_shard):
-            rows = np.stack([sample_tokens(i) for i in range(first, min(total, first + per_shard))])
-            path = shard_name(split, len(shards))
-            digest = write_shard_atomic(out / path, rows, first, "uint16")
-            shards.append(ShardInfo(path, len(rows), rows.size, digest))
-        splits[split] = SplitInfo(total, total * (CONTEXT + 1), shards)
-    manifest = Manifest(
-        context_length=CONTEXT,
-        samples_per_shard=per_shard,
-        tokenizer=TokenizerInfo("test-vocab", "hf-json", VOCAB, 0, "0" * 64),
-        splits=splits,
-        sources=[],
-        settings={"validation_fraction": 0.2, "seed": 0},
-        created_by="tests",
-        token_dtype="uint16",
-    )
-    write_manifest_atomic(manifest, out)
+    counts = {"train": train, "validation": validation}
+    splits = {split: sample_tokens(np.arange(total)[:, None]) for split, total in counts.items()}
+    write_prepared(out, splits, context_length=CONTEXT, per_shard=per_shard,
+                   tokenizer=TokenizerInfo("test-vocab", "hf-json", VOCAB, 0, "0" * 64),
+                   settings={"validation_fraction": 0.2, "seed": 0}, created_by="tests")
     return out
 
 
