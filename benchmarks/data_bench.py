@@ -50,6 +50,7 @@ import numpy as np  # noqa: E402
 
 from data_tools.prepare import PrepareOptions, prepare  # noqa: E402
 from megatron_sffn.data.loader import build_train_loader  # noqa: E402
+from megatron_sffn.data.streaming import StreamLayout  # noqa: E402
 from megatron_sffn.data.text_sources import SourceFile, expand_inputs, iter_documents  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,21 +174,20 @@ def time_rounds(loader, round_samples: int, rounds: int, micro_batch: int) -> tu
 
 
 def bench_loaders(dataset: Path, sources: list[SourceFile], tokenizer: str, args: argparse.Namespace) -> list[Row]:
-    from megatron_sffn.data.on_the_fly import DEFAULT_SHUFFLE_WINDOW, build_text_train_loader
+    from megatron_sffn.data.on_the_fly import DEFAULT_SHUFFLE_WINDOW, build_text_train_loader, text_settings
 
     rows = []
     for workers in args.workers:
         print(f"[data_bench] (b) shard loader, {workers} workers", file=sys.stderr)
-        loader = build_train_loader(dataset, micro_batch_size=args.micro_batch_size, num_workers=workers,
-                                    lanes=args.lanes)
+        layout = StreamLayout(micro_batch_size=args.micro_batch_size, num_workers=workers)
+        loader = build_train_loader(dataset, layout, lanes=args.lanes)
         measured = time_rounds(loader, args.lanes * args.samples_per_shard, args.rounds, args.micro_batch_size)
         rows.append(Row("b", "shard loader", workers, *measured, "wall"))
     for workers in args.workers:
         print(f"[data_bench] (c) on-the-fly loader, {workers} workers", file=sys.stderr)
-        loader = build_text_train_loader([s.path for s in sources], tokenizer=tokenizer,
-                                         context_length=args.context_length, text_key=args.text_key,
-                                         micro_batch_size=args.micro_batch_size, num_workers=workers,
-                                         lanes=args.lanes)
+        settings = text_settings([s.path for s in sources], tokenizer, args.context_length, text_key=args.text_key)
+        layout = StreamLayout(micro_batch_size=args.micro_batch_size, num_workers=workers)
+        loader = build_text_train_loader(settings, layout, lanes=args.lanes)
         measured = time_rounds(loader, args.lanes * DEFAULT_SHUFFLE_WINDOW, args.rounds, args.micro_batch_size)
         rows.append(Row("c", "on-the-fly loader", workers, *measured, "wall"))
     return rows

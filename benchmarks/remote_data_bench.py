@@ -31,7 +31,8 @@ from data_bench import synthetic_corpus, time_rounds  # noqa: E402
 from http_range_server import RangeServer  # noqa: E402
 
 from data_tools.train_tokenizer import train_tokenizer  # noqa: E402
-from megatron_sffn.data.on_the_fly import DEFAULT_SHUFFLE_WINDOW, build_text_train_loader  # noqa: E402
+from megatron_sffn.data.on_the_fly import DEFAULT_SHUFFLE_WINDOW, build_text_train_loader, text_settings  # noqa: E402
+from megatron_sffn.data.streaming import StreamLayout  # noqa: E402
 from megatron_sffn.data.text_sources import expand_inputs, iter_documents  # noqa: E402
 from megatron_sffn.data.tokenizer import load_tokenizer  # noqa: E402
 
@@ -78,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                 for case, paths in inputs.items():
                     print(f"[remote_data_bench] repeat {repeat + 1}/{args.repeats}: {case}", file=sys.stderr)
                     before = server.bytes_sent
-                    loader = build_text_train_loader(paths, tokenizer=tokenizer, context_length=args.context_length,
-                                                     micro_batch_size=args.micro_batch_size, lanes=args.lanes)
+                    settings = text_settings(paths, tokenizer, args.context_length)
+                    loader = build_text_train_loader(settings, StreamLayout(micro_batch_size=args.micro_batch_size),
+                                                     lanes=args.lanes)
                     tokens, seconds = time_rounds(loader, args.lanes * DEFAULT_SHUFFLE_WINDOW, args.rounds,
                                                   args.micro_batch_size)
                     results[case].append(tokens / seconds)

@@ -46,12 +46,11 @@ from megatron_sffn.data.manifest import (
     token_dtype_for_vocab,
     write_manifest_atomic,
 )
-from megatron_sffn.data.packing import TokenPacker
+from megatron_sffn.data.packing import PackingSettings, TokenPacker
 from megatron_sffn.data.shard_writer import shard_name, write_shard_atomic
 from megatron_sffn.data.text_sources import (
     SkippedDocuments,
     SourceFile,
-    check_bad_documents_mode,
     file_identity,
     iter_documents,
     known_document_count,
@@ -61,19 +60,24 @@ from megatron_sffn.data.tokenizer import load_tokenizer
 PAUSE_ENV = "SFFN_PREPARE_PAUSE_AFTER_SHARD_S"
 
 
-@dataclass(frozen=True)
-class PrepareOptions:
-    tokenizer: str
+@dataclass(frozen=True, kw_only=True)
+class PrepareOptions(PackingSettings):
+    """The packing settings (recorded in the manifest, skipped documents counted there) and how to write them."""
+
     out: Path
-    context_length: int = 2048
     samples_per_shard: int = 1024
-    validation_fraction: float = 0.005
-    seed: int = 0
-    text_key: str | None = None
-    eos_token: str | None = None
     workers: int = 1
     batch_documents: int = 64
-    bad_documents: str = "error"  # or "skip": leave unreadable documents out, counted in the manifest
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("samples_per_shard", "batch_documents"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{self.setting_name(name)} is {getattr(self, name)}, expected a positive integer")
+
+    @classmethod
+    def setting_name(cls, field: str) -> str:
+        return "--" + field.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -89,14 +93,13 @@ class PrepareResult:
 def prepare(sources: list[SourceFile], options: PrepareOptions, progress: bool = True) -> PrepareResult:
     """Build (or finish, or confirm) the dataset in ``options.out``."""
     start = time.perf_counter()
-    _check_options(options)
     tokenizer = load_tokenizer(options.tokenizer, options.eos_token)
     identity = tokenizer.identity()
     settings = {
         "context_length": options.context_length,
         "samples_per_shard": options.samples_per_shard,
         "validation_fraction": options.validation_fraction,
-        "seed": options.seed,
+        "seed": options.split_seed,
         "text_key": options.text_key,
         "eos_token": options.eos_token,
     }
@@ -120,7 +123,8 @@ def prepare(sources: list[SourceFile], options: PrepareOptions, progress: bool =
     writer = _SplitWriter(out, store, fingerprint, options, tokenizer.eos_id, token_dtype_for_vocab(tokenizer.vocab_size))
     docs = itertools.islice(itertools.chain([first], documents), writer.state.documents_done, None)
     batches = _batched((doc.text for doc in docs), options.batch_documents)
-    encoded = encode_batches(batches, tokenizer, options.eos_token, options.validation_fraction, options.seed, options.workers)
+    encoded = encode_batches(batches, tokenizer, options.eos_token, options.validation_fraction, options.split_seed,
+                             options.workers)
     run_docs = run_tokens = 0
     bar = tqdm(total=known_document_count(sources), initial=writer.state.documents_done, unit="doc", desc="prepare",
                file=sys.stderr, disable=not progress, dynamic_ncols=True)
@@ -133,7 +137,7 @@ def prepare(sources: list[SourceFile], options: PrepareOptions, progress: bool =
             bar.set_postfix_str(f"{run_tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s", refresh=False)
     tails = writer.finish()
 
-    state, sample_length = writer.state, options.context_length + 1
+    state, sample_length = writer.state, options.sample_length
     manifest = Manifest(
         context_length=options.context_length,
         token_dtype=writer.dtype_name,
@@ -174,7 +178,7 @@ class _SplitWriter:
         else:
             self.state, pending = loaded
         _reconcile_shards(out, self.state)
-        self.packers = {name: TokenPacker(options.context_length + 1, eos_id, pending[name]) for name in SPLITS}
+        self.packers = {name: TokenPacker(options.sample_length, eos_id, pending[name]) for name in SPLITS}
 
     def add(self, split: str, ids: np.ndarray) -> int:
         """Append one document (EOS added) to ``split``; returns its token count including EOS."""
@@ -212,18 +216,6 @@ class _SplitWriter:
         rel = shard_name(split, len(progress.shards))
         digest = write_shard_atomic(self.out / rel, samples, progress.samples, self.dtype_name)
         progress.shards.append(ShardInfo(rel, len(samples), samples.size, digest))
-
-
-def _check_options(options: PrepareOptions) -> None:
-    if options.context_length < 1:
-        raise ValueError(f"--context-length is {options.context_length}, expected a positive integer")
-    if options.samples_per_shard < 1:
-        raise ValueError(f"--samples-per-shard is {options.samples_per_shard}, expected a positive integer")
-    if not 0.0 <= options.validation_fraction < 1.0:
-        raise ValueError(f"--validation-fraction is {options.validation_fraction}, expected a number in [0, 1)")
-    if options.batch_documents < 1:
-        raise ValueError(f"--batch-documents is {options.batch_documents}, expected a positive integer")
-    check_bad_documents_mode(options.bad_documents)
 
 
 def _confirm_finished(out: Path, settings: dict[str, Any], sources: list[dict[str, Any]], identity: dict[str, Any]) -> Manifest:
@@ -284,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples-per-shard", type=int, default=defaults.samples_per_shard)
     parser.add_argument("--validation-fraction", type=float, default=defaults.validation_fraction,
                         help="expected fraction of documents sent to the validation split")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the document-hash split")
+    parser.add_argument("--seed", type=int, default=defaults.split_seed, help="seed of the document-hash split")
     parser.add_argument("--eos-token", default=None, help="end-of-text token (default: detected from the tokenizer)")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1),
                         help="tokenizer processes; the output does not depend on it")
@@ -293,21 +285,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     single_threaded_tokenizers()
-    options = PrepareOptions(
-        tokenizer=args.tokenizer,
-        out=args.out,
-        context_length=args.context_length,
-        samples_per_shard=args.samples_per_shard,
-        validation_fraction=args.validation_fraction,
-        seed=args.seed,
-        text_key=args.text_key,
-        eos_token=args.eos_token,
-        workers=args.workers,
-        batch_documents=args.batch_documents,
-        bad_documents=args.bad_documents,
-    )
     try:
-        result = prepare(sources_from_args(args), options, progress=not args.quiet)
+        sources = sources_from_args(args)  # a missing input is reported before a bad option
+        options = PrepareOptions(
+            tokenizer=args.tokenizer,
+            out=args.out,
+            context_length=args.context_length,
+            samples_per_shard=args.samples_per_shard,
+            validation_fraction=args.validation_fraction,
+            split_seed=args.seed,
+            text_key=args.text_key,
+            eos_token=args.eos_token,
+            workers=args.workers,
+            batch_documents=args.batch_documents,
+            bad_documents=args.bad_documents,
+        )
+        result = prepare(sources, options, progress=not args.quiet)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"prepare: error: {exc}", file=sys.stderr)
         return 1

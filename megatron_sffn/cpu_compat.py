@@ -23,6 +23,7 @@ so a GPU run never touches it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Iterator
 
@@ -145,7 +146,9 @@ def _set_cpu_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bo
 # core attention
 
 
-def _core_attention_class() -> type:
+@functools.cache
+def core_attention_class() -> type:
+    """The CPU core-attention module class (built lazily: megatron imports take seconds)."""
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.module import MegatronModule
 
@@ -215,17 +218,6 @@ def _core_attention_class() -> type:
             return out.permute(2, 0, 1, 3).reshape(sq, b, heads * dim)
 
     return SDPACoreAttention
-
-
-_CORE_ATTENTION: type | None = None
-
-
-def core_attention_class() -> type:
-    """The CPU core-attention module class (built lazily: megatron imports take seconds)."""
-    global _CORE_ATTENTION
-    if _CORE_ATTENTION is None:
-        _CORE_ATTENTION = _core_attention_class()
-    return _CORE_ATTENTION
 
 
 # ---------------------------------------------------------------------------

@@ -129,8 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        from .model.distributed import close_process_group
+
+        close_process_group()
     return 0
 
 

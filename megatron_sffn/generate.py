@@ -182,8 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rank0 and args.json:
             print(json.dumps(_json_report(generator, prompts, completions, output, params)), flush=True)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        from .model.distributed import close_process_group
+
+        close_process_group()
     return 0
 
 

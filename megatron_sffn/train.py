@@ -96,10 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("[train] interrupted during set-up; nothing was saved", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     finally:
-        import torch.distributed as dist
+        from .model.distributed import close_process_group
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_process_group()
     return 0
 
 

@@ -21,7 +21,8 @@ from test_data_library import tiny_documents, train_tiny_tokenizer
 from data_tools import prepare as prepare_tool
 from data_tools import train_tokenizer as train_tool
 from megatron_sffn.data.manifest import load_manifest
-from megatron_sffn.data.on_the_fly import build_text_train_loader
+from megatron_sffn.data.on_the_fly import build_text_train_loader, text_settings
+from megatron_sffn.data.streaming import StreamLayout
 from megatron_sffn.data.text_sources import SkippedDocuments, SourceError, expand_inputs, iter_documents
 
 CONTEXT = 16
@@ -157,9 +158,10 @@ def test_train_tokenizer_names_or_skips_bad_documents(tmp_path, capsys, hostile)
     assert (tmp_path / "tok.json").is_file()
 
 
-def raw_stream(files: list[str], tokenizer: Path, samples: int, **options) -> tuple[list[list[int]], object]:
-    loader = build_text_train_loader(files, tokenizer=str(tokenizer), context_length=CONTEXT, micro_batch_size=4,
-                                     lanes=2, validation_fraction=0.2, shuffle_window=3, **options)  # fmt: skip
+def raw_stream(files: list[str], tokenizer: Path, samples: int, num_workers: int = 0,
+               **settings) -> tuple[list[list[int]], object]:
+    settings = text_settings(files, str(tokenizer), CONTEXT, validation_fraction=0.2, shuffle_window=3, **settings)
+    loader = build_text_train_loader(settings, StreamLayout(micro_batch_size=4, num_workers=num_workers), lanes=2)
     rows, it = [], iter(loader)
     while len(rows) < samples:
         rows += next(it)["tokens"].tolist()

@@ -20,19 +20,18 @@ import pytest
 from megatron_sffn.data.manifest import (
     Manifest,
     ManifestError,
-    ShardInfo,
-    SplitInfo,
     TokenizerInfo,
     load_manifest,
     token_dtype_for_vocab,
-    write_manifest_atomic,
 )
 from megatron_sffn.data.packing import TokenPacker, is_validation
 from megatron_sffn.data.shard_verify import verify_dataset
-from megatron_sffn.data.shard_writer import encode_shard, shard_name, write_shard_atomic
+from megatron_sffn.data.shard_writer import encode_shard
 from megatron_sffn.data.tar_shards import ShardError
 from megatron_sffn.data.text_sources import SourceError, expand_inputs, iter_documents
 from megatron_sffn.data.tokenizer import TokenizerUnavailableError, load_tokenizer
+
+from tests.prepared_data import write_prepared
 
 WORDS = (
     "the model trains structured feedforward layers with low rank and block diagonal weights while "
@@ -251,25 +250,10 @@ def build_dataset(out: Path, vocab_size: int = 1000, context: int = 5, per_shard
                   counts: dict[str, int] | None = None) -> Manifest:
     """A small dataset written with the shard writer, sample i of a split starting with token i."""
     counts = counts or {"train": 10, "validation": 3}
-    length = context + 1
-    splits = {}
-    for split, total in counts.items():
-        shards = []
-        for first in range(0, total, per_shard):
-            rows = np.array([[(i + j) % vocab_size for j in range(length)] for i in range(first, min(total, first + per_shard))])
-            rel = shard_name(split, len(shards))
-            shards.append(ShardInfo(rel, len(rows), rows.size, write_shard_atomic(out / rel, rows, first, "uint16")))
-        splits[split] = SplitInfo(total, total * length, shards)
-    manifest = Manifest(
-        context_length=context,
-        samples_per_shard=per_shard,
-        tokenizer=TokenizerInfo("tok.json", "hf-json", vocab_size, 0, "ab" * 32),
-        splits=splits,
-        sources=[],
-        settings={"validation_fraction": 0.2, "seed": 0},
-        created_by="test",
-    )
-    write_manifest_atomic(manifest, out)
+    splits = {name: (np.arange(total)[:, None] + np.arange(context + 1)) % vocab_size for name, total in counts.items()}
+    write_prepared(out, splits, context_length=context, per_shard=per_shard,
+                   tokenizer=TokenizerInfo("tok.json", "hf-json", vocab_size, 0, "ab" * 32),
+                   settings={"validation_fraction": 0.2, "seed": 0}, created_by="test")
     return load_manifest(out)
 
 

@@ -22,7 +22,8 @@ from test_loader_on_the_fly import full_rows, stream
 from data_tools.prepare import PrepareOptions, prepare
 from megatron_sffn.data import remote
 from megatron_sffn.data.input_list import INPUT_LIST_FILE, record_inputs, recorded_inputs
-from megatron_sffn.data.on_the_fly import build_text_train_loader
+from megatron_sffn.data.on_the_fly import build_text_train_loader, text_settings
+from megatron_sffn.data.streaming import StreamLayout
 from megatron_sffn.data.text_sources import SourceError, expand_inputs, numbered_records
 from tests.workers.train_checks import word_level_tokenizer
 
@@ -54,24 +55,23 @@ def names() -> list[str]:
     return [f"part-{f}.parquet" for f in range(3)]
 
 
-def loader(files, tokenizer, **options):
-    defaults = dict(tokenizer=tokenizer, context_length=CONTEXT, micro_batch_size=3, lanes=LANES,
-                    validation_fraction=0.1, shuffle_window=5)  # fmt: skip
-    return build_text_train_loader(files, **{**defaults, **options})
+def loader(files, tokenizer, layout: StreamLayout = StreamLayout(3), *, lanes: int = LANES, **settings):
+    settings = text_settings(files, tokenizer, CONTEXT, **{"validation_fraction": 0.1, "shuffle_window": 5, **settings})
+    return build_text_train_loader(settings, layout, lanes=lanes)
 
 
 def test_remote_raw_mode_is_the_local_stream_and_resumes_across_dp_sizes(corpus, server):
     root, tokenizer = corpus
     local = [str(root / n) for n in names()]
     urls = [server.url(n) for n in names()]
-    expected = stream(loader(local, tokenizer, micro_batch_size=1), 80)
-    assert stream(loader(urls, tokenizer, micro_batch_size=1), 80) == expected
+    expected = stream(loader(local, tokenizer, StreamLayout(1)), 80)
+    assert stream(loader(urls, tokenizer, StreamLayout(1)), 80) == expected
 
     hops = [(2, 0, 3, 4), (1, 2, 2, 6), (4, 1, 1, 4)]
-    seen, states = run_chain(hops, lambda **layout: loader(urls, tokenizer, **layout), stream)
+    seen, states = run_chain(hops, lambda layout: loader(urls, tokenizer, layout), stream)
     assert seen == expected[: len(seen)]
     # The state names files and content, not where they are: a local run resumes from a remote one.
-    resumed = loader(local, tokenizer, micro_batch_size=1)
+    resumed = loader(local, tokenizer, StreamLayout(1))
     resumed.load_state_dict(states[-1])
     assert stream(resumed, 4) == expected[len(seen):len(seen) + 4]
 
@@ -119,12 +119,12 @@ def test_skip_mode_leaves_out_an_unreadable_file_and_counts_it_at_any_layout(cor
         shutil.copy(root / name, tmp_path / name)
     pq.write_table(pa.table({"content": pa.array([], pa.string())}), tmp_path / "part-9.parquet")
     # Reference: the same files with part-9 holding no documents.
-    expected = stream(loader([str(tmp_path / n) for n in files], tokenizer, lanes=2, micro_batch_size=1), 240)
+    expected = stream(loader([str(tmp_path / n) for n in files], tokenizer, StreamLayout(1), lanes=2), 240)
 
-    def build(**layout):
-        return loader([server.url(n) for n in files], tokenizer, lanes=2, skip_bad_files=True, **layout)
+    def build(layout):
+        return loader([server.url(n) for n in files], tokenizer, layout, lanes=2, skip_bad_files=True)
 
-    whole = build(micro_batch_size=1)
+    whole = build(StreamLayout(1))
     assert stream(whole, 240) == expected
     counted = whole.state_dict()["stats"]
     missing = server.url("part-9.parquet")
@@ -183,8 +183,8 @@ def test_a_glob_is_resolved_once_per_run_and_a_resume_keeps_the_recorded_files(c
         files = record_inputs([pattern], run_dir)
         assert [f.path for f in files] == [f"memory://{prefix}/{n}" for n in names()]
         assert (run_dir / INPUT_LIST_FILE).is_file()
-        local = stream(loader([str(root / n) for n in names()], tokenizer, micro_batch_size=1), 40)
-        assert stream(loader(files, tokenizer, micro_batch_size=1), 40) == local
+        local = stream(loader([str(root / n) for n in names()], tokenizer, StreamLayout(1)), 40)
+        assert stream(loader(files, tokenizer, StreamLayout(1)), 40) == local
 
         memory.pipe(f"{prefix}/part-00.parquet", (root / names()[0]).read_bytes())  # the listing changes
         memory.rm(f"{prefix}/{names()[2]}")

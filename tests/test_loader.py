@@ -18,17 +18,11 @@ import pytest
 import torch
 
 from megatron_sffn.data.loader import build_train_loader, build_validation_loader
-from megatron_sffn.data.manifest import (
-    Manifest,
-    ManifestError,
-    ShardInfo,
-    SplitInfo,
-    TokenizerInfo,
-    write_manifest_atomic,
-)
+from megatron_sffn.data.manifest import ManifestError, TokenizerInfo
 from megatron_sffn.data.order import ShardedOrder, reader_slot
-from megatron_sffn.data.streaming import merge_states
-from megatron_sffn.data.shard_writer import shard_name, write_shard_atomic
+from megatron_sffn.data.streaming import StreamLayout, merge_states
+
+from tests.prepared_data import write_prepared
 
 VOCAB = 50_000
 CONTEXT = 8
@@ -42,26 +36,11 @@ def sample_tokens(index: int, sample_length: int = CONTEXT + 1) -> np.ndarray:
 
 def write_dataset(out: Path, train: int = 61, validation: int = 17, per_shard: int = 7) -> Path:
     """A prepared dataset with ``train``/``validation`` samples, built without ``prepare``."""
-    splits = {}
-    for split, total in (("train", train), ("validation", validation)):
-        shards = []
-        for first in range(0, total, per_shard):
-            rows = np.stack([sample_tokens(i) for i in range(first, min(total, first + per_shard))])
-            path = shard_name(split, len(shards))
-            digest = write_shard_atomic(out / path, rows, first, "uint16")
-            shards.append(ShardInfo(path, len(rows), rows.size, digest))
-        splits[split] = SplitInfo(total, total * (CONTEXT + 1), shards)
-    manifest = Manifest(
-        context_length=CONTEXT,
-        samples_per_shard=per_shard,
-        tokenizer=TokenizerInfo("test-vocab", "hf-json", VOCAB, 0, "0" * 64),
-        splits=splits,
-        sources=[],
-        settings={"validation_fraction": 0.2, "seed": 0},
-        created_by="tests",
-        token_dtype="uint16",
-    )
-    write_manifest_atomic(manifest, out)
+    counts = {"train": train, "validation": validation}
+    splits = {split: sample_tokens(np.arange(total)[:, None]) for split, total in counts.items()}
+    write_prepared(out, splits, context_length=CONTEXT, per_shard=per_shard,
+                   tokenizer=TokenizerInfo("test-vocab", "hf-json", VOCAB, 0, "0" * 64),
+                   settings={"validation_fraction": 0.2, "seed": 0}, created_by="tests")
     return out
 
 
@@ -95,8 +74,7 @@ def run_chain(hops, build, take) -> tuple[list, list[dict]]:
     """Run every hop from the previous hop's merged state; returns what all hops read and each merged state."""
     seen, merged, state = [], [], None
     for dp_size, workers, micro, batches in hops:
-        loaders = [build(dp_rank=r, dp_size=dp_size, num_workers=workers, micro_batch_size=micro)
-                   for r in range(dp_size)]  # fmt: skip
+        loaders = [build(StreamLayout(micro, r, dp_size, workers)) for r in range(dp_size)]
         start = 0
         if state is not None:
             start = state["consumed_samples"]
@@ -110,12 +88,12 @@ def run_chain(hops, build, take) -> tuple[list, list[dict]]:
 
 
 def reference(dataset: Path, samples: int, seed: int = 1234) -> list[int]:
-    ids, _ = stream_ids(build_train_loader(dataset, micro_batch_size=1, seed=seed, lanes=LANES), samples)
+    ids, _ = stream_ids(build_train_loader(dataset, StreamLayout(micro_batch_size=1), seed=seed, lanes=LANES), samples)
     return ids
 
 
 def test_batch_format(dataset):
-    loader = build_train_loader(dataset, micro_batch_size=5, lanes=LANES)
+    loader = build_train_loader(dataset, StreamLayout(micro_batch_size=5), lanes=LANES)
     batch = next(iter(loader))
     assert batch["attention_mask"] is None
     assert set(batch) == {"tokens", "labels", "loss_mask", "attention_mask", "position_ids"}
@@ -148,8 +126,8 @@ def test_same_seed_same_order_other_seed_other_order(dataset):
 def test_ranks_and_workers_partition_the_single_rank_stream(dataset, dp_size, num_workers, micro_batch):
     batches = 9  # crosses the 61-sample epoch boundary for every layout
     per_rank = [
-        stream_ids(build_train_loader(dataset, micro_batch_size=micro_batch, dp_rank=r, dp_size=dp_size,
-                                      num_workers=num_workers, lanes=LANES), batches)[0]
+        stream_ids(build_train_loader(dataset, StreamLayout(micro_batch, r, dp_size, num_workers), lanes=LANES),
+                   batches)[0]
         for r in range(dp_size)
     ]
     merged = merge_ranks(per_rank)
@@ -163,8 +141,8 @@ def test_resume_is_exact_across_rank_and_worker_changes(dataset):
     seen: list[int] = []
 
     def run(dp_size: int, num_workers: int, micro_batch: int, batches: int, state: dict | None) -> dict:
-        loaders = [build_train_loader(dataset, micro_batch_size=micro_batch, dp_rank=r, dp_size=dp_size,
-                                      num_workers=num_workers, lanes=LANES) for r in range(dp_size)]
+        loaders = [build_train_loader(dataset, StreamLayout(micro_batch, r, dp_size, num_workers), lanes=LANES)
+                   for r in range(dp_size)]
         for loader in loaders:
             if state is not None:
                 loader.load_state_dict(state)
@@ -184,39 +162,39 @@ def test_resume_is_exact_across_rank_and_worker_changes(dataset):
 
 
 def test_restart_after_partial_iteration_resumes_at_next_sample(dataset):
-    loader = build_train_loader(dataset, micro_batch_size=4, num_workers=2, lanes=LANES)
+    loader = build_train_loader(dataset, StreamLayout(micro_batch_size=4, num_workers=2), lanes=LANES)
     first, _ = stream_ids(loader, 5)  # the workers have prefetched well beyond these 20 samples
-    again = build_train_loader(dataset, micro_batch_size=4, lanes=LANES)
+    again = build_train_loader(dataset, StreamLayout(micro_batch_size=4), lanes=LANES)
     again.load_state_dict(loader.state_dict())
     rest, _ = stream_ids(again, 5)
     assert first + rest == reference(dataset, 40)
 
 
 def test_state_from_another_order_is_refused(dataset):
-    state = build_train_loader(dataset, micro_batch_size=2, lanes=LANES).state_dict()
+    state = build_train_loader(dataset, StreamLayout(micro_batch_size=2), lanes=LANES).state_dict()
     with pytest.raises(ValueError, match="'seed' is 1234, this loader has 7"):
-        build_train_loader(dataset, micro_batch_size=2, seed=7, lanes=LANES).load_state_dict(state)
+        build_train_loader(dataset, StreamLayout(micro_batch_size=2), seed=7, lanes=LANES).load_state_dict(state)
     with pytest.raises(ValueError, match="'lanes' is 8, this loader has 16"):
-        build_train_loader(dataset, micro_batch_size=2, lanes=16).load_state_dict(state)
+        build_train_loader(dataset, StreamLayout(micro_batch_size=2), lanes=16).load_state_dict(state)
 
 
 def test_lanes_must_split_evenly_over_readers(dataset):
     with pytest.raises(ValueError, match=r"lanes=8 must be a positive multiple of .* 3 x 1 = 3"):
-        build_train_loader(dataset, micro_batch_size=2, dp_size=3, lanes=LANES)
+        build_train_loader(dataset, StreamLayout(micro_batch_size=2, dp_size=3), lanes=LANES)
 
 
 def test_trainer_tokenizer_must_match_the_manifest(dataset):
     identity = {"spec": "other.json", "type": "hf-json", "vocab_size": VOCAB, "eos_id": 0, "sha256": "f" * 64}
     with pytest.raises(ManifestError, match=r"manifest\.json: tokenizer 'other.json' does not match .*tokenizer\.sha256 is 'f+'"):
-        build_train_loader(dataset, micro_batch_size=2, lanes=LANES, tokenizer=identity)
+        build_train_loader(dataset, StreamLayout(micro_batch_size=2), lanes=LANES, tokenizer=identity)
     same = {**identity, "sha256": "0" * 64}
-    build_train_loader(dataset, micro_batch_size=2, lanes=LANES, tokenizer=same)
+    build_train_loader(dataset, StreamLayout(micro_batch_size=2), lanes=LANES, tokenizer=same)
 
 
 @pytest.mark.parametrize("dp_size, num_workers, micro_batch, multiple", [(1, 0, 4, 1), (2, 2, 3, 1), (3, 0, 2, 4)])
 def test_validation_pass_covers_each_sample_once(dataset, dp_size, num_workers, micro_batch, multiple):
-    loaders = [build_validation_loader(dataset, micro_batch_size=micro_batch, dp_rank=r, dp_size=dp_size,
-                                       num_workers=num_workers, batches_multiple_of=multiple) for r in range(dp_size)]
+    layouts = [StreamLayout(micro_batch, r, dp_size, num_workers) for r in range(dp_size)]
+    loaders = [build_validation_loader(dataset, layout, batches_multiple_of=multiple) for layout in layouts]
     lengths = {len(loader) for loader in loaders}
     assert len(lengths) == 1 and lengths.pop() % multiple == 0
     real = Counter()
@@ -234,7 +212,7 @@ def test_validation_pass_covers_each_sample_once(dataset, dp_size, num_workers, 
 
 @pytest.mark.parametrize("template", ["pipe:cat {root}/{{path}}", "file://{root}/{{path}}"])
 def test_shards_stream_from_urls_and_pipes(dataset, template):
-    loader = build_train_loader(dataset, micro_batch_size=4, lanes=LANES, num_workers=1,
+    loader = build_train_loader(dataset, StreamLayout(micro_batch_size=4, num_workers=1), lanes=LANES,
                                 shard_url_template=template.format(root=dataset))
     ids, _ = stream_ids(loader, 20)
     assert ids == reference(dataset, 80)
@@ -242,7 +220,7 @@ def test_shards_stream_from_urls_and_pipes(dataset, template):
 
 def test_readers_survive_pickling_for_spawned_workers(dataset):
     """Spawn/forkserver start methods pickle the reader; the copy must read the same positions."""
-    loader = build_train_loader(dataset, micro_batch_size=1, lanes=LANES)
+    loader = build_train_loader(dataset, StreamLayout(micro_batch_size=1), lanes=LANES)
     copy = pickle.loads(pickle.dumps(loader.source))
     slot = reader_slot(5, 1, 2, 0, 1)
     original = [row.tokens.tolist() for row in islice(loader.source.rows(slot, {}), 30)]

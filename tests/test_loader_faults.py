@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 
 from megatron_sffn.data.loader import build_train_loader, build_validation_loader
-from megatron_sffn.data.streaming import merge_states
+from megatron_sffn.data.streaming import StreamLayout, merge_states
 from megatron_sffn.data.tar_shards import ShardError
 from test_loader import LANES, merge_ranks, sample_tokens, stream_ids, write_dataset
 
@@ -65,14 +65,14 @@ def swap_with_next(path: Path) -> None:
 def test_bad_shard_stops_training_naming_shard_and_sample(tmp_path, damage, message, num_workers):
     data = write_dataset(tmp_path, train=TRAIN, per_shard=PER_SHARD)
     damage(data / BAD)
-    loader = build_train_loader(data, micro_batch_size=8, num_workers=num_workers, lanes=LANES)
+    loader = build_train_loader(data, StreamLayout(micro_batch_size=8, num_workers=num_workers), lanes=LANES)
     with pytest.raises(ShardError, match=message):
         stream_ids(loader, 8)  # one epoch reads every shard
 
 
 def expected_with_masks(data: Path, samples: int) -> list[int | None]:
     """The intact dataset's stream with the bad shard's samples replaced by None (masked)."""
-    clean = build_train_loader(data, micro_batch_size=1, lanes=LANES)
+    clean = build_train_loader(data, StreamLayout(micro_batch_size=1), lanes=LANES)
     ids, _ = stream_ids(clean, samples)
     return [None if i in BAD_IDS else i for i in ids]
 
@@ -85,8 +85,8 @@ def test_skip_mode_masks_bad_shard_in_place_and_counts_it(tmp_path, dp_size, num
 
     per_rank, loaders = [], []
     for rank in range(dp_size):
-        loader = build_train_loader(data, micro_batch_size=4, dp_rank=rank, dp_size=dp_size, num_workers=num_workers,
-                                    lanes=LANES, skip_bad_shards=True)
+        layout = StreamLayout(micro_batch_size=4, dp_rank=rank, dp_size=dp_size, num_workers=num_workers)
+        loader = build_train_loader(data, layout, lanes=LANES, skip_bad_shards=True)
         ids, valid = stream_ids(loader, 34 // dp_size)
         per_rank.append([i if ok else None for i, ok in zip(ids, valid)])
         loaders.append(loader)
@@ -109,8 +109,8 @@ def test_skip_mode_validation_masks_bad_shard(tmp_path, dp_size, num_workers):
     delete(data / "validation/validation-000001.tar")  # validation samples 7..13
     real, masked = [], 0
     for rank in range(dp_size):
-        loader = build_validation_loader(data, micro_batch_size=4, dp_rank=rank, dp_size=dp_size,
-                                         num_workers=num_workers, skip_bad_shards=True)
+        layout = StreamLayout(micro_batch_size=4, dp_rank=rank, dp_size=dp_size, num_workers=num_workers)
+        loader = build_validation_loader(data, layout, skip_bad_shards=True)
         rank_real = []
         for batch in loader:
             valid = batch["loss_mask"][:, 0] > 0
@@ -124,7 +124,7 @@ def test_skip_mode_validation_masks_bad_shard(tmp_path, dp_size, num_workers):
     assert sorted(real) == list(range(7)) + list(range(14, 17))  # each intact sample exactly once
     assert masked == len(loader) * 4 * dp_size - 10
     with pytest.raises(ShardError, match="validation-000001.tar: shard is missing"):
-        list(build_validation_loader(data, micro_batch_size=4))
+        list(build_validation_loader(data, StreamLayout(micro_batch_size=4)))
 
 
 def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
@@ -135,7 +135,7 @@ def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
             if i == 19:
                 tokens = np.full_like(tokens, 60_000)
             tar.write({"__key__": f"{i:010d}", "tokens.u16": tokens.astype("<u2").tobytes()})
-    loader = build_train_loader(data, micro_batch_size=8, lanes=LANES, verify_checksums=False)
+    loader = build_train_loader(data, StreamLayout(micro_batch_size=8), lanes=LANES, verify_checksums=False)
     with pytest.raises(ShardError, match=r"train-000002\.tar: sample 0000000019 holds token id 60000, expected ids below"):
         stream_ids(loader, 8)
 
@@ -145,7 +145,7 @@ def test_skip_counters_survive_resume_without_double_counting(tmp_path):
     delete(data / BAD)
 
     def run(dp_size: int, state: dict | None) -> list[dict]:
-        loaders = [build_train_loader(data, micro_batch_size=4, dp_rank=r, dp_size=dp_size, lanes=LANES,
+        loaders = [build_train_loader(data, StreamLayout(micro_batch_size=4, dp_rank=r, dp_size=dp_size), lanes=LANES,
                                       skip_bad_shards=True) for r in range(dp_size)]
         masked = 0
         for one in loaders:

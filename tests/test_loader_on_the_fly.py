@@ -22,7 +22,7 @@ from megatron_sffn.data.on_the_fly import (
     build_text_validation_loader,
     text_settings,
 )
-from megatron_sffn.data.streaming import merge_states
+from megatron_sffn.data.streaming import StreamLayout, merge_states
 from megatron_sffn.data.tar_shards import SampleFormat, read_shard, split_shards
 from megatron_sffn.data.text_sources import expand_inputs
 from test_loader import merge_ranks, run_chain
@@ -65,16 +65,17 @@ def corpus(tmp_path_factory) -> tuple[list[str], str]:
     return files, word_level_tokenizer(words, root / "tokenizer.json")
 
 
-def text_loader(corpus, **options):
+def text_loader(corpus, layout: StreamLayout = StreamLayout(3), *, files: list[str] | None = None, seed: int = 1234,
+                lanes: int = LANES, **settings):
+    """The corpus' stream (or that of ``files``); ``settings`` are ``TextSettings`` fields."""
     paths, tokenizer = corpus
-    defaults = dict(tokenizer=tokenizer, context_length=CONTEXT, micro_batch_size=3, lanes=LANES,
-                    validation_fraction=FRACTION, shuffle_window=5)
-    files = options.pop("files", paths)
-    return build_text_train_loader(files, **{**defaults, **options})
+    settings = text_settings(paths if files is None else files, tokenizer, CONTEXT,
+                             **{"validation_fraction": FRACTION, "shuffle_window": 5, **settings})
+    return build_text_train_loader(settings, layout, seed=seed, lanes=lanes)
 
 
 def reference(corpus, samples: int, **options) -> list[list[int]]:
-    return stream(text_loader(corpus, micro_batch_size=1, **options), samples)
+    return stream(text_loader(corpus, StreamLayout(1), **options), samples)
 
 
 def test_each_epoch_reads_every_training_document_once(corpus):
@@ -101,7 +102,7 @@ def test_one_lane_one_file_gives_prepares_samples(corpus, tmp_path):
     paths, tokenizer = corpus
     out = tmp_path / "prepared"
     options = PrepareOptions(tokenizer=tokenizer, out=out, context_length=CONTEXT, samples_per_shard=16,
-                             validation_fraction=FRACTION, seed=0)
+                             validation_fraction=FRACTION, split_seed=0)
     prepare(expand_inputs(paths[:1]), options, progress=False)
     manifest = load_manifest(out)
 
@@ -116,8 +117,8 @@ def test_one_lane_one_file_gives_prepares_samples(corpus, tmp_path):
     for w in range(0, len(shuffled), window):
         assert sorted(shuffled[w:w + window]) == sorted(train[w:w + window])
 
-    validation = build_text_validation_loader(paths[:1], tokenizer=tokenizer, context_length=CONTEXT,
-                                              micro_batch_size=4, validation_fraction=FRACTION)
+    settings = text_settings(paths[:1], tokenizer, CONTEXT, validation_fraction=FRACTION)
+    validation = build_text_validation_loader(settings, StreamLayout(micro_batch_size=4))
     held_out = [row for batch in validation for row, ok in zip(full_rows(batch), batch["loss_mask"][:, 0] > 0) if ok]
     assert held_out == split("validation") and held_out
 
@@ -130,8 +131,7 @@ def test_same_settings_same_stream_other_seed_other_stream(corpus):
 
 @pytest.mark.parametrize("dp_size, num_workers", [(2, 0), (1, 2), (2, 2), (4, 1)])
 def test_ranks_and_workers_partition_the_single_rank_stream(corpus, dp_size, num_workers):
-    per_rank = [stream(text_loader(corpus, dp_rank=r, dp_size=dp_size, num_workers=num_workers), 6)
-                for r in range(dp_size)]
+    per_rank = [stream(text_loader(corpus, StreamLayout(3, r, dp_size, num_workers)), 6) for r in range(dp_size)]
     merged = merge_ranks(per_rank)
     assert merged == reference(corpus, len(merged))
 
@@ -139,7 +139,7 @@ def test_ranks_and_workers_partition_the_single_rank_stream(corpus, dp_size, num
 def test_resume_is_exact_across_rank_and_worker_changes(corpus):
     """2 ranks -> 1 rank with 2 workers -> 4 ranks, stopping mid-window each time."""
     expected = reference(corpus, 90)
-    seen, states = run_chain([(2, 0, 3, 4), (1, 2, 2, 7), (4, 0, 1, 5)], lambda **layout: text_loader(corpus, **layout),
+    seen, states = run_chain([(2, 0, 3, 4), (1, 2, 2, 7), (4, 0, 1, 5)], lambda layout: text_loader(corpus, layout),
                              stream)
     state = states[-1]
     assert state["consumed_samples"] == 24 + 14 + 20
@@ -147,7 +147,7 @@ def test_resume_is_exact_across_rank_and_worker_changes(corpus):
 
 
 def test_one_ranks_state_cannot_resume_at_another_dp_size(corpus):
-    ranks = [text_loader(corpus, dp_rank=r, dp_size=2) for r in range(2)]
+    ranks = [text_loader(corpus, StreamLayout(3, r, 2)) for r in range(2)]
     for one in ranks:
         stream(one, 2)
     single = text_loader(corpus)

@@ -15,7 +15,7 @@ from test_loader_faults import BAD, PER_SHARD, TRAIN, expected_with_masks
 from test_loader_on_the_fly import corpus, full_rows, stream, text_loader  # noqa: F401  (corpus is a fixture)
 
 from megatron_sffn.data.loader import build_train_loader
-from megatron_sffn.data.streaming import merge_states
+from megatron_sffn.data.streaming import StreamLayout, merge_states
 
 # (dp_size, num_workers, micro_batch_size, batches): DP 1 -> 2 -> 2 -> 4 -> 2 -> 1, workers and batch changing.
 HOPS = [(1, 0, 3, 8), (2, 1, 2, 4), (2, 2, 1, 6), (4, 2, 1, 4), (2, 0, 3, 3), (1, 2, 2, 6)]
@@ -27,8 +27,8 @@ def test_shard_resume_chain_equals_the_uninterrupted_stream(tmp_path):
     expected = expected_with_masks(data, 200)
     (data / BAD).unlink()
 
-    def build(**layout):
-        return build_train_loader(data, lanes=SHARD_LANES, skip_bad_shards=True, **layout)
+    def build(layout):
+        return build_train_loader(data, layout, lanes=SHARD_LANES, skip_bad_shards=True)
 
     def take(loader, batches):
         ids, valid = stream_ids(loader, batches)
@@ -58,10 +58,10 @@ def hostile_text(corpus, tmp_path_factory) -> list[str]:  # noqa: F811
 
 
 def test_text_resume_chain_equals_the_uninterrupted_stream_and_counts_skips_once(corpus, hostile_text):  # noqa: F811
-    def build(**layout):
-        return text_loader(corpus, files=hostile_text, bad_documents="skip", **layout)
+    def build(layout):
+        return text_loader(corpus, layout, files=hostile_text, bad_documents="skip")
 
-    reference = build(micro_batch_size=1)
+    reference = build(StreamLayout(1))
     expected, skipped_after = [], []
     it = iter(reference)
     for _ in range(60):
@@ -78,7 +78,7 @@ def test_text_resume_chain_equals_the_uninterrupted_stream_and_counts_skips_once
 
 
 def test_rank_states_with_a_stale_copy_of_a_lane_are_refused(corpus):  # noqa: F811
-    ranks = [text_loader(corpus, dp_rank=r, dp_size=2) for r in range(2)]
+    ranks = [text_loader(corpus, StreamLayout(3, r, 2)) for r in range(2)]
     for one in ranks:
         stream(one, 2)
     states = [one.state_dict() for one in ranks]

@@ -32,7 +32,8 @@ from pathlib import Path
 import pytest
 
 from megatron_sffn.training.trace import read_trace
-from megatron_sffn.data.on_the_fly import build_text_train_loader
+from megatron_sffn.data.on_the_fly import build_text_train_loader, text_settings
+from megatron_sffn.data.streaming import StreamLayout
 from megatron_sffn.training.checkpointing import read_checkpoint_header
 from megatron_sffn.training.trace import sample_digests
 from tests.workers.train_checks import (
@@ -275,8 +276,8 @@ def test_raw_text_run_resumes_at_dp2_and_dp1_exactly_with_skip_counters_summed(t
         shutil.copytree(stopped, tmp_path / f"{resumed}.trace")
         _trained(tmp_path, tmp_path, resumed, nproc=nproc, **sections)
 
-    loader = build_text_train_loader(files, tokenizer=tokenizer, context_length=SEQ, micro_batch_size=8, seed=7,
-                                     lanes=4, bad_documents="skip")  # fmt: skip
+    settings = text_settings(files, tokenizer, SEQ, bad_documents="skip")
+    loader = build_text_train_loader(settings, StreamLayout(micro_batch_size=8), seed=7, lanes=4)
     batches = iter(loader)
     expected, skipped = {}, {}
     for step in range(1, STEPS + 1):

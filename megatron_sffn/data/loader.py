@@ -1,11 +1,12 @@
 """The trainer's entry points: a resumable training stream and a validation pass per rank.
 
-    train = build_train_loader("data/shards", micro_batch_size=4, dp_rank=r, dp_size=R, num_workers=2)
+    layout = StreamLayout(micro_batch_size=4, dp_rank=r, dp_size=R, num_workers=2)
+    train = build_train_loader("data/shards", layout)
     batches = iter(train)                # endless; megatron's ``train_data_iterator``
     state = train.state_dict()           # save with the checkpoint (JSON-serialisable)
     train.load_state_dict(state)         # at any dp size / worker count; then iter() again
 
-    val = build_validation_loader("data/shards", micro_batch_size=4, dp_rank=r, dp_size=R)
+    val = build_validation_loader("data/shards", layout)
     for batch in val: ...                # len(val) batches, the same on every rank
 
 Which sample sits at which position depends only on the dataset, ``seed`` and
@@ -63,21 +64,16 @@ def open_dataset(dataset: DatasetArg, tokenizer: TokenizerArg = None) -> Manifes
 
 def build_train_loader(
     dataset: DatasetArg,
+    layout: StreamLayout,
     *,
-    micro_batch_size: int,
-    dp_rank: int = 0,
-    dp_size: int = 1,
-    num_workers: int = 0,
     seed: int = 1234,
     lanes: int = DEFAULT_LANES,
     tokenizer: TokenizerArg = None,
     skip_bad_shards: bool = False,
     shard_url_template: str | None = None,
     verify_checksums: bool = True,
-    prefetch_factor: int = 2,
-    pin_memory: bool = False,
 ) -> TrainStream:
-    """The endless training stream of rank ``dp_rank`` over the dataset's train split.
+    """The endless training stream of rank ``layout.dp_rank`` over the dataset's train split.
 
     ``shard_url_template`` (``"{path}"`` is the manifest's shard path) reads
     the shards from elsewhere, e.g. ``"pipe:aws s3 cp s3://bucket/ds/{path} -"``.
@@ -87,7 +83,6 @@ def build_train_loader(
     if not shards:
         raise ValueError(f"{manifest.location}: the train split has no shards")
     fmt = SampleFormat.of(manifest)
-    layout = StreamLayout(micro_batch_size, dp_rank, dp_size, num_workers, prefetch_factor, pin_memory)
     source = ShardSource(shards, fmt, seed, lanes, skip_bad_shards)
     identity = {"source": "shards", "seed": seed, "data": _fingerprint(manifest)}
     return TrainStream(source, layout, identity, lanes, chunk_rows_for(fmt.sample_length))
@@ -95,23 +90,17 @@ def build_train_loader(
 
 def build_validation_loader(
     dataset: DatasetArg,
+    layout: StreamLayout,
     *,
-    micro_batch_size: int,
-    dp_rank: int = 0,
-    dp_size: int = 1,
-    num_workers: int = 0,
     tokenizer: TokenizerArg = None,
     skip_bad_shards: bool = False,
     batches_multiple_of: int = 1,
     shard_url_template: str | None = None,
     verify_checksums: bool = True,
-    prefetch_factor: int = 2,
-    pin_memory: bool = False,
 ) -> ValidationLoader:
-    """One pass over the validation split for rank ``dp_rank`` (see ``validation`` for the padding rule)."""
+    """One pass over the validation split for rank ``layout.dp_rank`` (see ``validation`` for the padding rule)."""
     manifest = open_dataset(dataset, tokenizer)
     shards = split_shards(manifest, "validation", shard_url_template, verify_checksums)
-    layout = StreamLayout(micro_batch_size, dp_rank, dp_size, num_workers, prefetch_factor, pin_memory)
     return ValidationLoader(ShardRows(shards, SampleFormat.of(manifest), skip_bad_shards), layout, batches_multiple_of)
 
 

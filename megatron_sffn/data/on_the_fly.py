@@ -61,14 +61,14 @@ import logging
 import math
 import os
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
 from .order import UNIT_ORDER_TAG, WINDOW_ORDER_TAG, ReaderSlot, permutation
-from .packing import TokenPacker, is_validation
+from .packing import PackingSettings, TokenPacker
 from .streaming import Row, StreamLayout, TrainStream
 from .text_sources import (
     FILE_SKIP_HINT,
@@ -79,7 +79,6 @@ from .text_sources import (
     Record,
     SourceError,
     SourceFile,
-    check_bad_documents_mode,
     content_signature,
     expand_inputs,
     numbered_records,
@@ -106,39 +105,22 @@ class Cursor(NamedTuple):
 START = Cursor(0, 0, 0, 0)
 
 
-@dataclass(frozen=True)
-class TextSettings:
-    """Everything besides seed and lanes that decides the sample stream."""
+@dataclass(frozen=True, kw_only=True)
+class TextSettings(PackingSettings):
+    """Everything besides seed and lanes that decides the sample stream (skipped bad documents are counted in
+    the loader's stats)."""
 
     files: tuple[SourceFile, ...]
-    tokenizer: str
-    context_length: int
-    text_key: str | None = None
-    eos_token: str | None = None
-    validation_fraction: float = 0.005
-    split_seed: int = 0  # seed of the document-hash split, as in prepare
     shuffle_window: int = DEFAULT_SHUFFLE_WINDOW
     batch_documents: int = DEFAULT_BATCH_DOCUMENTS
-    bad_documents: str = "error"  # or "skip" (counted in the loader's stats)
     skip_bad_files: bool = False  # leave out (and count) files that cannot be read instead of stopping
 
     def __post_init__(self) -> None:
-        check_bad_documents_mode(self.bad_documents)
+        super().__post_init__()
         if not self.files:
             raise ValueError("an on-the-fly stream needs at least one input file")
-        if self.context_length < 1:
-            raise ValueError(f"context_length={self.context_length} must be positive")
         if self.shuffle_window < 1:
             raise ValueError(f"shuffle_window={self.shuffle_window} must be positive")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError(f"validation_fraction={self.validation_fraction} must be in [0, 1)")
-
-    @property
-    def sample_length(self) -> int:
-        return self.context_length + 1
-
-    def is_held_out(self, text: str) -> bool:
-        return self.validation_fraction > 0 and is_validation(text, self.validation_fraction, self.split_seed)
 
 
 _TOKENIZERS: dict[tuple[str, str | None], Tokenizer] = {}
@@ -363,74 +345,32 @@ def text_settings(files: list[str] | list[SourceFile], tokenizer: str, context_l
         sources = list(files)
     else:
         sources = expand_inputs([str(f) for f in files])
-    return TextSettings(tuple(sources), str(tokenizer), context_length, **options)
+    return TextSettings(files=tuple(sources), tokenizer=str(tokenizer), context_length=context_length, **options)
 
 
-def build_text_train_loader(
-    files: list[str] | list[SourceFile],
-    *,
-    tokenizer: str,
-    context_length: int,
-    micro_batch_size: int,
-    dp_rank: int = 0,
-    dp_size: int = 1,
-    num_workers: int = 0,
-    seed: int = 1234,
-    lanes: int = 8,
-    text_key: str | None = None,
-    eos_token: str | None = None,
-    validation_fraction: float = 0.005,
-    split_seed: int = 0,
-    shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
-    batch_documents: int = DEFAULT_BATCH_DOCUMENTS,
-    bad_documents: str = "error",
-    skip_bad_files: bool = False,
-    prefetch_factor: int = 2,
-    pin_memory: bool = False,
-) -> TrainStream:
-    """The endless training stream of rank ``dp_rank`` over raw parquet / JSONL / text files.
+def build_text_train_loader(settings: TextSettings, layout: StreamLayout, *, seed: int = 1234,
+                            lanes: int = 8) -> TrainStream:
+    """The endless training stream of rank ``layout.dp_rank`` over raw parquet / JSONL / text files.
 
-    ``validation_fraction`` and ``split_seed`` hold out the same documents as
-    ``prepare`` does with ``--validation-fraction`` / ``--seed``;
+    ``settings`` (see ``text_settings``) hold out the same documents as
+    ``prepare`` does with the same ``--validation-fraction`` / ``--seed``;
     ``bad_documents`` is ``prepare``'s ``--bad-documents``; ``skip_bad_files``
     leaves out and counts files that cannot be read (``data.skip_bad_shards``).
     """
-    settings = text_settings(files, tokenizer, context_length, text_key=text_key, eos_token=eos_token,
-                             validation_fraction=validation_fraction, split_seed=split_seed,
-                             shuffle_window=shuffle_window, batch_documents=batch_documents,
-                             bad_documents=bad_documents, skip_bad_files=skip_bad_files)
-    layout = StreamLayout(micro_batch_size, dp_rank, dp_size, num_workers, prefetch_factor, pin_memory)
     identity = {"source": "text", "seed": seed, "data": _fingerprint(settings)}
     return TrainStream(TextSource(settings, seed, lanes), layout, identity, lanes,
                        chunk_rows=max(1, min(64, (1 << 16) // settings.sample_length)))
 
 
-def build_text_validation_loader(
-    files: list[str] | list[SourceFile],
-    *,
-    tokenizer: str,
-    context_length: int,
-    micro_batch_size: int,
-    dp_rank: int = 0,
-    dp_size: int = 1,
-    text_key: str | None = None,
-    eos_token: str | None = None,
-    validation_fraction: float = 0.005,
-    split_seed: int = 0,
-    bad_documents: str = "error",
-    skip_bad_files: bool = False,
-    batches_multiple_of: int = 1,
-    pin_memory: bool = False,
-) -> ValidationLoader:
+def build_text_validation_loader(settings: TextSettings, layout: StreamLayout, *,
+                                 batches_multiple_of: int = 1) -> ValidationLoader:
     """The held-out documents of the files, packed as ``prepare`` packs its validation split.
 
+    The samples are materialised in this process, so ``layout``'s worker count is not used.
     Skipped bad documents and files are counted by the training stream, which reads every file too.
     """
-    settings = text_settings(files, tokenizer, context_length, text_key=text_key, eos_token=eos_token,
-                             validation_fraction=validation_fraction, split_seed=split_seed,
-                             bad_documents=bad_documents, skip_bad_files=skip_bad_files)
-    layout = StreamLayout(micro_batch_size, dp_rank, dp_size, 0, 2, pin_memory)
-    return ValidationLoader(ArrayRows(held_out_samples(settings)), layout, batches_multiple_of)
+    in_process = replace(layout, num_workers=0)
+    return ValidationLoader(ArrayRows(held_out_samples(settings)), in_process, batches_multiple_of)
 
 
 def held_out_samples(settings: TextSettings) -> np.ndarray:

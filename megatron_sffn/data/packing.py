@@ -10,15 +10,56 @@ sample of a split is discarded, and its size is reported.
 The split is decided per document from a hash of its text, never from its
 position, so it is the same however the corpus is ordered, sharded or
 parallelised, and the same document can never land in both splits.
+
+``PackingSettings`` declares (and checks) these settings once for both ways
+of reading a corpus: ``data_tools.prepare`` and the on-the-fly loader give
+the same samples for the same settings.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
+from .text_sources import check_bad_documents_mode
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackingSettings:
+    """What decides how documents become samples and which of them are held out."""
+
+    tokenizer: str  # tokenizer.json path or tiktoken encoding name
+    context_length: int = 2048
+    validation_fraction: float = 0.005
+    split_seed: int = 0  # seed of the document-hash split
+    text_key: str | None = None
+    eos_token: str | None = None
+    bad_documents: str = "error"  # or "skip": leave unreadable documents out, counted
+
+    def __post_init__(self) -> None:
+        if self.context_length < 1:
+            raise ValueError(f"{self.setting_name('context_length')} is {self.context_length}, "
+                             f"expected a positive integer")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"{self.setting_name('validation_fraction')} is {self.validation_fraction}, "
+                             f"expected a number in [0, 1)")
+        check_bad_documents_mode(self.bad_documents)
+
+    @classmethod
+    def setting_name(cls, field: str) -> str:
+        """How error messages name a setting (a command-line tool names its option instead)."""
+        return field
+
+    @property
+    def sample_length(self) -> int:
+        return self.context_length + 1
+
+    def is_held_out(self, text: str) -> bool:
+        return self.validation_fraction > 0 and is_validation(text, self.validation_fraction, self.split_seed)
 
 
 def is_validation(text: str, fraction: float, seed: int) -> bool:

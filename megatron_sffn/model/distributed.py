@@ -1,4 +1,4 @@
-"""Process-group set-up shared by the trainer, the tools and the tests."""
+"""Process-group set-up and tear-down shared by the trainer, the tools and the tests."""
 
 from __future__ import annotations
 
@@ -42,6 +42,13 @@ def initialize_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int =
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel
     )
+
+
+def close_process_group() -> None:
+    """Destroy the process group if one was started: a command's last step, also after a failure, so that
+    no rank exits with its collectives' resources still held."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def seed_model_parallel(seed: int) -> None:

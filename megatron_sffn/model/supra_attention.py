@@ -31,6 +31,7 @@ continue from the stored state (one token: a recurrent step).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -65,7 +66,9 @@ class HeadGroupNorm(torch.nn.Module):
         return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=self.eps)
 
 
-def _supra_class() -> type:
+@functools.cache
+def supra_attention_class() -> type:
+    """The SUPRA attention module class (built lazily: megatron imports take seconds)."""
     from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
     from megatron.core.parallel_state import get_tensor_model_parallel_rank
     from megatron.core.tensor_parallel import ColumnParallelLinear
@@ -202,17 +205,6 @@ def _supra_class() -> type:
             memory[self._batch_slice(inference_context, state.shape[0])] = state.detach()
 
     return SupraSelfAttention
-
-
-_SUPRA_CLASS: type | None = None
-
-
-def supra_attention_class() -> type:
-    """The SUPRA attention module class (built lazily: megatron imports take seconds)."""
-    global _SUPRA_CLASS
-    if _SUPRA_CLASS is None:
-        _SUPRA_CLASS = _supra_class()
-    return _SUPRA_CLASS
 
 
 def new_submodule_prefixes(model: torch.nn.Module) -> list[str]:

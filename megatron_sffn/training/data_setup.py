@@ -21,8 +21,8 @@ from ..config.train import TrainConfig
 from ..data.input_list import record_inputs, recorded_inputs
 from ..data.loader import build_train_loader, build_validation_loader, open_dataset
 from ..data.manifest import Manifest
-from ..data.on_the_fly import build_text_train_loader, build_text_validation_loader
-from ..data.streaming import TrainStream, merge_states
+from ..data.on_the_fly import TextSettings, build_text_train_loader, build_text_validation_loader, text_settings
+from ..data.streaming import StreamLayout, TrainStream, merge_states
 from ..data.text_sources import SourceFile
 from ..data.tokenizer import load_tokenizer
 from ..data.validation import ValidationLoader
@@ -100,37 +100,37 @@ class RunData:
         return merge_states(states)
 
 
+def _layout(config: TrainConfig, dp_rank: int, dp_size: int) -> StreamLayout:
+    """How this rank reads both loaders: the same batch size, share and workers."""
+    return StreamLayout(config.training.micro_batch_size, dp_rank, dp_size, config.data.num_workers)
+
+
+def _text_settings(config: TrainConfig) -> TextSettings:
+    """The raw files' settings, the same for both loaders so that training never sees a held-out document."""
+    data = config.data
+    return text_settings(raw_sources(config), data.tokenizer, config.model.seq_length,
+                         bad_documents=data.bad_documents, skip_bad_files=data.skip_bad_shards)
+
+
 def build_validation(config: TrainConfig, *, dp_rank: int, dp_size: int, micro_batches_per_step: int,
                      manifest: Manifest | None = None) -> ValidationLoader:
     """This rank's validation pass, padded to whole groups of ``micro_batches_per_step`` (pipeline calls)."""
-    data, micro = config.data, config.training.micro_batch_size
+    data, layout = config.data, _layout(config, dp_rank, dp_size)
     if data.raw is not None:
-        return build_text_validation_loader(
-            raw_sources(config), tokenizer=data.tokenizer, context_length=config.model.seq_length,
-            micro_batch_size=micro, dp_rank=dp_rank, dp_size=dp_size, bad_documents=data.bad_documents,
-            skip_bad_files=data.skip_bad_shards, batches_multiple_of=micro_batches_per_step,
-        )  # fmt: skip
-    return build_validation_loader(
-        manifest or check_dataset(config), micro_batch_size=micro, dp_rank=dp_rank, dp_size=dp_size,
-        num_workers=data.num_workers, skip_bad_shards=data.skip_bad_shards,
-        batches_multiple_of=micro_batches_per_step, shard_url_template=data.shard_url_template,
-    )  # fmt: skip
+        return build_text_validation_loader(_text_settings(config), layout, batches_multiple_of=micro_batches_per_step)
+    return build_validation_loader(manifest or check_dataset(config), layout, skip_bad_shards=data.skip_bad_shards,
+                                   batches_multiple_of=micro_batches_per_step,
+                                   shard_url_template=data.shard_url_template)
 
 
 def build_run_data(config: TrainConfig, *, dp_rank: int, dp_size: int, micro_batches_per_step: int) -> RunData:
-    data, micro = config.data, config.training.micro_batch_size
+    data, layout = config.data, _layout(config, dp_rank, dp_size)
     manifest = check_dataset(config)
-    common = dict(micro_batch_size=micro, dp_rank=dp_rank, dp_size=dp_size, num_workers=data.num_workers,
-                  seed=data.seed, lanes=data.lanes)  # fmt: skip
     if data.raw is not None:
-        train = build_text_train_loader(
-            raw_sources(config), tokenizer=data.tokenizer, context_length=config.model.seq_length,
-            bad_documents=data.bad_documents, skip_bad_files=data.skip_bad_shards, **common,
-        )  # fmt: skip
+        train = build_text_train_loader(_text_settings(config), layout, seed=data.seed, lanes=data.lanes)
     else:
-        train = build_train_loader(
-            manifest, skip_bad_shards=data.skip_bad_shards, shard_url_template=data.shard_url_template, **common
-        )
+        train = build_train_loader(manifest, layout, seed=data.seed, lanes=data.lanes,
+                                   skip_bad_shards=data.skip_bad_shards, shard_url_template=data.shard_url_template)
     validation = build_validation(
         config, dp_rank=dp_rank, dp_size=dp_size, micro_batches_per_step=micro_batches_per_step, manifest=manifest
     )

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from .metrics import perplexity
-from .step import make_forward_step, reduce_step_numbers, sum_reports, to_device
+from .step import make_forward_step, reduce_step_numbers, run_schedule, to_device
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,6 @@ def evaluate(
     max_batches: int | None = None,
 ) -> EvalResult:
     """Forward-only pass over ``batches`` (this rank's validation micro-batches).  Collective."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    forward_backward = get_forward_backward_func()
     forward_step = make_forward_step()
     loss_sum, count = 0.0, 0.0
     for chunk in model:
@@ -54,16 +51,8 @@ def evaluate(
     try:
         with torch.no_grad():
             for group in _groups(islice(iter(batches), max_batches), micro_batches_per_call):
-                reports = forward_backward(
-                    forward_step_func=forward_step,
-                    data_iterator=iter(group),
-                    model=model,
-                    num_microbatches=len(group),
-                    seq_length=seq_length,
-                    micro_batch_size=micro_batch_size,
-                    forward_only=True,
-                )
-                local = sum_reports(reports)
+                local = run_schedule(model, group, forward_step, seq_length=seq_length,
+                                     micro_batch_size=micro_batch_size, forward_only=True)
                 if local is not None:
                     loss_sum, count = loss_sum + local[0], count + local[1]
     finally:

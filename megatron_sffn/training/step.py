@@ -79,6 +79,33 @@ def sum_reports(reports: list[dict[str, torch.Tensor]]) -> tuple[float, float] |
     return float(total[0]), float(total[1])
 
 
+def run_schedule(
+    model: list,
+    micro_batches: list[dict[str, Any]],
+    forward_step: Callable,
+    *,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_only: bool,
+) -> tuple[float, float] | None:
+    """One call of megatron's schedule over ``micro_batches``: (loss sum, token count) on a reporting stage.
+
+    Training and evaluation share it so that both run the micro-batches the same way (pipelined when PP > 1).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=model,
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    return sum_reports(reports)
+
+
 def reports_this_replica() -> bool:
     """True on exactly one rank per pipeline replica: the one whose loss reports are counted."""
     from megatron.core import parallel_state
@@ -122,21 +149,12 @@ def train_step(
     optimizer also steps (self-guided training's guides); their buffers are
     checked for non-finite values too.
     """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    reports = get_forward_backward_func()(
-        forward_step_func=make_forward_step(corrupt_loss, before_micro_batch),
-        data_iterator=iter(micro_batches),
-        model=model,
-        num_microbatches=len(micro_batches),
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
-    )
-    local_loss = sum_reports(reports)
+    forward_step = make_forward_step(corrupt_loss, before_micro_batch)
+    local_loss = run_schedule(model, micro_batches, forward_step, seq_length=seq_length,
+                              micro_batch_size=micro_batch_size, forward_only=False)
     loss_flag, grad_flag = local_nonfinite_flags(local_loss[0] if local_loss else None, [*model, *extra_grad_chunks])
     loss_sum, count, bad_loss, bad_grad, stop = reduce_step_numbers(local_loss, [loss_flag, grad_flag, stop_flag])
     nonfinite = bad_loss > 0 or bad_grad > 0

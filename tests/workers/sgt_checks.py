@@ -26,7 +26,16 @@ import torch.nn.functional as F
 
 from megatron_sffn.parallel.layout import TPLayout, shard_ranges
 from megatron_sffn.structured.guided import drawn_alpha
-from tests.workers.tp_structured import CASES, _init, _relative_error, _tp_group, build_mlp, full_tensor_slice, inputs
+from tests.workers.tp_structured import (
+    CASES,
+    _init,
+    _relative_error,
+    _tp_group,
+    build_mlp,
+    full_tensor_slice,
+    inputs,
+    run_mlp,
+)
 
 GUIDED_CASES = [case for case in CASES if case.structure != "dense"]
 ALPHAS = (1.0, 0.35)
@@ -71,15 +80,6 @@ def _output(mlp, x: torch.Tensor) -> torch.Tensor:
     return out + bias
 
 
-def _forward_backward(mlp, x: torch.Tensor, target: torch.Tensor):
-    x = x.clone().requires_grad_(True)
-    out, bias = mlp(x)
-    y = out + bias
-    loss = (y - target).square().sum()
-    loss.backward()
-    return y.detach(), loss.detach(), x.grad
-
-
 def guided_mlp_tp2_matches_tp1() -> dict[str, dict[str, float]]:
     """Per case: relative errors of TP=2 against TP=1 with guides, and of α = 1 / α = 0 against references."""
     from megatron_sffn.parallel.grads import average_token_split_grads
@@ -104,8 +104,8 @@ def guided_mlp_tp2_matches_tp1() -> dict[str, dict[str, float]]:
         for alpha in ALPHAS:
             _set_alpha(reference, alpha)
             _set_alpha(parallel, alpha)
-            y1, loss1, dx1 = _forward_backward(reference, x, target)
-            y2, loss2, dx2 = _forward_backward(parallel, x, target)
+            y1, loss1, dx1 = run_mlp(reference, x, target)
+            y2, loss2, dx2 = run_mlp(parallel, x, target)
             average_token_split_grads([parallel], group)
             errors.update({f"{alpha}:output": _relative_error(y2, y1), f"{alpha}:loss": _relative_error(loss2, loss1),
                            f"{alpha}:input_grad": _relative_error(dx2, dx1)})  # fmt: skip
@@ -170,7 +170,6 @@ def _record_forward_alphas(guidance, log: list) -> list:
 
 def _train(tp: int, pp: int, structure: dict[str, Any]) -> dict[str, Any]:
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_sffn.model import initialize_model_parallel, seed_model_parallel
     from megatron_sffn.training.model_setup import (
@@ -178,7 +177,7 @@ def _train(tp: int, pp: int, structure: dict[str, Any]) -> dict[str, Any]:
     )  # fmt: skip
     from megatron_sffn.training.schedule import build_lr_scheduler
     from megatron_sffn.training.self_guided import GuidancePlan, SelfGuidance
-    from megatron_sffn.training.step import make_forward_step, reduce_step_numbers, sum_reports
+    from megatron_sffn.training.step import make_forward_step, reduce_step_numbers, run_schedule
 
     config = _train_config(tp, pp, structure)
     initialize_model_parallel(tp, pp)
@@ -204,13 +203,10 @@ def _train(tp: int, pp: int, structure: dict[str, Any]) -> dict[str, Any]:
         guidance.optimizer.zero_grad()
         batches = _global_batches(step)[dp_rank * local:(dp_rank + 1) * local]
         log.clear()
-        reports = get_forward_backward_func()(
-            forward_step_func=make_forward_step(before_micro_batch=guidance.before_micro_batch),
-            data_iterator=iter(batches),
-            model=model, num_microbatches=local, seq_length=SEQ, micro_batch_size=MICRO_BATCH_SIZE,
-            forward_only=False,
-        )  # fmt: skip
-        loss_sum, count = reduce_step_numbers(sum_reports(reports), [])
+        forward_step = make_forward_step(before_micro_batch=guidance.before_micro_batch)
+        local_loss = run_schedule(model, batches, forward_step, seq_length=SEQ, micro_batch_size=MICRO_BATCH_SIZE,
+                                  forward_only=False)
+        loss_sum, count = reduce_step_numbers(local_loss, [])
         guidance.optimizer.step()
         losses.append(loss_sum / count)
         used.append(list(log))

@@ -19,14 +19,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from megatron_sffn.data.manifest import (
-    Manifest,
-    ShardInfo,
-    SplitInfo,
-    TokenizerInfo,
-    write_manifest_atomic,
-)
-from megatron_sffn.data.shard_writer import shard_name, write_shard_atomic
+from megatron_sffn.data.manifest import TokenizerInfo
+from tests.prepared_data import write_prepared
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 128
@@ -41,25 +35,10 @@ def write_dataset(out: Path, *, train_samples: int = 192, val_samples: int = 40,
     for split, count in (("train", train_samples), ("validation", val_samples)):
         start = rng.integers(0, vocab, size=(count, 1))
         stride = rng.integers(1, 4, size=(count, 1))
-        samples = ((start + stride * np.arange(seq + 1)) % vocab).astype(np.uint16)
-        shards = []
-        for index, first in enumerate(range(0, count, per_shard)):
-            rows = samples[first:first + per_shard]
-            path = shard_name(split, index)
-            digest = write_shard_atomic(out / path, rows, first, "uint16")
-            shards.append(ShardInfo(path=path, samples=len(rows), tokens=rows.size, sha256=digest))
-        splits[split] = SplitInfo(samples=count, tokens=samples.size, shards=shards)
-    manifest = Manifest(
-        context_length=seq,
-        samples_per_shard=per_shard,
-        tokenizer=TokenizerInfo(spec="synthetic", type="hf-json", vocab_size=vocab, eos_id=0, sha256="0" * 64),
-        splits=splits,
-        sources=[],
-        settings={"synthetic": True, "seed": seed},
-        created_by="tests/workers/train_checks.py",
-        token_dtype="uint16",
-    )
-    write_manifest_atomic(manifest, out)
+        splits[split] = ((start + stride * np.arange(seq + 1)) % vocab).astype(np.uint16)
+    tokenizer = TokenizerInfo(spec="synthetic", type="hf-json", vocab_size=vocab, eos_id=0, sha256="0" * 64)
+    write_prepared(out, splits, context_length=seq, per_shard=per_shard, tokenizer=tokenizer,
+                   settings={"synthetic": True, "seed": seed}, created_by="tests/workers/train_checks.py")
     return out
 
 
