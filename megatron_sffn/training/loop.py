@@ -122,14 +122,13 @@ class Trainer:
             config, self.model, build_optimizer(config, numerics, self.model),
             micro_batches=self.num_micro_batches, dp_rank=parallel_state.get_data_parallel_rank(),
         )  # fmt: skip
-        self.optimizer = self.guidance.optimizer
         self.subnetworks = EvolvingSubnetworks(config.est_plan(), config.model, self.model)
         start = self.start
         self.lr_schedule = (resume_schedule(start.checkpoint, config) if start is not None and start.resuming
                             else LRSchedule.of(config))  # fmt: skip
         if self.lr_schedule != LRSchedule.of(config):
             say(f"training.schedule_on_resume=keep: following the checkpoint's schedule ({self.lr_schedule})")
-        self.scheduler = self.lr_schedule.build(self.optimizer, config.optimizer)
+        self.scheduler = self.guidance.bind_scheduler(self.lr_schedule.build(self.guidance.optimizer, config.optimizer))
         self.data: RunData = build_run_data(
             config,
             dp_rank=parallel_state.get_data_parallel_rank(),
@@ -155,8 +154,8 @@ class Trainer:
             header = read_checkpoint_header(latest)
             self.guidance.prepare_resume(header, str(latest))  # may switch guides off
             self.subnetworks.prepare_resume(header, str(latest))
-            self._use_optimizer(self.guidance.optimizer)
-            restored = load_checkpoint(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            restored = load_checkpoint(latest, model=self.model, optimizer=self.guidance.optimizer,
+                                       scheduler=self.scheduler)  # fmt: skip
             self._continue_from(restored)
             return
         if latest is not None:
@@ -167,7 +166,7 @@ class Trainer:
             with self.guidance.guides_hidden():  # guides start from the loaded structure, not from saved guides
                 new = load_start_weights(source, model=self.model, current=self.config.model)
             self.guidance.reset_guides()
-            self.optimizer.reload_model_params()  # bf16 runs: refresh the fp32 master copy from the loaded weights
+            self.guidance.optimizer.reload_model_params()  # bf16 runs: refresh the fp32 master copy from the weights
             say(f"initialised the weights from {source} (optimizer, schedule and data start fresh)")
             if swap:
                 say(
@@ -187,11 +186,6 @@ class Trainer:
             + ("" if restored.rng_restored else f"; layout changed from {restored.layout}, RNG streams re-seeded")
         )
 
-    def _use_optimizer(self, optimizer) -> None:
-        """Step ``optimizer`` from now on (self-guided training drops its guides' optimizer at switch-off)."""
-        self.optimizer = optimizer
-        self.scheduler.optimizer = optimizer
-
     # -- one step ----------------------------------------------------------------
 
     def _step(self, batches, stop: StopRequest | None):
@@ -202,11 +196,11 @@ class Trainer:
         self.guidance.begin_step(step)
         self.subnetworks.begin_step(step)
         self.scheduler.step(increment=1)
-        learning_rate = self.optimizer.param_groups[0]["lr"]
+        learning_rate = self.guidance.optimizer.param_groups[0]["lr"]
         self.faults.maybe_signal(step, self.rank)
         result = train_step(
             self.model,
-            self.optimizer,
+            self.guidance.optimizer,
             micro_batches,
             seq_length=self.config.model.seq_length,
             micro_batch_size=self.config.training.micro_batch_size,
@@ -237,7 +231,6 @@ class Trainer:
             flops_per_token=self.subnetworks.training_flops_per_token(),
         )  # fmt: skip
         if self.guidance.end_step(step):
-            self._use_optimizer(self.guidance.optimizer)
             say(f"self-guided training: guides switched off after step {step} (alpha reached 0)")
         return result
 
@@ -266,7 +259,7 @@ class Trainer:
                 self.dirs,
                 config=self.config,
                 model=self.model,
-                optimizer=self.optimizer,
+                optimizer=self.guidance.optimizer,
                 scheduler=self.scheduler,
                 progress=self.progress,
                 data_state=self.data.global_train_state(),

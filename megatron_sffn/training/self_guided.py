@@ -121,10 +121,12 @@ class SelfGuidance:
     The trainer calls :meth:`begin_step` before each update's forward passes,
     :meth:`before_micro_batch` before each micro-batch's forward (the hook of
     the forward-step function), and :meth:`end_step` after the update; it
-    must use :attr:`optimizer` (the chained optimizer while guides exist, the
-    model's own afterwards).  With ``plan`` None (a run without SGT) every
-    call is a no-op and :attr:`optimizer` is the model's, so the trainer
-    needs no special case.
+    steps :attr:`optimizer` (the chained optimizer while guides exist, the
+    model's own afterwards), asking for it each time.  The switch-off swaps
+    that optimizer and rebinds the LR scheduler of :meth:`bind_scheduler`
+    to it, here and nowhere else.  With ``plan`` None (a run without SGT)
+    every call is a no-op and :attr:`optimizer` is the model's, so the
+    trainer needs no special case.
     """
 
     def __init__(self, plan: GuidancePlan | None, model_chunks: list, model_optimizer, *, micro_batches: int,
@@ -137,6 +139,7 @@ class SelfGuidance:
         self.slots: list[GuidedSlot] = []
         self.guide_ddp = None
         self.optimizer = model_optimizer
+        self.scheduler = None
         self._plain_finalize: Callable | None = None
         self._step = 0
         self._alpha = 0.0
@@ -183,6 +186,13 @@ class SelfGuidance:
         get_model_config(self.model_chunks[0]).finalize_model_grads_func = self._plain_finalize
         self.guide_ddp = None
         self.optimizer = self.model_optimizer
+        if self.scheduler is not None:
+            self.scheduler.optimizer = self.optimizer
+
+    def bind_scheduler(self, scheduler):
+        """Let ``scheduler`` (built over :attr:`optimizer`) follow the optimizer swap of the switch-off; returns it."""
+        self.scheduler = scheduler
+        return scheduler
 
     def checkpoint_state(self, completed_steps: int) -> dict[str, Any] | None:
         """What a checkpoint records: the plan (checked by :meth:`prepare_resume`) and the α the next update uses."""
