@@ -34,14 +34,14 @@ from ..config.train import TrainConfig
 from ..entry_setup import missing_accelerators_note
 from ..model import initialize_model_parallel, seed_model_parallel
 from .checkpoint_dirs import CheckpointDirs
+from .checkpoint_parts import ModelWeights, OptimizerState, PlanState, RankRNG, Stateful
 from .checkpointing import (
     CHECKPOINTS_SUBDIR,
     CONFIG_FILE,
-    RestoredState,
     check_same_model,
-    load_checkpoint,
-    read_checkpoint_header,
-    save_checkpoint,
+    commit_checkpoint,
+    restore_checkpoint,
+    write_checkpoint,
 )
 from .data_setup import RunData, build_run_data, record_run_inputs
 from .est import EvolvingSubnetworks
@@ -55,7 +55,7 @@ from .resume_checks import check_starting_point, starting_point
 from .run_lock import RunLock
 from .schedule import LRSchedule, resume_schedule
 from .self_guided import GuidedDataReplay, build_guidance
-from .signals import StopRequest, write_stop_record
+from .signals import StopRequest
 from .state import TrainProgress
 from .step import to_device, train_step
 from .trace import StepTrace, sample_digests, tokens_digest
@@ -88,8 +88,8 @@ def init_distributed(config: TrainConfig, on_gpu: bool) -> None:
 class Trainer:
     """The state of one launch: process groups, model, optimizer, data, counters."""
 
-    def __init__(self, config: TrainConfig, faults: FaultPlan) -> None:
-        self.config, self.faults = config, faults
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
         check_starting_point(config)  # also done by the preflight; repeated for callers that skip it
         self.start = starting_point(config)
         self.on_gpu = torch.cuda.is_available()
@@ -117,6 +117,7 @@ class Trainer:
         numerics = Numerics.resolve(config, self.on_gpu)
         self.model = [wrap_data_parallel(build_model(config, numerics), numerics)]
         install_schedule_hooks(self.model)
+        self.faults = FaultPlan(config.debug, self.model, self.rank)
         # Self-guided training's guides get their own DDP and optimizer, chained with the model's.
         self.guidance = build_guidance(
             config, self.model, build_optimizer(config, numerics, self.model),
@@ -138,7 +139,7 @@ class Trainer:
         sgt = config.sgt_steps()
         self.replay = GuidedDataReplay(self.data.train, sgt.base_steps) if sgt and sgt.extra_steps else None
         self.progress = TrainProgress()
-        self.trace = StepTrace(self.rank)
+        self.trace = StepTrace(self.rank, config.debug.step_trace)
         device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
         self.metrics = MetricsLogger.from_config(
             config, world_size=self.world_size, device=device, enabled=self.rank == self.world_size - 1
@@ -151,12 +152,7 @@ class Trainer:
         """Resume from this run's latest checkpoint, else initialise weights from ``checkpoint.load``."""
         latest = self.dirs.latest()
         if self.start is not None and self.start.resuming:
-            header = read_checkpoint_header(latest)
-            self.guidance.prepare_resume(header, str(latest))  # may switch guides off
-            self.subnetworks.prepare_resume(header, str(latest))
-            restored = load_checkpoint(latest, model=self.model, optimizer=self.guidance.optimizer,
-                                       scheduler=self.scheduler)  # fmt: skip
-            self._continue_from(restored)
+            self._resume_from(latest)
             return
         if latest is not None:
             say(f"checkpoint.resume is false: ignoring {latest} and starting at step 0 (later saves replace it)")
@@ -174,16 +170,34 @@ class Trainer:
                     f"{describe_new_weights(new)} start at torch's default Linear init"
                 )
 
-    def _continue_from(self, restored: RestoredState) -> None:
-        self.progress = restored.progress
-        if restored.data_state is not None:
-            self.data.train.load_state_dict(restored.data_state)
-        if not restored.rng_restored:
+    def checkpoint_parts(self, where: str) -> dict[str, Stateful]:
+        """The run's state by checkpoint key, in the order it is restored; ``where`` names the checkpoint.
+
+        The training plans follow ``progress`` (they check themselves against
+        its step, and self-guided training drops guides the checkpoint no
+        longer has before the optimizer is asked for its state).
+        """
+        return {
+            "progress": self.progress,
+            "sgt": PlanState(self.guidance, self.progress, where),
+            "est": PlanState(self.subnetworks, self.progress, where),
+            "scheduler": self.scheduler,
+            "data": self.data,
+            "model": ModelWeights(self.model),
+            "optimizer": OptimizerState(lambda: self.guidance.optimizer, self.model),
+            "rng": RankRNG(),
+        }
+
+    def _resume_from(self, checkpoint: Path) -> None:
+        parts = self.checkpoint_parts(str(checkpoint))
+        header = restore_checkpoint(checkpoint, parts)
+        rng_restored = parts["rng"].restored
+        if not rng_restored:
             seed_model_parallel(self.config.training.seed + self.progress.step)
         say(
-            f"resumed from {restored.path} at step {self.progress.step} "
+            f"resumed from {checkpoint} at step {self.progress.step} "
             f"({self.progress.consumed_tokens:,} tokens consumed)"
-            + ("" if restored.rng_restored else f"; layout changed from {restored.layout}, RNG streams re-seeded")
+            + ("" if rng_restored else f"; layout changed from {header['layout']}, RNG streams re-seeded")
         )
 
     # -- one step ----------------------------------------------------------------
@@ -197,18 +211,17 @@ class Trainer:
         self.subnetworks.begin_step(step)
         self.scheduler.step(increment=1)
         learning_rate = self.guidance.optimizer.param_groups[0]["lr"]
-        self.faults.maybe_signal(step, self.rank)
-        result = train_step(
-            self.model,
-            self.guidance.optimizer,
-            micro_batches,
-            seq_length=self.config.model.seq_length,
-            micro_batch_size=self.config.training.micro_batch_size,
-            stop_flag=stop.flag if stop is not None else 0.0,
-            corrupt_loss=self.faults.corrupt_loss(step),
-            before_micro_batch=self.guidance.before_micro_batch,
-            extra_grad_chunks=self.guidance.grad_chunks(),
-        )
+        with self.faults.step(step):
+            result = train_step(
+                self.model,
+                self.guidance.optimizer,
+                micro_batches,
+                seq_length=self.config.model.seq_length,
+                micro_batch_size=self.config.training.micro_batch_size,
+                stop_flag=stop.flag if stop is not None else 0.0,
+                before_micro_batch=self.guidance.before_micro_batch,
+                extra_grad_chunks=self.guidance.grad_chunks(),
+            )
         p = self.progress
         p.step = step
         p.consumed_samples += self.config.training.global_batch_size
@@ -255,19 +268,11 @@ class Trainer:
 
     def save(self) -> Path:
         with self.metrics.excluded():
-            path = save_checkpoint(
-                self.dirs,
-                config=self.config,
-                model=self.model,
-                optimizer=self.guidance.optimizer,
-                scheduler=self.scheduler,
-                progress=self.progress,
-                data_state=self.data.global_train_state(),
-                faults=self.faults,
-                sgt_state=self.guidance.checkpoint_state(self.progress.step),
-                lr_schedule=self.lr_schedule,
-                est_state=self.subnetworks.checkpoint_state(),
-            )
+            step = self.progress.step
+            written = write_checkpoint(self.dirs, self.checkpoint_parts(str(self.dirs.partial_path(step))), step=step,
+                                       config=self.config, lr_schedule=self.lr_schedule)  # fmt: skip
+            self.faults.maybe_pause_in_save(step, written)
+            path = commit_checkpoint(self.dirs, step, keep_last=self.config.checkpoint.keep_last)
         self.last_checkpoint = path
         say(f"saved checkpoint {path}")
         return path
@@ -328,25 +333,22 @@ class Trainer:
     def _replay_guided_phase(self, batches):
         """Same-FLOPs SGT: rewind the data stream to the guided phase's first sample; returns the new iterator."""
         batches.close()  # stops the old iterator's loader workers
-        self.replay.restart(self.data.train, self.data.global_train_state())
+        self.replay.restart(self.data.train, self.data.state_dict())
         say(f"self-guided training: steps {self.progress.step + 1}..{self.train_steps} re-read the data of the "
             f"guided phase from its first sample")  # fmt: skip
         return iter(self.data.train)
 
 
-def run_training(config: TrainConfig, faults: FaultPlan | None = None) -> TrainOutcome:
+def run_training(config: TrainConfig) -> TrainOutcome:
     """One launch of the run described by ``config`` (call under torchrun or as a single process)."""
     # Global rank 0 holds the run directory for the whole launch, before anything in it changes.
     lock = RunLock(config.run_dir).acquire() if os.environ.get("RANK", "0") == "0" else None
     try:
         if lock is not None and lock.took_over:
             say(lock.took_over)
-        trainer = Trainer(config, faults if faults is not None else FaultPlan.from_env())
+        trainer = Trainer(config)
         trainer.restore()
-        outcome = trainer.run()
-        if os.environ.get("LOCAL_RANK", "0") == "0":  # one record per node, for that node's launcher
-            write_stop_record(outcome.stopped_by, outcome.progress.step, outcome.checkpoint)
-        return outcome
+        return trainer.run()
     finally:
         if lock is not None:
             lock.release()

@@ -200,17 +200,17 @@ class SelfGuidance:
             return None
         return {**self.plan.state_dict(), "alpha": self.plan.alpha_for_update(completed_steps + 1)}
 
-    def prepare_resume(self, header: dict[str, Any], where: str) -> None:
-        """Before loading this run's checkpoint (``header``: its common state): same plan, same guides.
+    def prepare_resume(self, saved: dict[str, Any] | None, completed_steps: int, where: str) -> None:
+        """Before loading this run's checkpoint (``saved``: its ``sgt`` record): same plan, same guides.
 
         A checkpoint saved after the switch-off has no guides and no guide
         optimizer, so the guides are switched off before loading it.
         """
         if self.plan is None:
-            refuse_guided_checkpoint(header, where)
+            refuse_guided_checkpoint(saved, completed_steps, where)
             return
-        self.plan.check_resume(header.get("sgt"), where)
-        if not self.plan.guides_needed_after(int(header["progress"]["step"])):
+        self.plan.check_resume(saved, where)
+        if not self.plan.guides_needed_after(completed_steps):
             self.switch_off()
 
     @contextlib.contextmanager
@@ -294,11 +294,10 @@ class SelfGuidance:
         return {"sgt/alpha": self._alpha, "sgt/guide_use_rate": rate}
 
 
-def refuse_guided_checkpoint(header: dict[str, Any], where: str) -> None:
+def refuse_guided_checkpoint(saved: dict[str, Any] | None, completed_steps: int, where: str) -> None:
     """A run without SGT cannot continue a checkpoint that still carries guides (and their optimizer)."""
-    saved = header.get("sgt")
-    if saved is not None and int(header["progress"]["step"]) < int(saved["guided_steps"]):
-        raise ValueError(f"{where} was saved during self-guided training (step {header['progress']['step']} of a "
+    if saved is not None and completed_steps < int(saved["guided_steps"]):
+        raise ValueError(f"{where} was saved during self-guided training (step {completed_steps} of a "
                          f"{saved['guided_steps']}-step guided phase); resume it with its sgt settings {saved}")  # fmt: skip
 
 
