@@ -46,6 +46,7 @@ What moves between layouts
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -54,7 +55,7 @@ import yaml
 
 from ..config.loading import from_dict, save_config, to_dict
 from ..config.model import ModelConfig
-from ..config.train import TrainConfig
+from ..config.train import DebugConfig, TrainConfig
 from .checkpoint_dirs import LATEST_FILE, CheckpointDirs, step_dir_name
 from .checkpoint_parts import ModelWeights, ShardedPart, Stateful, current_layout, sharded_model_state
 from .schedule import LRSchedule
@@ -77,6 +78,12 @@ def _save_strategy():
             strategy, parallel_state.get_data_parallel_group(with_context_parallel=True)
         )
     return strategy
+
+
+def save_run_config(config: TrainConfig, path: Path) -> None:
+    """Write the resolved config, its ``debug`` section at the defaults: faults and traces belong to one launch,
+    so a relaunch from a saved config injects and records nothing."""
+    save_config(dataclasses.replace(config, debug=DebugConfig()), path)
 
 
 def write_checkpoint(dirs: CheckpointDirs, state: Mapping[str, Stateful], *, step: int, config: TrainConfig,
@@ -112,7 +119,7 @@ def _write(dirs: CheckpointDirs, step: int, objects: dict[str, Any], config: Tra
     header = {"format": CHECKPOINT_FORMAT, "layout": current_layout()}
     dist_checkpointing.save({**header, **objects}, str(partial), sharded_strategy=_save_strategy())
     if rank0:
-        save_config(config, partial / CONFIG_FILE)
+        save_run_config(config, partial / CONFIG_FILE)
         if lr_schedule is not None:
             lr_schedule.write(partial)
     return partial

@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 
 from .. import cpu_compat
-from ..config.loading import save_config
 from ..config.train import TrainConfig
 from ..entry_setup import missing_accelerators_note
 from ..model import initialize_model_parallel, seed_model_parallel
@@ -41,6 +40,7 @@ from .checkpointing import (
     check_same_model,
     commit_checkpoint,
     restore_checkpoint,
+    save_run_config,
     write_checkpoint,
 )
 from .data_setup import RunData, build_run_data, record_run_inputs
@@ -108,7 +108,7 @@ class Trainer:
         self.run_dir = Path(config.run_dir)
         self.dirs = CheckpointDirs(self.run_dir / CHECKPOINTS_SUBDIR)
         if self.rank == 0:
-            save_config(config, self.run_dir / CONFIG_FILE)
+            save_run_config(config, self.run_dir / CONFIG_FILE)
             record_run_inputs(config)  # raw-mode globs resolved once per run; every rank reads the list
             for stale in self.dirs.clean_stale():
                 say(f"removed {stale.name}, left behind by an interrupted save")
