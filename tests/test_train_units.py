@@ -166,6 +166,9 @@ def test_progress_round_trips_and_rejects_incomplete_records():
     assert TrainProgress.from_state_dict(progress.state_dict()) == progress
     with pytest.raises(ValueError, match="consumed_tokens"):
         TrainProgress.from_state_dict({"step": 1})
+    shared = TrainProgress()
+    shared.load_state_dict(progress.state_dict())  # in place: the training plans' parts hold this object
+    assert shared == progress
 
 
 # -- fault injection -------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Save and restore the complete training state with megatron's ``dist_checkpointing``.
 
 A checkpoint directory (see :mod:`.checkpoint_dirs` for how it becomes
-visible atomically) holds, in megatron's ``torch_dist`` format:
+visible atomically) holds the parts of a run's state (:mod:`.checkpoint_parts`),
+each under its key, in megatron's ``torch_dist`` format:
 
 ``model``
     every parameter as a global tensor with its sharding recorded, so it
@@ -290,8 +291,9 @@ def restore_checkpoint(path: str | Path, state: Mapping[str, Stateful]) -> dict[
     for key, part in state.items():
         if key not in sharded:
             part.load_state_dict(header.get(key))
-    if "model" in sharded:
-        check_module_markers(path, sharded["model"].model_chunks)
+    model = state.get("model")
+    if isinstance(model, ModelWeights):
+        check_module_markers(path, model.model_chunks)
     templates = {key: part.sharded_template(header) for key, part in sharded.items()}
     request = {key: template for key, template in templates.items() if template is not None}
     loaded = dist_checkpointing.load(request, str(path))
