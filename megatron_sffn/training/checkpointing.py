@@ -94,8 +94,11 @@ def write_checkpoint(dirs: CheckpointDirs, state: Mapping[str, Stateful], *, ste
     ``lr_schedule``: the schedule the run follows (default: the config's).
     Returns that directory; :func:`commit_checkpoint` makes it visible.
     """
-    objects = {key: part.state_dict() for key, part in state.items()}
-    return _write(dirs, step, objects, config, lr_schedule or LRSchedule.of(config))
+    partial = _write(dirs, step, {key: part.state_dict() for key, part in state.items()})
+    if dist.get_rank() == 0:
+        save_run_config(config, partial / CONFIG_FILE)
+        (lr_schedule or LRSchedule.of(config)).write(partial)
+    return partial
 
 
 def commit_checkpoint(dirs: CheckpointDirs, step: int, *, keep_last: int | None) -> Path:
@@ -108,21 +111,16 @@ def commit_checkpoint(dirs: CheckpointDirs, step: int, *, keep_last: int | None)
     return dirs.root / step_dir_name(step)
 
 
-def _write(dirs: CheckpointDirs, step: int, objects: dict[str, Any], config: TrainConfig,
-           lr_schedule: LRSchedule | None) -> Path:  # fmt: skip
+def _write(dirs: CheckpointDirs, step: int, objects: dict[str, Any]) -> Path:
+    """Collective: ``objects`` and the format header into the uncommitted directory of ``step``; returns it."""
     from megatron.core import dist_checkpointing
 
-    rank0 = dist.get_rank() == 0
-    if rank0:
+    if dist.get_rank() == 0:
         dirs.begin(step)
     dist.barrier()
     partial = dirs.partial_path(step)
     header = {"format": CHECKPOINT_FORMAT, "layout": current_layout()}
     dist_checkpointing.save({**header, **objects}, str(partial), sharded_strategy=_save_strategy())
-    if rank0:
-        save_run_config(config, partial / CONFIG_FILE)
-        if lr_schedule is not None:
-            lr_schedule.write(partial)
     return partial
 
 
@@ -137,7 +135,9 @@ def save_weights_checkpoint(dirs: CheckpointDirs, *, config: TrainConfig, model:
     progress = TrainProgress()
     objects = {"model": sharded_model_state(model), "progress": progress.state_dict(), "data": None, "sgt": None,
                "weights_only": True}  # fmt: skip
-    _write(dirs, progress.step, objects, config, None)
+    partial = _write(dirs, progress.step, objects)
+    if dist.get_rank() == 0:
+        save_config(config, partial / CONFIG_FILE)
     return commit_checkpoint(dirs, progress.step, keep_last=None)
 
 
