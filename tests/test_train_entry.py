@@ -100,7 +100,7 @@ def test_consistent_launch_reaches_the_loop(tmp_path, dataset, monkeypatch):
 
 
 def _env_reads(source: str) -> set[str]:
-    """Names read with ``os.environ[...]`` / ``.get(...)`` (or an ``env`` mapping's), ``in os.environ``; constants resolved."""
+    """Names read with ``os.environ[...]``, ``.get(...)`` (or an ``env`` mapping's), ``in os.environ``."""
     constants = dict(re.findall(r'^([A-Z_]+) = "([A-Z][A-Z0-9_]+)"', source, flags=re.M))
     names = re.findall(r'(?:os\.environ|\benv)(?:\.get\(|\[)\s*"?([A-Za-z_][A-Za-z0-9_]*)"?', source)
     names += re.findall(r'"([A-Z][A-Z0-9_]+)" in os\.environ', source)

@@ -44,7 +44,7 @@ class FaultPlan:
 
     @contextlib.contextmanager
     def step(self, step: int) -> Iterator[None]:
-        """Around training step ``step``: send the signal of ``signal_at_step``, corrupt the loss of ``nonfinite_steps``."""
+        """Around training step ``step``: the signal of ``signal_at_step``, the NaN loss of ``nonfinite_steps``."""
         if step == self.debug.signal_at_step and self.global_rank == 0:
             os.kill(os.getpid(), signal.Signals[self.debug.signal])
         self._corrupt = step in self.debug.nonfinite_steps

@@ -17,8 +17,8 @@ scheduler insisting) do not cut a save short.
 Under torchrun the launcher process gets the signal, passes it on to the
 workers and then dies of it itself (exit 1, a ``SignalException``).  The
 launch scripts therefore set ``SFFN_STOP_RECORD``: each node's local rank 0 writes there how
-the launch ended (:func:`write_stop_record`, called by the command line), so the launcher can tell a clean save-and-stop (exit 0)
-from an interrupted one (:mod:`launch.run_torchrun`).
+the launch ended (:func:`write_stop_record`, called by the command line), so the launcher can
+tell a clean save-and-stop (exit 0) from an interrupted one (:mod:`launch.run_torchrun`).
 """
 
 from __future__ import annotations
