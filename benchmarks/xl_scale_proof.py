@@ -39,7 +39,8 @@ sys.path.insert(0, str(REPO_ROOT))
 from megatron_sffn.config.loading import load_config  # noqa: E402
 from megatron_sffn.config.train import TrainConfig  # noqa: E402
 from megatron_sffn.entry_setup import quiet_known_warnings  # noqa: E402
-from megatron_sffn.training.trace import ENV_STEP_TRACE, read_trace  # noqa: E402
+from megatron_sffn.train import ENV_STEP_TRACE  # noqa: E402
+from megatron_sffn.training.trace import read_trace  # noqa: E402
 from tests.workers.train_checks import write_dataset  # noqa: E402
 
 CONFIG = REPO_ROOT / "configs" / "paper" / "xl_lowrank32.yaml"

@@ -11,13 +11,14 @@ up every ``MAX_RESTARTS`` restart on a launch that cannot work.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from megatron_sffn.config.loading import add_config_arguments, load_config
 from megatron_sffn.config.train import TrainConfig
 from megatron_sffn.entry_setup import quiet_known_warnings
-from megatron_sffn.train import preflight
+from megatron_sffn.train import debug_overrides, preflight
 
 
 def main(argv: list[str]) -> int:
@@ -29,7 +30,7 @@ def main(argv: list[str]) -> int:
     add_config_arguments(parser)
     args = parser.parse_intermixed_args(argv)
     try:
-        config = load_config(TrainConfig, args.config, args.overrides)
+        config = load_config(TrainConfig, args.config, [*debug_overrides(os.environ), *args.overrides])
         job_id = None if args.job_id is None else (args.job_id or f"sffn-{Path(config.run_dir).name}")
         preflight(config, args.world_size, job_id)
     except (ValueError, FileNotFoundError) as exc:

@@ -26,7 +26,7 @@ import signal
 import sys
 from pathlib import Path
 
-STOP_RECORD_ENV = "SFFN_STOP_RECORD"  # the trainer's megatron_sffn.training.signals.STOP_RECORD_ENV
+STOP_RECORD_ENV = "SFFN_STOP_RECORD"  # the trainer's megatron_sffn.train.ENV_STOP_RECORD
 _WAIT_FOR_WORKERS_S = 600.0
 
 

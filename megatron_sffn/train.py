@@ -15,19 +15,72 @@ seconds with a message naming the key at fault.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from typing import Sequence
+from typing import Mapping, Sequence
 
-from .config.loading import add_config_arguments, load_config
+from .config.loading import ConfigError, add_config_arguments, load_config
 from .config.train import TrainConfig
 from .entry_setup import quiet_known_warnings
+
+# The environment variables this command reads; the only place in the trainer that reads any.
+ENV_STEP_TRACE = "SFFN_STEP_TRACE"
+ENV_NONFINITE_STEPS = "SFFN_FAULT_NONFINITE_STEPS"
+ENV_SIGNAL_AT_STEP = "SFFN_FAULT_SIGNAL_AT_STEP"
+ENV_PAUSE_IN_SAVE = "SFFN_FAULT_PAUSE_IN_SAVE"
+ENV_STOP_RECORD = "SFFN_STOP_RECORD"
+
+_ENVIRONMENT = (
+    (f"{ENV_STEP_TRACE}=DIR", "debug.step_trace: one JSON line per step and rank in DIR/rank<R>.jsonl"),
+    (f"{ENV_NONFINITE_STEPS}=3,4", "debug.nonfinite_steps: the loss of these steps becomes NaN"),
+    (f"{ENV_SIGNAL_AT_STEP}=5[:SIG]", "debug.signal_at_step, debug.signal (SIGTERM): rank 0 signals itself"),
+    (f"{ENV_PAUSE_IN_SAVE}=4:30", "debug.pause_in_save_step, _s: sleep between writing and committing"),
+    (f"{ENV_STOP_RECORD}=FILE", "each node's local rank 0 records there how the launch ended (launch scripts)"),
+    ("WORLD_SIZE, RANK, LOCAL_RANK", "the process layout, as torchrun sets it"),
+)
+ENVIRONMENT_HELP = "environment variables (the debug ones apply before the command line's overrides):\n" + "".join(
+    f"  {name:<36} {meaning}\n" for name, meaning in _ENVIRONMENT
+)
+
+
+def _step_of(name: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}: {text!r} is not an integer step") from None
+
+
+def debug_overrides(env: Mapping[str, str]) -> list[str]:
+    """The ``debug.*`` overrides that the environment variables of :data:`ENVIRONMENT_HELP` ask for."""
+    overrides = []
+    if env.get(ENV_STEP_TRACE):
+        overrides.append(f"debug.step_trace={json.dumps(env[ENV_STEP_TRACE])}")  # quoted: any path is a string
+    steps = [_step_of(ENV_NONFINITE_STEPS, s.strip()) for s in env.get(ENV_NONFINITE_STEPS, "").split(",") if s.strip()]
+    if steps:
+        overrides.append(f"debug.nonfinite_steps={steps}")
+    spec = env.get(ENV_SIGNAL_AT_STEP, "").strip()
+    if spec:
+        step, _, name = spec.partition(":")
+        overrides.append(f"debug.signal_at_step={_step_of(ENV_SIGNAL_AT_STEP, step)}")
+        if name:
+            overrides.append(f"debug.signal={name}")
+    pause = env.get(ENV_PAUSE_IN_SAVE, "").strip()
+    if pause:
+        step, _, seconds = pause.partition(":")
+        try:
+            overrides += [f"debug.pause_in_save_step={int(step)}", f"debug.pause_in_save_s={float(seconds)}"]
+        except ValueError:
+            raise ConfigError(f"environment variable {ENV_PAUSE_IN_SAVE}={pause!r}: expected STEP:SECONDS") from None
+    return overrides
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m megatron_sffn.train",
         description="Pretrain a GPT with structured FFNs (run under torchrun for several processes).",
+        epilog=ENVIRONMENT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_arguments(parser)
     return parser.parse_args(argv)
@@ -74,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        config = checked_config(args.config, args.overrides, world_size)
+        config = checked_config(args.config, [*debug_overrides(os.environ), *args.overrides], world_size)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -82,10 +135,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .training.loop import run_training
     from .training.nonfinite import NonFiniteTrainingError
     from .training.run_lock import RunDirLocked
-    from .training.signals import EXIT_INTERRUPTED
+    from .training.signals import EXIT_INTERRUPTED, write_stop_record
 
     try:
-        run_training(config)
+        outcome = run_training(config)
+        if os.environ.get(ENV_STOP_RECORD) and os.environ.get("LOCAL_RANK", "0") == "0":  # one per node
+            write_stop_record(os.environ[ENV_STOP_RECORD], outcome.stopped_by, outcome.progress.step,
+                              outcome.checkpoint)  # fmt: skip
     except RunDirLocked as exc:  # another job took the run directory between the preflight and now
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

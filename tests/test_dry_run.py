@@ -229,7 +229,6 @@ def _live_tensor_tracker():
 def measure_training_memory(config_path: str, overrides: list[str]) -> dict[str, int]:
     """Run the trainer in this process and report its peak live tensor bytes during training steps."""
     from megatron_sffn.training import loop
-    from megatron_sffn.training.faults import FaultPlan
 
     cfg = load_config(TrainConfig, config_path, overrides)
     tracker = _live_tensor_tracker()
@@ -247,7 +246,7 @@ def measure_training_memory(config_path: str, overrides: list[str]) -> dict[str,
     loop.train_step = measured_step
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with tracker:
-        trainer = loop.Trainer(cfg, FaultPlan())
+        trainer = loop.Trainer(cfg)
         trainer.restore()
         trainer.run()
     return {

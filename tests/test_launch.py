@@ -37,8 +37,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from megatron_sffn.training.faults import ENV_PAUSE_IN_SAVE, SAVE_PAUSED_MARKER
-from megatron_sffn.training.trace import ENV_STEP_TRACE, read_trace
+from megatron_sffn.train import ENV_PAUSE_IN_SAVE, ENV_STEP_TRACE
+from megatron_sffn.training.faults import SAVE_PAUSED_MARKER
+from megatron_sffn.training.trace import read_trace
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = REPO_ROOT / "launch"

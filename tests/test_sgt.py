@@ -279,11 +279,10 @@ def test_plan_must_match_on_resume():
         plan.check_resume(GuidancePlan(40, "cosine", True, 7).state_dict(), "ckpt")
     with pytest.raises(ValueError, match="ckpt was saved without self-guided training"):
         plan.check_resume(None, "ckpt")
-    saved = {"sgt": plan.state_dict(), "progress": {"step": 12}}
     with pytest.raises(ValueError, match="saved during self-guided training .step 12 of a 30-step guided phase"):
-        refuse_guided_checkpoint(saved, "ckpt")
-    refuse_guided_checkpoint({"sgt": plan.state_dict(), "progress": {"step": 30}}, "ckpt")  # guides were gone
-    refuse_guided_checkpoint({"sgt": None, "progress": {"step": 3}}, "ckpt")
+        refuse_guided_checkpoint(plan.state_dict(), 12, "ckpt")
+    refuse_guided_checkpoint(plan.state_dict(), 30, "ckpt")  # guides were gone
+    refuse_guided_checkpoint(None, 3, "ckpt")
 
 
 # -- shipped run configurations ------------------------------------------------------------

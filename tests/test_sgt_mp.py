@@ -86,6 +86,7 @@ def test_switch_off_leaves_no_guide_behind(training):
             assert result["optimizer_params"] == result["model_params"] == result["grad_buffer_elements"]
             assert result["optimizer_state_params_outside_model"] == 0
             assert result["finalize_is_plain"]
+            assert result["scheduler_drives_the_model_optimizer"]
 
 
 def test_guided_training_at_pp2_reproduces_dp2_with_a_stage_without_guides(run):

@@ -2,11 +2,15 @@
 
 Each case must exit with status 2 and a message naming the key and value at
 fault, without creating the run directory (the resolved config is written
-only once set-up starts) and without reaching the training loop.
+only once set-up starts) and without reaching the training loop.  The
+command line is also the only reader of the environment: the debug section
+from the fault and trace variables, the launcher's stop record.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,7 @@ import pytest
 from megatron_sffn import train
 from megatron_sffn.training import loop
 from megatron_sffn.training.model_setup import fused_adam_available
+from megatron_sffn.training.state import TrainProgress
 from tests.workers.train_checks import run_config, write_config, write_dataset
 
 
@@ -95,3 +100,62 @@ def test_consistent_launch_reaches_the_loop(tmp_path, dataset, monkeypatch):
     monkeypatch.setattr(loop, "run_training", lambda cfg: calls.append(cfg))
     assert train.main([str(config), "parallel.tensor_parallel=2"]) == 0
     assert calls[0].parallel.tensor_parallel == 2
+
+
+# -- the environment, read at the command line only ---------------------------------------------
+
+
+def _env_reads(source: str) -> set[str]:
+    """Names read with ``os.environ[...]``, ``.get(...)`` (or an ``env`` mapping's), ``in os.environ``."""
+    constants = dict(re.findall(r'^([A-Z_]+) = "([A-Z][A-Z0-9_]+)"', source, flags=re.M))
+    names = re.findall(r'(?:os\.environ|\benv)(?:\.get\(|\[)\s*"?([A-Za-z_][A-Za-z0-9_]*)"?', source)
+    names += re.findall(r'"([A-Z][A-Z0-9_]+)" in os\.environ', source)
+    return {constants.get(name, name) for name in names}
+
+
+def test_help_lists_every_environment_variable_the_command_line_reads(capsys):
+    read = _env_reads(Path(train.__file__).read_text())
+    assert {"SFFN_STEP_TRACE", "SFFN_STOP_RECORD", "WORLD_SIZE", "LOCAL_RANK"} <= read
+    fault_vars = {train.ENV_NONFINITE_STEPS, train.ENV_SIGNAL_AT_STEP, train.ENV_PAUSE_IN_SAVE}
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    out = capsys.readouterr().out
+    missing = sorted(name for name in read | fault_vars if not re.search(rf"^\s+(\S+, )*{name}\b", out, flags=re.M))
+    assert not missing, f"--help does not list {missing}:\n{out}"
+
+
+def test_the_trainer_reads_only_the_launchers_process_identity_from_the_environment():
+    package = Path(train.__file__).parent / "training"
+    read = {name for path in package.glob("*.py") for name in _env_reads(path.read_text())}
+    assert read <= {"WORLD_SIZE", "RANK", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"}, read
+
+
+def test_environment_fills_the_debug_section_and_overrides_win(tmp_path, dataset, monkeypatch, capsys):
+    config = write_config(tmp_path / "run.yaml", run_config(tmp_path / "run", dataset))
+    monkeypatch.setenv("SFFN_STEP_TRACE", str(tmp_path / "trace"))
+    monkeypatch.setenv("SFFN_FAULT_SIGNAL_AT_STEP", "3:SIGUSR1")
+    monkeypatch.setenv("SFFN_FAULT_NONFINITE_STEPS", "2")
+    calls = []
+    monkeypatch.setattr(loop, "run_training", lambda cfg: calls.append(cfg))
+    assert train.main([str(config), "debug.nonfinite_steps=[4,5]"]) == 0
+    debug = calls[0].debug
+    assert (debug.step_trace, debug.signal_at_step, debug.signal) == (str(tmp_path / "trace"), 3, "SIGUSR1")
+    assert debug.nonfinite_steps == [4, 5]
+    monkeypatch.setenv("SFFN_FAULT_PAUSE_IN_SAVE", "soon")
+    monkeypatch.setattr(loop, "run_training", _never_called)
+    assert train.main([str(config)]) == 2
+    assert "SFFN_FAULT_PAUSE_IN_SAVE='soon': expected STEP:SECONDS" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_command_line_writes_the_stop_record_for_the_launcher(tmp_path, dataset, monkeypatch):
+    config = write_config(tmp_path / "run.yaml", run_config(tmp_path / "run", dataset))
+    outcome = loop.TrainOutcome(TrainProgress(step=4), "SIGTERM", tmp_path / "ckpt", None)
+    monkeypatch.setattr(loop, "run_training", lambda cfg: outcome)
+    monkeypatch.setenv("SFFN_STOP_RECORD", str(tmp_path / "stop.json"))
+    assert train.main([str(config)]) == 0
+    record = json.loads((tmp_path / "stop.json").read_text())
+    assert record == {"stopped_by": "SIGTERM", "step": 4, "checkpoint": str(tmp_path / "ckpt")}
+    monkeypatch.setenv("LOCAL_RANK", "1")  # one record per node: the other local ranks leave it alone
+    (tmp_path / "stop.json").unlink()
+    assert train.main([str(config)]) == 0 and not (tmp_path / "stop.json").exists()

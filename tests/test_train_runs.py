@@ -221,7 +221,7 @@ def test_sigkill_during_save_leaves_latest_loadable(tmp_path, dataset, single_re
 
 
 def test_nonfinite_steps_are_skipped_and_a_streak_stops_the_run(tmp_path, dataset, single_reference):
-    trace, out = _trained(tmp_path, dataset, "run", env_faults={"SFFN_FAULT_NONFINITE_STEPS": "3,5,6"},
+    trace, out = _trained(tmp_path, dataset, "run", debug={"nonfinite_steps": [3, 5, 6]},  # the config's section
                           expect_rc=1, training={"train_steps": 6, "max_consecutive_nonfinite": 2},
                           checkpoint={"save_interval": 1})  # fmt: skip
     assert "step 6: 2 consecutive steps had a non-finite loss or gradient" in out

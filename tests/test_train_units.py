@@ -1,5 +1,5 @@
 """The trainer's single-process building blocks: checkpoint directory protocol, signals,
-non-finite accounting, fault-injection parsing, LR schedule, step trace."""
+non-finite accounting, the debug section from the environment, LR schedule, step trace."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import signal
 
 import pytest
 
-from megatron_sffn.config.train import OptimizerConfig
+from megatron_sffn.config.loading import ConfigError, apply_overrides, from_dict
+from megatron_sffn.config.train import DebugConfig, OptimizerConfig
+from megatron_sffn.train import debug_overrides
 from megatron_sffn.training.checkpoint_dirs import (
     LATEST_FILE,
     PARTIAL_PREFIX,
@@ -17,7 +19,6 @@ from megatron_sffn.training.checkpoint_dirs import (
     step_dir_name,
     step_of,
 )
-from megatron_sffn.training.faults import FaultPlan
 from megatron_sffn.training.nonfinite import NonFiniteTrainingError, record_step
 from megatron_sffn.training.signals import StopRequest
 from megatron_sffn.training.state import TrainProgress
@@ -165,27 +166,41 @@ def test_progress_round_trips_and_rejects_incomplete_records():
     assert TrainProgress.from_state_dict(progress.state_dict()) == progress
     with pytest.raises(ValueError, match="consumed_tokens"):
         TrainProgress.from_state_dict({"step": 1})
+    shared = TrainProgress()
+    shared.load_state_dict(progress.state_dict())  # in place: the training plans' parts hold this object
+    assert shared == progress
 
 
 # -- fault injection -------------------------------------------------------------------
 
 
-def test_fault_plan_parses_and_names_bad_values():
-    plan = FaultPlan.from_env({
+def _debug_of(env: dict[str, str], *overrides: str) -> DebugConfig:
+    """The debug section the command line builds from ``env`` and its own ``overrides``."""
+    data = apply_overrides({}, [*debug_overrides(env), *overrides])
+    return from_dict(DebugConfig, data.get("debug", {}), source="command line")
+
+
+def test_fault_environment_becomes_the_debug_section_and_names_bad_values(tmp_path):
+    debug = _debug_of({
         "SFFN_FAULT_NONFINITE_STEPS": "3, 5", "SFFN_FAULT_SIGNAL_AT_STEP": "4:SIGUSR1",
-        "SFFN_FAULT_PAUSE_IN_SAVE": "6:2.5",
+        "SFFN_FAULT_PAUSE_IN_SAVE": "6:2.5", "SFFN_STEP_TRACE": str(tmp_path / "yes"),
     })  # fmt: skip
-    assert plan.corrupt_loss(3) and plan.corrupt_loss(5) and not plan.corrupt_loss(4)
-    assert (plan.signal_at_step, plan.signal_kind) == (4, signal.SIGUSR1)
-    assert (plan.pause_in_save_step, plan.pause_in_save_s) == (6, 2.5)
-    assert FaultPlan.from_env({}) == FaultPlan()
+    assert debug == DebugConfig(step_trace=str(tmp_path / "yes"), nonfinite_steps=[3, 5], signal_at_step=4,
+                                signal="SIGUSR1", pause_in_save_step=6, pause_in_save_s=2.5)  # fmt: skip
+    assert _debug_of({}) == DebugConfig() and debug_overrides({"SFFN_FAULT_NONFINITE_STEPS": " "}) == []
+    assert _debug_of({"SFFN_FAULT_SIGNAL_AT_STEP": "4"}).signal == "SIGTERM"
+    assert _debug_of({"SFFN_FAULT_SIGNAL_AT_STEP": "4"}, "debug.signal_at_step=7").signal_at_step == 7  # override wins
     for env, match in (
         ({"SFFN_FAULT_NONFINITE_STEPS": "3,x"}, "SFFN_FAULT_NONFINITE_STEPS.*'x'"),
-        ({"SFFN_FAULT_SIGNAL_AT_STEP": "4:SIGNOPE"}, "unknown signal 'SIGNOPE'"),
-        ({"SFFN_FAULT_PAUSE_IN_SAVE": "4"}, "STEP:SECONDS"),
+        ({"SFFN_FAULT_SIGNAL_AT_STEP": "x:SIGUSR1"}, "SFFN_FAULT_SIGNAL_AT_STEP.*'x'"),
+        ({"SFFN_FAULT_SIGNAL_AT_STEP": "4:SIGNOPE"}, "signal='SIGNOPE': unknown signal"),
+        ({"SFFN_FAULT_PAUSE_IN_SAVE": "4"}, "SFFN_FAULT_PAUSE_IN_SAVE='4': expected STEP:SECONDS"),
+        ({"SFFN_FAULT_NONFINITE_STEPS": "0"}, "nonfinite_steps=.0. must list positive steps"),
     ):
         with pytest.raises(ValueError, match=match):
-            FaultPlan.from_env(env)
+            _debug_of(env)
+    with pytest.raises(ConfigError, match=r"command line:corrupt_loss: unknown key in section DebugConfig"):
+        _debug_of({}, "debug.corrupt_loss=true")
 
 
 # -- learning-rate schedule ------------------------------------------------------------

@@ -12,6 +12,7 @@ checks that need the sharding plan, the FLOP accounting or the EST draws are
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -267,6 +268,38 @@ class EvalConfig:
 
 
 @dataclass
+class DebugConfig:
+    """A per-step record for reproducibility checks, and deterministic faults for the recovery paths; all off.
+
+    Recovery code (skipping a NaN step, saving on pre-emption, surviving a
+    kill during a save) only runs when something goes wrong, so tests trigger
+    it on purpose at an exact step instead of racing a timer.  The command line
+    also sets these keys from environment variables (listed by ``python -m
+    megatron_sffn.train --help``), so a test can drive an unmodified launch.
+    Steps are 1-based.
+    """
+
+    # each rank appends one JSON line per step to <step_trace>/rank<global rank>.jsonl (see training/trace.py)
+    step_trace: str | None = None
+    nonfinite_steps: list[int] = field(default_factory=list)  # their loss is multiplied by NaN on the last stage
+    # global rank 0 sends itself `signal` during this step; the other ranks learn of it through the step's reduction
+    signal_at_step: int | None = None
+    signal: str = "SIGTERM"
+    # in this step's save every rank sleeps pause_in_save_s after writing, before the commit, announcing
+    # "SAVE-PAUSED <dir>" on stderr, so that a test can kill the job mid-save
+    pause_in_save_step: int | None = None
+    pause_in_save_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require_positive(signal_at_step=self.signal_at_step, pause_in_save_step=self.pause_in_save_step)
+        _require(all(step > 0 for step in self.nonfinite_steps),
+                 f"nonfinite_steps={self.nonfinite_steps} must list positive steps")  # fmt: skip
+        _require(self.signal in signal.Signals.__members__,
+                 f"signal={self.signal!r}: unknown signal (expected a name such as SIGTERM or SIGUSR1)")  # fmt: skip
+        _require(self.pause_in_save_s >= 0.0, f"pause_in_save_s={self.pause_in_save_s} must be >= 0")
+
+
+@dataclass
 class TrainConfig:
     """One pretraining run; the resolved form is saved in ``run_dir`` on every start."""
 
@@ -281,6 +314,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sgt: SGTConfig = field(default_factory=SGTConfig)
     est: ESTConfig = field(default_factory=ESTConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.run_dir), "run_dir is empty")

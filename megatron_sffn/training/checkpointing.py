@@ -1,7 +1,8 @@
 """Save and restore the complete training state with megatron's ``dist_checkpointing``.
 
 A checkpoint directory (see :mod:`.checkpoint_dirs` for how it becomes
-visible atomically) holds, in megatron's ``torch_dist`` format:
+visible atomically) holds the parts of a run's state (:mod:`.checkpoint_parts`),
+each under its key, in megatron's ``torch_dist`` format:
 
 ``model``
     every parameter as a global tensor with its sharding recorded, so it
@@ -46,58 +47,24 @@ What moves between layouts
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch.distributed as dist
 import yaml
 
 from ..config.loading import from_dict, save_config, to_dict
 from ..config.model import ModelConfig
-from ..config.train import TrainConfig
+from ..config.train import DebugConfig, TrainConfig
 from .checkpoint_dirs import LATEST_FILE, CheckpointDirs, step_dir_name
-from .faults import FaultPlan
-from .rng import capture_rng_state, restore_rng_state
+from .checkpoint_parts import ModelWeights, ShardedPart, Stateful, current_layout, sharded_model_state
 from .schedule import LRSchedule
 from .state import TrainProgress
 
 CHECKPOINT_FORMAT = "megatron-sffn/checkpoint-v1"
 CONFIG_FILE = "config.yaml"
 CHECKPOINTS_SUBDIR = "checkpoints"  # inside a run directory
-# Reshardable across TP, PP and DP; megatron's own default for the distributed optimizer.
-_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
-
-
-def current_layout() -> dict[str, int]:
-    from megatron.core import parallel_state
-
-    return {
-        "world_size": dist.get_world_size(),
-        "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
-        "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
-        "data_parallel": parallel_state.get_data_parallel_world_size(),
-    }
-
-
-def _same_rank_layout(saved: dict[str, int]) -> bool:
-    """Whether global rank r now plays the role rank r had when the checkpoint was saved."""
-    now = current_layout()
-    return all(saved.get(k) == now[k] for k in ("world_size", "tensor_parallel", "pipeline_parallel"))
-
-
-def sharded_model_state(model_chunks: list) -> dict[str, Any]:
-    from megatron.core.utils import unwrap_model
-
-    if len(model_chunks) != 1:
-        raise ValueError(f"expected one model chunk per rank (no virtual pipeline stages), got {len(model_chunks)}")
-    return unwrap_model(model_chunks[0]).sharded_state_dict()
-
-
-def _rng_object(state: Any):
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    return ShardedObject("rng_state", state, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
 
 
 def _save_strategy():
@@ -114,104 +81,64 @@ def _save_strategy():
     return strategy
 
 
-def save_checkpoint(
-    dirs: CheckpointDirs,
-    *,
-    config: TrainConfig,
-    model: list,
-    optimizer,
-    scheduler,
-    progress: TrainProgress,
-    data_state: dict[str, Any],
-    faults: FaultPlan | None = None,
-    sgt_state: dict[str, Any] | None = None,
-    lr_schedule: LRSchedule | None = None,
-    est_state: dict[str, Any] | None = None,
-) -> Path:
-    """Collective: every rank calls it at the same step.  Returns the committed directory.
+def save_run_config(config: TrainConfig, path: Path) -> None:
+    """Write the resolved config, its ``debug`` section at the defaults: faults and traces belong to one launch,
+    so a relaunch from a saved config injects and records nothing."""
+    save_config(dataclasses.replace(config, debug=DebugConfig()), path)
 
-    ``sgt_state`` records the run's self-guided training plan (None without SGT),
-    ``est_state`` its evolving subnetwork training plan (None without EST);
-    ``lr_schedule`` the schedule the run follows (default: the config's).
+
+def write_checkpoint(dirs: CheckpointDirs, state: Mapping[str, Stateful], *, step: int, config: TrainConfig,
+                     lr_schedule: LRSchedule | None = None) -> Path:  # fmt: skip
+    """Collective: write every part of ``state`` under its key into the uncommitted directory of ``step``.
+
+    ``lr_schedule``: the schedule the run follows (default: the config's).
+    Returns that directory; :func:`commit_checkpoint` makes it visible.
     """
+    partial = _write(dirs, step, {key: part.state_dict() for key, part in state.items()})
+    if dist.get_rank() == 0:
+        save_run_config(config, partial / CONFIG_FILE)
+        (lr_schedule or LRSchedule.of(config)).write(partial)
+    return partial
+
+
+def commit_checkpoint(dirs: CheckpointDirs, step: int, *, keep_last: int | None) -> Path:
+    """Collective: make the written checkpoint of ``step`` the latest, keeping the newest ``keep_last``."""
+    dist.barrier()
+    if dist.get_rank() == 0:
+        dirs.commit(step)
+        dirs.prune(keep_last)
+    dist.barrier()
+    return dirs.root / step_dir_name(step)
+
+
+def _write(dirs: CheckpointDirs, step: int, objects: dict[str, Any]) -> Path:
+    """Collective: ``objects`` and the format header into the uncommitted directory of ``step``; returns it."""
     from megatron.core import dist_checkpointing
 
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        dirs.begin(progress.step)
+    if dist.get_rank() == 0:
+        dirs.begin(step)
     dist.barrier()
-    partial = dirs.partial_path(progress.step)
-    model_state = sharded_model_state(model)
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "layout": current_layout(),
-        "model": model_state,
-        "optimizer": optimizer.sharded_state_dict(model_state, metadata=_OPTIMIZER_METADATA),
-        "scheduler": scheduler.state_dict(),
-        "progress": progress.state_dict(),
-        "data": data_state,
-        "sgt": sgt_state,
-        "est": est_state,
-        "rng": _rng_object(capture_rng_state()),
-    }
-    dist_checkpointing.save(state, str(partial), sharded_strategy=_save_strategy())
-    if rank0:
-        save_config(config, partial / CONFIG_FILE)
-        (lr_schedule or LRSchedule.of(config)).write(partial)
-    if faults is not None:
-        faults.maybe_pause_in_save(progress.step, partial)
-    dist.barrier()
-    if rank0:
-        dirs.commit(progress.step)
-        dirs.prune(config.checkpoint.keep_last)
-    dist.barrier()
-    return dirs.root / step_dir_name(progress.step)
+    partial = dirs.partial_path(step)
+    header = {"format": CHECKPOINT_FORMAT, "layout": current_layout()}
+    dist_checkpointing.save({**header, **objects}, str(partial), sharded_strategy=_save_strategy())
+    return partial
 
 
 def save_weights_checkpoint(dirs: CheckpointDirs, *, config: TrainConfig, model: list) -> Path:
     """Collective: a checkpoint of the weights alone at step 0 (no optimizer, schedule, data or RNG state).
 
-    What an imported model becomes: :func:`load_checkpoint` without an
-    optimizer reads it at any layout (evaluation, generation, or a new run's
-    ``checkpoint.load``); resuming a run from it is not possible (there is no
-    optimizer state to resume).
+    What an imported model becomes: :func:`load_checkpoint` reads it at any
+    layout (evaluation, generation, or a new run's ``checkpoint.load``);
+    resuming a run from it is not possible (there is no optimizer state to
+    resume).
     """
-    from megatron.core import dist_checkpointing
-
     progress = TrainProgress()
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        dirs.begin(progress.step)
-    dist.barrier()
-    partial = dirs.partial_path(progress.step)
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "layout": current_layout(),
-        "model": sharded_model_state(model),
-        "progress": progress.state_dict(),
-        "data": None,
-        "sgt": None,
-        "weights_only": True,
-    }
-    dist_checkpointing.save(state, str(partial), sharded_strategy=_save_strategy())
-    if rank0:
+    objects = {"model": sharded_model_state(model), "progress": progress.state_dict(), "data": None, "sgt": None,
+               "weights_only": True}  # fmt: skip
+    partial = _write(dirs, progress.step, objects)
+    if dist.get_rank() == 0:
         save_config(config, partial / CONFIG_FILE)
-    dist.barrier()
-    if rank0:
-        dirs.commit(progress.step)
-    dist.barrier()
-    return dirs.root / step_dir_name(progress.step)
-
-
-@dataclass
-class RestoredState:
-    """What a checkpoint gives back beyond the tensors loaded in place."""
-
-    path: Path
-    progress: TrainProgress
-    data_state: dict[str, Any] | None
-    layout: dict[str, int]
-    rng_restored: bool
+    return commit_checkpoint(dirs, progress.step, keep_last=None)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -342,43 +269,42 @@ def require_same_plan(mine: dict[str, Any], saved: dict[str, Any] | None, where:
         raise ValueError(f"{where} was saved under another {method} plan:\n  " + "\n  ".join(diffs))
 
 
-def load_checkpoint(path: str | Path, *, model: list, optimizer=None, scheduler=None) -> RestoredState:
-    """Collective: load ``path`` into ``model`` (and ``optimizer``/``scheduler`` when given) in place.
+def restore_checkpoint(path: str | Path, state: Mapping[str, Stateful]) -> dict[str, Any]:
+    """Collective: restore every part of ``state`` from the checkpoint ``path``, in the map's order.
 
-    Without an optimizer only the weights are read, which works from any
-    layout to any other (evaluation, or starting a new run from trained
-    weights).
+    The small common parts come first, before any tensor is read, so that a
+    part refusing the checkpoint (another training plan) fails early and
+    self-guided training can drop guides the checkpoint no longer has; then
+    the sharded parts are loaded in one read.  Returns the checkpoint's common
+    state (its ``layout``, ``progress``, ...).
     """
     from megatron.core import dist_checkpointing
-    from megatron.core.utils import unwrap_model
 
     path = Path(path)
     header = read_checkpoint_header(path)
-    if optimizer is not None and header.get("weights_only"):
+    if header.get("weights_only") and set(state) - {"model"}:
         raise ValueError(
             f"{path} holds weights only (no optimizer state to resume, e.g. an imported model); start a run in "
             f"another run_dir with checkpoint.load={path}"
         )
-    check_module_markers(path, model)
-    restore_rng = optimizer is not None and _same_rank_layout(header["layout"])
-    model_state = sharded_model_state(model)
-    request: dict[str, Any] = {"model": model_state}
-    if optimizer is not None:
-        request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=_OPTIMIZER_METADATA)
-    if restore_rng:
-        request["rng"] = _rng_object(capture_rng_state())
+    sharded = {key: part for key, part in state.items() if isinstance(part, ShardedPart)}
+    for key, part in state.items():
+        if key not in sharded:
+            part.load_state_dict(header.get(key))
+    model = state.get("model")
+    if isinstance(model, ModelWeights):
+        check_module_markers(path, model.model_chunks)
+    templates = {key: part.sharded_template(header) for key, part in sharded.items()}
+    request = {key: template for key, template in templates.items() if template is not None}
     loaded = dist_checkpointing.load(request, str(path))
-    unwrap_model(model[0]).load_state_dict(loaded["model"], strict=True)
-    if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(loaded["scheduler"])
-    if restore_rng:
-        restore_rng_state(loaded["rng"])
-    return RestoredState(
-        path=path,
-        progress=TrainProgress.from_state_dict(loaded["progress"]),
-        data_state=loaded.get("data"),
-        layout=header["layout"],
-        rng_restored=restore_rng,
-    )
+    for key in request:
+        sharded[key].load_state_dict(loaded[key])
+    return header
+
+
+def load_checkpoint(path: str | Path, *, model: list) -> dict[str, Any]:
+    """Collective: the weights of ``path`` into ``model``, in place, from any layout (evaluation, a new run's start).
+
+    Returns the checkpoint's common state.
+    """
+    return restore_checkpoint(path, {"model": ModelWeights(model)})

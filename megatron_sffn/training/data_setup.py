@@ -84,7 +84,7 @@ class RunData:
     train: TrainStream
     validation: ValidationLoader
 
-    def global_train_state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """The training stream's position merged over the data-parallel ranks (collective).
 
         A prepared dataset's state is the same on every rank; a raw-text
@@ -98,6 +98,11 @@ class RunData:
         states: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(states, self.train.state_dict(), group=group)
         return merge_states(states)
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Continue the training stream where a checkpoint left it (None: a checkpoint without data state)."""
+        if state is not None:
+            self.train.load_state_dict(state)
 
 
 def _layout(config: TrainConfig, dp_rank: int, dp_size: int) -> StreamLayout:

@@ -92,18 +92,17 @@ class EvolvingSubnetworks:
             "est/flops_fraction": self.training_flops_per_token() / self.full_flops_per_token,
         }
 
-    def checkpoint_state(self) -> dict[str, Any] | None:
+    def checkpoint_state(self, completed_steps: int) -> dict[str, Any] | None:
+        """The plan (the same at every step: ``completed_steps`` does not change it)."""
         return self.plan.state_dict() if self.plan is not None else None
 
-    def prepare_resume(self, header: dict[str, Any], where: str) -> None:
+    def prepare_resume(self, saved: dict[str, Any] | None, completed_steps: int, where: str) -> None:
         """Before loading this run's checkpoint: the same plan, or (without EST) no EST stage left unfinished."""
-        saved = header.get("est")
         if saved is not None and "hidden_groups" not in saved:  # saved before BlockShuffle subsets: no cells anywhere
             saved = {**saved, "hidden_groups": [1] * int(saved["num_layers"])}
         if self.plan is not None:
             require_same_plan(self.plan.state_dict(), saved, where, "evolving subnetwork training", "est.enabled")
             return
-        step = int(header["progress"]["step"])
-        if saved is not None and step < int(saved["stage2_steps"]):
-            raise ValueError(f"{where} was saved during evolving subnetwork training (step {step}, stages 1-2 end "
-                             f"at step {saved['stage2_steps']}); resume it with its est settings")  # fmt: skip
+        if saved is not None and completed_steps < int(saved["stage2_steps"]):
+            raise ValueError(f"{where} was saved during evolving subnetwork training (step {completed_steps}, stages "
+                             f"1-2 end at step {saved['stage2_steps']}); resume it with its est settings")  # fmt: skip

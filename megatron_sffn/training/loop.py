@@ -29,21 +29,21 @@ import torch
 import torch.distributed as dist
 
 from .. import cpu_compat
-from ..config.loading import save_config
 from ..config.train import TrainConfig
 from ..entry_setup import missing_accelerators_note
 from ..model import initialize_model_parallel, seed_model_parallel
 from ..planning.checks import check_run_config
 from ..planning.steps import est_plan, resolved_train_steps, run_sgt_steps
 from .checkpoint_dirs import CheckpointDirs
+from .checkpoint_parts import ModelWeights, OptimizerState, PlanState, RankRNG, Stateful
 from .checkpointing import (
     CHECKPOINTS_SUBDIR,
     CONFIG_FILE,
-    RestoredState,
     check_same_model,
-    load_checkpoint,
-    read_checkpoint_header,
-    save_checkpoint,
+    commit_checkpoint,
+    restore_checkpoint,
+    save_run_config,
+    write_checkpoint,
 )
 from .data_setup import RunData, build_run_data, record_run_inputs
 from .est import EvolvingSubnetworks
@@ -57,7 +57,7 @@ from .resume_checks import check_starting_point, starting_point
 from .run_lock import RunLock
 from .schedule import LRSchedule, resume_schedule
 from .self_guided import GuidedDataReplay, build_guidance
-from .signals import StopRequest, write_stop_record
+from .signals import StopRequest
 from .state import TrainProgress
 from .step import to_device, train_step
 from .trace import StepTrace, sample_digests, tokens_digest
@@ -90,8 +90,8 @@ def init_distributed(config: TrainConfig, on_gpu: bool) -> None:
 class Trainer:
     """The state of one launch: process groups, model, optimizer, data, counters."""
 
-    def __init__(self, config: TrainConfig, faults: FaultPlan) -> None:
-        self.config, self.faults = config, faults
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
         check_run_config(config)  # the preflight's checks, repeated for callers that skip it
         check_starting_point(config)
         self.start = starting_point(config)
@@ -111,7 +111,7 @@ class Trainer:
         self.run_dir = Path(config.run_dir)
         self.dirs = CheckpointDirs(self.run_dir / CHECKPOINTS_SUBDIR)
         if self.rank == 0:
-            save_config(config, self.run_dir / CONFIG_FILE)
+            save_run_config(config, self.run_dir / CONFIG_FILE)
             record_run_inputs(config)  # raw-mode globs resolved once per run; every rank reads the list
             for stale in self.dirs.clean_stale():
                 say(f"removed {stale.name}, left behind by an interrupted save")
@@ -120,19 +120,19 @@ class Trainer:
         numerics = Numerics.resolve(config, self.on_gpu)
         self.model = [wrap_data_parallel(build_model(config, numerics), numerics)]
         install_schedule_hooks(self.model)
+        self.faults = FaultPlan(config.debug, self.model, self.rank)
         # Self-guided training's guides get their own DDP and optimizer, chained with the model's.
         self.guidance = build_guidance(
             config, self.model, build_optimizer(config, numerics, self.model),
             micro_batches=self.num_micro_batches, dp_rank=parallel_state.get_data_parallel_rank(),
         )  # fmt: skip
-        self.optimizer = self.guidance.optimizer
         self.subnetworks = EvolvingSubnetworks(est_plan(config), config.model, self.model)
         start = self.start
         self.lr_schedule = (resume_schedule(start.checkpoint, config) if start is not None and start.resuming
                             else LRSchedule.of(config))  # fmt: skip
         if self.lr_schedule != LRSchedule.of(config):
             say(f"training.schedule_on_resume=keep: following the checkpoint's schedule ({self.lr_schedule})")
-        self.scheduler = self.lr_schedule.build(self.optimizer, config.optimizer)
+        self.scheduler = self.guidance.bind_scheduler(self.lr_schedule.build(self.guidance.optimizer, config.optimizer))
         self.data: RunData = build_run_data(
             config,
             dp_rank=parallel_state.get_data_parallel_rank(),
@@ -142,7 +142,7 @@ class Trainer:
         sgt = run_sgt_steps(config)
         self.replay = GuidedDataReplay(self.data.train, sgt.base_steps) if sgt and sgt.extra_steps else None
         self.progress = TrainProgress()
-        self.trace = StepTrace(self.rank)
+        self.trace = StepTrace(self.rank, config.debug.step_trace)
         device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
         self.metrics = MetricsLogger.from_config(
             config, world_size=self.world_size, device=device, enabled=self.rank == self.world_size - 1
@@ -155,12 +155,7 @@ class Trainer:
         """Resume from this run's latest checkpoint, else initialise weights from ``checkpoint.load``."""
         latest = self.dirs.latest()
         if self.start is not None and self.start.resuming:
-            header = read_checkpoint_header(latest)
-            self.guidance.prepare_resume(header, str(latest))  # may switch guides off
-            self.subnetworks.prepare_resume(header, str(latest))
-            self._use_optimizer(self.guidance.optimizer)
-            restored = load_checkpoint(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
-            self._continue_from(restored)
+            self._resume_from(latest)
             return
         if latest is not None:
             say(f"checkpoint.resume is false: ignoring {latest} and starting at step 0 (later saves replace it)")
@@ -170,7 +165,7 @@ class Trainer:
             with self.guidance.guides_hidden():  # guides start from the loaded structure, not from saved guides
                 new = load_start_weights(source, model=self.model, current=self.config.model)
             self.guidance.reset_guides()
-            self.optimizer.reload_model_params()  # bf16 runs: refresh the fp32 master copy from the loaded weights
+            self.guidance.optimizer.reload_model_params()  # bf16 runs: refresh the fp32 master copy from the weights
             say(f"initialised the weights from {source} (optimizer, schedule and data start fresh)")
             if swap:
                 say(
@@ -178,22 +173,35 @@ class Trainer:
                     f"{describe_new_weights(new)} start at torch's default Linear init"
                 )
 
-    def _continue_from(self, restored: RestoredState) -> None:
-        self.progress = restored.progress
-        if restored.data_state is not None:
-            self.data.train.load_state_dict(restored.data_state)
-        if not restored.rng_restored:
+    def checkpoint_parts(self, where: str) -> dict[str, Stateful]:
+        """The run's state by checkpoint key, in the order it is restored; ``where`` names the checkpoint.
+
+        The training plans follow ``progress`` (they check themselves against
+        its step, and self-guided training drops guides the checkpoint no
+        longer has before the optimizer is asked for its state).
+        """
+        return {
+            "progress": self.progress,
+            "sgt": PlanState(self.guidance, self.progress, where),
+            "est": PlanState(self.subnetworks, self.progress, where),
+            "scheduler": self.scheduler,
+            "data": self.data,
+            "model": ModelWeights(self.model),
+            "optimizer": OptimizerState(lambda: self.guidance.optimizer, self.model),
+            "rng": RankRNG(),
+        }
+
+    def _resume_from(self, checkpoint: Path) -> None:
+        parts = self.checkpoint_parts(str(checkpoint))
+        header = restore_checkpoint(checkpoint, parts)
+        rng_restored = parts["rng"].restored
+        if not rng_restored:
             seed_model_parallel(self.config.training.seed + self.progress.step)
         say(
-            f"resumed from {restored.path} at step {self.progress.step} "
+            f"resumed from {checkpoint} at step {self.progress.step} "
             f"({self.progress.consumed_tokens:,} tokens consumed)"
-            + ("" if restored.rng_restored else f"; layout changed from {restored.layout}, RNG streams re-seeded")
+            + ("" if rng_restored else f"; layout changed from {header['layout']}, RNG streams re-seeded")
         )
-
-    def _use_optimizer(self, optimizer) -> None:
-        """Step ``optimizer`` from now on (self-guided training drops its guides' optimizer at switch-off)."""
-        self.optimizer = optimizer
-        self.scheduler.optimizer = optimizer
 
     # -- one step ----------------------------------------------------------------
 
@@ -205,19 +213,18 @@ class Trainer:
         self.guidance.begin_step(step)
         self.subnetworks.begin_step(step)
         self.scheduler.step(increment=1)
-        learning_rate = self.optimizer.param_groups[0]["lr"]
-        self.faults.maybe_signal(step, self.rank)
-        result = train_step(
-            self.model,
-            self.optimizer,
-            micro_batches,
-            seq_length=self.config.model.seq_length,
-            micro_batch_size=self.config.training.micro_batch_size,
-            stop_flag=stop.flag if stop is not None else 0.0,
-            corrupt_loss=self.faults.corrupt_loss(step),
-            before_micro_batch=self.guidance.before_micro_batch,
-            extra_grad_chunks=self.guidance.grad_chunks(),
-        )
+        learning_rate = self.guidance.optimizer.param_groups[0]["lr"]
+        with self.faults.step(step):
+            result = train_step(
+                self.model,
+                self.guidance.optimizer,
+                micro_batches,
+                seq_length=self.config.model.seq_length,
+                micro_batch_size=self.config.training.micro_batch_size,
+                stop_flag=stop.flag if stop is not None else 0.0,
+                before_micro_batch=self.guidance.before_micro_batch,
+                extra_grad_chunks=self.guidance.grad_chunks(),
+            )
         p = self.progress
         p.step = step
         p.consumed_samples += self.config.training.global_batch_size
@@ -240,7 +247,6 @@ class Trainer:
             flops_per_token=self.subnetworks.training_flops_per_token(),
         )  # fmt: skip
         if self.guidance.end_step(step):
-            self._use_optimizer(self.guidance.optimizer)
             say(f"self-guided training: guides switched off after step {step} (alpha reached 0)")
         return result
 
@@ -265,19 +271,11 @@ class Trainer:
 
     def save(self) -> Path:
         with self.metrics.excluded():
-            path = save_checkpoint(
-                self.dirs,
-                config=self.config,
-                model=self.model,
-                optimizer=self.optimizer,
-                scheduler=self.scheduler,
-                progress=self.progress,
-                data_state=self.data.global_train_state(),
-                faults=self.faults,
-                sgt_state=self.guidance.checkpoint_state(self.progress.step),
-                lr_schedule=self.lr_schedule,
-                est_state=self.subnetworks.checkpoint_state(),
-            )
+            step = self.progress.step
+            written = write_checkpoint(self.dirs, self.checkpoint_parts(str(self.dirs.partial_path(step))), step=step,
+                                       config=self.config, lr_schedule=self.lr_schedule)  # fmt: skip
+            self.faults.maybe_pause_in_save(step, written)
+            path = commit_checkpoint(self.dirs, step, keep_last=self.config.checkpoint.keep_last)
         self.last_checkpoint = path
         say(f"saved checkpoint {path}")
         return path
@@ -338,25 +336,22 @@ class Trainer:
     def _replay_guided_phase(self, batches):
         """Same-FLOPs SGT: rewind the data stream to the guided phase's first sample; returns the new iterator."""
         batches.close()  # stops the old iterator's loader workers
-        self.replay.restart(self.data.train, self.data.global_train_state())
+        self.replay.restart(self.data.train, self.data.state_dict())
         say(f"self-guided training: steps {self.progress.step + 1}..{self.train_steps} re-read the data of the "
             f"guided phase from its first sample")  # fmt: skip
         return iter(self.data.train)
 
 
-def run_training(config: TrainConfig, faults: FaultPlan | None = None) -> TrainOutcome:
+def run_training(config: TrainConfig) -> TrainOutcome:
     """One launch of the run described by ``config`` (call under torchrun or as a single process)."""
     # Global rank 0 holds the run directory for the whole launch, before anything in it changes.
     lock = RunLock(config.run_dir).acquire() if os.environ.get("RANK", "0") == "0" else None
     try:
         if lock is not None and lock.took_over:
             say(lock.took_over)
-        trainer = Trainer(config, faults if faults is not None else FaultPlan.from_env())
+        trainer = Trainer(config)
         trainer.restore()
-        outcome = trainer.run()
-        if os.environ.get("LOCAL_RANK", "0") == "0":  # one record per node, for that node's launcher
-            write_stop_record(outcome.stopped_by, outcome.progress.step, outcome.checkpoint)
-        return outcome
+        return trainer.run()
     finally:
         if lock is not None:
             lock.release()

@@ -122,10 +122,12 @@ class SelfGuidance:
     The trainer calls :meth:`begin_step` before each update's forward passes,
     :meth:`before_micro_batch` before each micro-batch's forward (the hook of
     the forward-step function), and :meth:`end_step` after the update; it
-    must use :attr:`optimizer` (the chained optimizer while guides exist, the
-    model's own afterwards).  With ``plan`` None (a run without SGT) every
-    call is a no-op and :attr:`optimizer` is the model's, so the trainer
-    needs no special case.
+    steps :attr:`optimizer` (the chained optimizer while guides exist, the
+    model's own afterwards), asking for it each time.  The switch-off swaps
+    that optimizer and rebinds the LR scheduler of :meth:`bind_scheduler`
+    to it, here and nowhere else.  With ``plan`` None (a run without SGT)
+    every call is a no-op and :attr:`optimizer` is the model's, so the
+    trainer needs no special case.
     """
 
     def __init__(self, plan: GuidancePlan | None, model_chunks: list, model_optimizer, *, micro_batches: int,
@@ -138,6 +140,7 @@ class SelfGuidance:
         self.slots: list[GuidedSlot] = []
         self.guide_ddp = None
         self.optimizer = model_optimizer
+        self.scheduler = None
         self._plain_finalize: Callable | None = None
         self._step = 0
         self._alpha = 0.0
@@ -184,6 +187,13 @@ class SelfGuidance:
         get_model_config(self.model_chunks[0]).finalize_model_grads_func = self._plain_finalize
         self.guide_ddp = None
         self.optimizer = self.model_optimizer
+        if self.scheduler is not None:
+            self.scheduler.optimizer = self.optimizer
+
+    def bind_scheduler(self, scheduler):
+        """Let ``scheduler`` (built over :attr:`optimizer`) follow the optimizer swap of the switch-off; returns it."""
+        self.scheduler = scheduler
+        return scheduler
 
     def checkpoint_state(self, completed_steps: int) -> dict[str, Any] | None:
         """What a checkpoint records: the plan (checked by :meth:`prepare_resume`) and the α the next update uses."""
@@ -191,17 +201,17 @@ class SelfGuidance:
             return None
         return {**self.plan.state_dict(), "alpha": self.plan.alpha_for_update(completed_steps + 1)}
 
-    def prepare_resume(self, header: dict[str, Any], where: str) -> None:
-        """Before loading this run's checkpoint (``header``: its common state): same plan, same guides.
+    def prepare_resume(self, saved: dict[str, Any] | None, completed_steps: int, where: str) -> None:
+        """Before loading this run's checkpoint (``saved``: its ``sgt`` record): same plan, same guides.
 
         A checkpoint saved after the switch-off has no guides and no guide
         optimizer, so the guides are switched off before loading it.
         """
         if self.plan is None:
-            refuse_guided_checkpoint(header, where)
+            refuse_guided_checkpoint(saved, completed_steps, where)
             return
-        self.plan.check_resume(header.get("sgt"), where)
-        if not self.plan.guides_needed_after(int(header["progress"]["step"])):
+        self.plan.check_resume(saved, where)
+        if not self.plan.guides_needed_after(completed_steps):
             self.switch_off()
 
     @contextlib.contextmanager
@@ -285,11 +295,10 @@ class SelfGuidance:
         return {"sgt/alpha": self._alpha, "sgt/guide_use_rate": rate}
 
 
-def refuse_guided_checkpoint(header: dict[str, Any], where: str) -> None:
+def refuse_guided_checkpoint(saved: dict[str, Any] | None, completed_steps: int, where: str) -> None:
     """A run without SGT cannot continue a checkpoint that still carries guides (and their optimizer)."""
-    saved = header.get("sgt")
-    if saved is not None and int(header["progress"]["step"]) < int(saved["guided_steps"]):
-        raise ValueError(f"{where} was saved during self-guided training (step {header['progress']['step']} of a "
+    if saved is not None and completed_steps < int(saved["guided_steps"]):
+        raise ValueError(f"{where} was saved during self-guided training (step {completed_steps} of a "
                          f"{saved['guided_steps']}-step guided phase); resume it with its sgt settings {saved}")  # fmt: skip
 
 

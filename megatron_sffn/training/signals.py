@@ -17,8 +17,8 @@ scheduler insisting) do not cut a save short.
 Under torchrun the launcher process gets the signal, passes it on to the
 workers and then dies of it itself (exit 1, a ``SignalException``).  The
 launch scripts therefore set ``SFFN_STOP_RECORD``: each node's local rank 0 writes there how
-the launch ended, so the launcher can tell a clean save-and-stop (exit 0)
-from an interrupted one (:mod:`launch.run_torchrun`).
+the launch ended (:func:`write_stop_record`, called by the command line), so the launcher can
+tell a clean save-and-stop (exit 0) from an interrupted one (:mod:`launch.run_torchrun`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from types import FrameType
 from ..atomic_io import write_text_atomic
 
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-STOP_RECORD_ENV = "SFFN_STOP_RECORD"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
 
 
@@ -83,9 +82,7 @@ class StopRequest:
         self.uninstall()
 
 
-def write_stop_record(stopped_by: str, step: int, checkpoint: Path | None) -> None:
-    """Tell the launcher (``$SFFN_STOP_RECORD``, when set) how this launch ended; local rank 0 calls it."""
-    path = os.environ.get(STOP_RECORD_ENV)
-    if path:
-        record = {"stopped_by": stopped_by, "step": step, "checkpoint": str(checkpoint) if checkpoint else None}
-        write_text_atomic(path, json.dumps(record) + "\n")
+def write_stop_record(path: str | os.PathLike, stopped_by: str, step: int, checkpoint: Path | None) -> None:
+    """Tell the launcher how this launch ended (a JSON record at ``path``); each node's local rank 0 calls it."""
+    record = {"stopped_by": stopped_by, "step": step, "checkpoint": str(checkpoint) if checkpoint else None}
+    write_text_atomic(path, json.dumps(record) + "\n")

@@ -33,3 +33,8 @@ class TrainProgress:
         if missing:
             raise ValueError(f"checkpoint progress record lacks {missing}; found keys {sorted(state)}")
         return cls(**{name: int(state[name]) for name in fields})
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a checkpoint's record, in place (the trainer's parts share this object)."""
+        for name, value in dataclasses.asdict(self.from_state_dict(state)).items():
+            setattr(self, name, value)

@@ -27,22 +27,17 @@ import torch.distributed as dist
 from .nonfinite import local_nonfinite_flags
 
 
-def lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor, *, corrupt: bool = False):
-    """megatron's three-value loss contract: (sum of masked token losses, token count, report).
-
-    ``corrupt`` multiplies the loss by NaN (fault injection, see :mod:`.faults`).
-    """
+def lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """megatron's three-value loss contract: (sum of masked token losses, token count, report)."""
     losses = output_tensor.float().reshape(-1)
     mask = loss_mask.reshape(-1).float()
     loss_sum = torch.sum(losses * mask)
-    if corrupt:
-        loss_sum = loss_sum * float("nan")
     num_tokens = mask.sum().to(torch.int)
     report = torch.stack([loss_sum.detach(), num_tokens.detach().float()])
     return loss_sum, num_tokens, {"lm_loss": report}
 
 
-def make_forward_step(corrupt: bool = False, before_micro_batch: Callable[[int], None] | None = None) -> Callable:
+def make_forward_step(before_micro_batch: Callable[[int], None] | None = None) -> Callable:
     """The schedules' ``forward_step_func``: every stage receives the batch, each uses what it needs.
 
     ``before_micro_batch(index)`` runs before each micro-batch's forward with
@@ -58,7 +53,7 @@ def make_forward_step(corrupt: bool = False, before_micro_batch: Callable[[int],
         output = model(
             batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
         )
-        return output, partial(lm_loss, batch["loss_mask"], corrupt=corrupt)
+        return output, partial(lm_loss, batch["loss_mask"])
 
     return forward_step
 
@@ -139,7 +134,6 @@ def train_step(
     seq_length: int,
     micro_batch_size: int,
     stop_flag: float,
-    corrupt_loss: bool = False,
     before_micro_batch: Callable[[int], None] | None = None,
     extra_grad_chunks: Sequence[Any] = (),
 ) -> StepResult:
@@ -152,7 +146,7 @@ def train_step(
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    forward_step = make_forward_step(corrupt_loss, before_micro_batch)
+    forward_step = make_forward_step(before_micro_batch)
     local_loss = run_schedule(model, micro_batches, forward_step, seq_length=seq_length,
                               micro_batch_size=micro_batch_size, forward_only=False)
     loss_flag, grad_flag = local_nonfinite_flags(local_loss[0] if local_loss else None, [*model, *extra_grad_chunks])

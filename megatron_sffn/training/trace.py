@@ -3,8 +3,9 @@
 TensorBoard stores scalars as 32-bit floats and only on one rank; comparing
 a resumed run with an uninterrupted one, or two parallel layouts, needs the
 exact loss of every step and a fingerprint of the data each rank consumed.
-Set ``SFFN_STEP_TRACE=<dir>`` and each rank appends one JSON line per step
-to ``<dir>/rank<global rank>.jsonl``: step, loss (as ``repr`` of a float,
+Set ``debug.step_trace=<dir>`` (or ``SFFN_STEP_TRACE=<dir>`` on the command
+line) and each rank appends one JSON line per step to
+``<dir>/rank<global rank>.jsonl``: step, loss (as ``repr`` of a float,
 which round-trips exactly), learning rate, gradient and parameter norms, whether
 the update was skipped, the SHA-256 of the token ids this rank trained on, and a
 short digest of each of its samples (interleaving the ranks' lists by position
@@ -21,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-ENV_STEP_TRACE = "SFFN_STEP_TRACE"
 
 
 def tokens_digest(batches: list[dict[str, Any]]) -> str:
@@ -45,8 +44,7 @@ def sample_digests(batches: list[dict[str, Any]]) -> list[str]:
 class StepTrace:
     """Appends records to this rank's trace file; a no-op when tracing is off."""
 
-    def __init__(self, global_rank: int, directory: str | None = None) -> None:
-        directory = directory if directory is not None else os.environ.get(ENV_STEP_TRACE)
+    def __init__(self, global_rank: int, directory: str | None) -> None:
         self.path = Path(directory) / f"rank{global_rank}.jsonl" if directory else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,13 +22,8 @@ from typing import Iterator
 from ..config.model import ModelConfig
 from ..model.supra_attention import new_submodule_prefixes
 from ..model.transformer_config import layers_differ
-from .checkpointing import (
-    is_attention_swap,
-    load_checkpoint,
-    read_checkpoint_header,
-    saved_model_config,
-    sharded_model_state,
-)
+from .checkpoint_parts import sharded_model_state
+from .checkpointing import is_attention_swap, load_checkpoint, read_checkpoint_header, saved_model_config
 
 
 @contextlib.contextmanager

@@ -190,7 +190,7 @@ def _train(tp: int, pp: int, structure: dict[str, Any]) -> dict[str, Any]:
     guidance = SelfGuidance(GuidancePlan(GUIDED_STEPS, seed=config.training.seed), model,
                             build_optimizer(config, numerics, model), micro_batches=local, dp_rank=dp_rank)  # fmt: skip
     guidance.attach()
-    scheduler = build_lr_scheduler(guidance.optimizer, config.optimizer, STEPS, 1)
+    scheduler = guidance.bind_scheduler(build_lr_scheduler(guidance.optimizer, config.optimizer, STEPS, 1))
     guide_refs = [weakref.ref(slot.linear.guide) for slot in guidance.slots]
     log: list = []
     handles = _record_forward_alphas(guidance, log)
@@ -210,8 +210,7 @@ def _train(tp: int, pp: int, structure: dict[str, Any]) -> dict[str, Any]:
         guidance.optimizer.step()
         losses.append(loss_sum / count)
         used.append(list(log))
-        guidance.end_step(step)
-        scheduler.optimizer = guidance.optimizer
+        guidance.end_step(step)  # the switch-off rebinds the scheduler
     for handle in handles:
         handle.remove()
     gc.collect()
@@ -222,6 +221,7 @@ def _train(tp: int, pp: int, structure: dict[str, Any]) -> dict[str, Any]:
         "guide_params_left": [n for c in model for n, _ in c.named_parameters() if "guide" in n],
         "guides_alive": sum(ref() is not None for ref in guide_refs),
         "slots": len(guidance.slots),
+        "scheduler_drives_the_model_optimizer": scheduler.optimizer is guidance.optimizer is guidance.model_optimizer,
         "optimizer_params": sum(p.numel() for g in guidance.optimizer.param_groups for p in g["params"]),
         "model_params": sum(p.numel() for c in model for p in c.parameters()),
         "optimizer_state_params_outside_model": _state_params_outside(guidance.optimizer, model),
