@@ -120,7 +120,7 @@ def test_plans_saved_before_blockshuffle_subsets_still_resume():
     plan = build_plan(lowrank, ESTConfig(enabled=True), total_steps=10, seed=3)
     older = {k: v for k, v in plan.state_dict().items() if k != "hidden_groups"}
     est = EvolvingSubnetworks(plan, lowrank, [])
-    est.prepare_resume({"est": older, "progress": {"step": 2}}, "ckpt")  # the same plan: resumes
+    est.prepare_resume(older, 2, "ckpt")  # the same plan: resumes
     other = build_plan(_model(num_layers=4), ESTConfig(enabled=True), total_steps=10, seed=3).state_dict()
     with pytest.raises(ValueError, match="hidden_groups: checkpoint"):
-        EvolvingSubnetworks(plan, lowrank, []).prepare_resume({"est": other, "progress": {"step": 2}}, "ckpt")
+        EvolvingSubnetworks(plan, lowrank, []).prepare_resume(other, 2, "ckpt")
