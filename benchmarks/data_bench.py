@@ -88,7 +88,7 @@ def synthetic_corpus(out: Path, documents: int, seed: int = 0) -> list[SourceFil
     zipf /= zipf.sum()
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"synthetic-{i}.jsonl" for i in range(2)]
-    for i, path in enumerate(paths):
+    for path in paths:
         with open(path, "w", encoding="utf-8") as f:
             for _ in range(documents // len(paths)):
                 picked = rng.choice(len(words), size=int(rng.integers(50, 2000)), p=zipf)
@@ -122,15 +122,23 @@ def bare_tokenizer_seconds(texts: list[str], tokenizer: str) -> tuple[int, float
     tokens = 0
     start = time.process_time()
     for i in range(0, len(texts), BATCH_DOCUMENTS):
-        batch = tok.encode_batch(texts[i:i + BATCH_DOCUMENTS], add_special_tokens=False)
+        batch = tok.encode_batch(texts[i : i + BATCH_DOCUMENTS], add_special_tokens=False)
         tokens += sum(len(e.ids) + 1 for e in batch)  # + EOS, as prepare counts
     return tokens, time.process_time() - start
 
 
-def prepare_seconds(sources: list[SourceFile], tokenizer: str, out: Path, args: argparse.Namespace) -> tuple[int, float]:
-    options = PrepareOptions(tokenizer=tokenizer, out=out, context_length=args.context_length,
-                             samples_per_shard=args.samples_per_shard, text_key=args.text_key, workers=1,
-                             batch_documents=BATCH_DOCUMENTS)
+def prepare_seconds(
+    sources: list[SourceFile], tokenizer: str, out: Path, args: argparse.Namespace
+) -> tuple[int, float]:
+    options = PrepareOptions(
+        tokenizer=tokenizer,
+        out=out,
+        context_length=args.context_length,
+        samples_per_shard=args.samples_per_shard,
+        text_key=args.text_key,
+        workers=1,
+        batch_documents=BATCH_DOCUMENTS,
+    )
     start = time.process_time()
     result = prepare(sources, options, progress=True)
     return result.tokens, time.process_time() - start
@@ -141,16 +149,20 @@ def bench_prepare(sources: list[SourceFile], tokenizer: str, scratch: Path, args
     texts = [doc.text for doc in iter_documents(sources, args.text_key)]
     bare, prepared = [], []
     for i in range(args.repeats):
-        print(f"[data_bench] (a) round {i + 1}/{args.repeats}: bare tokenizers over {len(texts)} documents",
-              file=sys.stderr)
+        print(
+            f"[data_bench] (a) round {i + 1}/{args.repeats}: bare tokenizers over {len(texts)} documents",
+            file=sys.stderr,
+        )
         bare.append(bare_tokenizer_seconds(texts, tokenizer))
         print(f"[data_bench] (a) round {i + 1}/{args.repeats}: prepare, 1 tokenizer worker", file=sys.stderr)
         out = scratch / "shards"
         if out.exists():
             shutil.rmtree(out)
         prepared.append(prepare_seconds(sources, tokenizer, out, args))
-    return [Row("a", "bare tokenizers encode_batch", 1, bare[0][0], statistics.median(s for _, s in bare), "cpu"),
-            Row("a", "data_tools.prepare", 1, prepared[0][0], statistics.median(s for _, s in prepared), "cpu")]
+    return [
+        Row("a", "bare tokenizers encode_batch", 1, bare[0][0], statistics.median(s for _, s in bare), "cpu"),
+        Row("a", "data_tools.prepare", 1, prepared[0][0], statistics.median(s for _, s in prepared), "cpu"),
+    ]
 
 
 def time_rounds(loader, round_samples: int, rounds: int, micro_batch: int) -> tuple[int, float]:
@@ -198,22 +210,29 @@ def report(rows: list[Row], origin: str, args: argparse.Namespace) -> dict:
     print("| part | case | workers | tokens | seconds (clock) | tokens/s | tokens/s per worker |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r.part} | {r.case} | {r.workers} | {r.tokens:,} | {r.seconds:.2f} ({r.clock}) "
-              f"| {r.tokens_per_s:,.0f} | {r.per_worker:,.0f} |")
-    summary: dict = {"rows": [{**asdict(r), "tokens_per_s": r.tokens_per_s, "tokens_per_s_per_worker": r.per_worker}
-                              for r in rows], "corpus": origin, "context_length": args.context_length}
+        print(
+            f"| {r.part} | {r.case} | {r.workers} | {r.tokens:,} | {r.seconds:.2f} ({r.clock}) "
+            f"| {r.tokens_per_s:,.0f} | {r.per_worker:,.0f} |"
+        )
+    summary: dict = {
+        "rows": [{**asdict(r), "tokens_per_s": r.tokens_per_s, "tokens_per_s_per_worker": r.per_worker} for r in rows],
+        "corpus": origin,
+        "context_length": args.context_length,
+    }
     bare = next((r for r in rows if r.case.startswith("bare")), None)
     prep = next((r for r in rows if r.case == "data_tools.prepare"), None)
     if bare and prep:
         overhead = bare.tokens_per_s / prep.tokens_per_s - 1
         verdict = "within" if overhead <= PREPARE_OVERHEAD_LIMIT else "ABOVE"
-        print(f"\nprepare overhead over bare tokenization: {overhead:+.1%} ({verdict} the {PREPARE_OVERHEAD_LIMIT:.0%} limit)")
+        limit = f"{PREPARE_OVERHEAD_LIMIT:.0%}"
+        print(f"\nprepare overhead over bare tokenization: {overhead:+.1%} ({verdict} the {limit} limit)")
         summary["prepare_overhead"] = overhead
     loader_rows = [r for r in rows if r.part == "b"]
     if loader_rows:
         worst = min(r.per_worker for r in loader_rows)
         verdict = "meets" if worst >= LOADER_TARGET_PER_WORKER else "MISSES"
-        print(f"shard loader: slowest per-worker rate {worst:,.0f} tokens/s ({verdict} the {LOADER_TARGET_PER_WORKER:,} target)")
+        target = f"{LOADER_TARGET_PER_WORKER:,}"
+        print(f"shard loader: slowest per-worker rate {worst:,.0f} tokens/s ({verdict} the {target} target)")
         summary["loader_min_tokens_per_s_per_worker"] = worst
     return summary
 

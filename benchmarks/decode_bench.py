@@ -171,10 +171,19 @@ def ffn_latency(shapes, structures, ratio, tokens: Sequence[int], repeats: int) 
             for n in tokens:
                 x = torch.randn(n, 1, width)
                 wrapped = forms(dense, structured)
-                medians = round_robin({name: wrap(functools.partial(_call, x=x)) for name, wrap in wrapped.items()},
-                                      repeats)  # fmt: skip
-                rows.append({"shape": shape, "width": width, "structure": structure, "tokens": n,
-                             "merged_bytes": extra, **medians})  # fmt: skip
+                medians = round_robin(
+                    {name: wrap(functools.partial(_call, x=x)) for name, wrap in wrapped.items()}, repeats
+                )
+                rows.append(
+                    {
+                        "shape": shape,
+                        "width": width,
+                        "structure": structure,
+                        "tokens": n,
+                        "merged_bytes": extra,
+                        **medians,
+                    }
+                )
     return rows
 
 
@@ -232,8 +241,15 @@ def decode_throughput(
                     output = wrap(run)()
                     if round_index:
                         rates[name].append(output.decode_tokens_per_s)
-            rows.append({"shape": shape, "structure": structure, "batch": batch, "merged_bytes": extra,
-                         **{name: statistics.median(v) for name, v in rates.items()}})  # fmt: skip
+            rows.append(
+                {
+                    "shape": shape,
+                    "structure": structure,
+                    "batch": batch,
+                    "merged_bytes": extra,
+                    **{name: statistics.median(v) for name, v in rates.items()},
+                }
+            )
     return rows
 
 
@@ -283,8 +299,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ratio", type=float, default=0.32, help="FFN parameter ratio of the structured models")
     p.add_argument("--ffn-tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024, 4096])
     p.add_argument("--model-tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024])
-    p.add_argument("--model-max-tokens", type=int, default=None,
-                   help="model-step token counts above this are skipped (default: 4096 for tiny, 256 otherwise)")
+    p.add_argument(
+        "--model-max-tokens",
+        type=int,
+        default=None,
+        help="model-step token counts above this are skipped (default: 4096 for tiny, 256 otherwise)",
+    )
     p.add_argument("--model-structure", default="lowrank", choices=STRUCTURED, help="structure of the model runs")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--prompt-tokens", type=int, default=8, help="prompt length of the decode runs")
@@ -332,10 +352,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print("Crossover per model:\n" + format_crossovers(rows, ("shape", "structure")))
         result["model"] = rows
     if "decode" in args.sections:
-        rows = decode_throughput(args.shapes, args.model_structure, args.ratio, args.batches, args.prompt_tokens,
-                                 args.new_tokens, args.repeats)  # fmt: skip
-        print(f"\nDecode tokens/s ({args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy)\n"
-              f"{format_decode(rows)}")  # fmt: skip
+        rows = decode_throughput(
+            args.shapes,
+            args.model_structure,
+            args.ratio,
+            args.batches,
+            args.prompt_tokens,
+            args.new_tokens,
+            args.repeats,
+        )
+        print(
+            f"\nDecode tokens/s ({args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy)\n"
+            f"{format_decode(rows)}"
+        )
         result["decode"] = rows
     result["load_average_end"] = load_average()
     progress(f"load average at the end {' '.join(result['load_average_end'])}")

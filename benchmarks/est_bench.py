@@ -42,8 +42,11 @@ from train_throughput import Case, case_config, log  # noqa: E402
 from megatron_sffn.planning.steps import est_plan  # noqa: E402
 from megatron_sffn.structured.take import take  # noqa: E402
 
-CONFIGS = {"dense": "configs/est/s_dense.yaml", "lowrank32": "configs/est/s_lowrank32.yaml",
-           "blockshuffle32": "configs/est/s_blockshuffle32.yaml"}  # fmt: skip
+CONFIGS = {
+    "dense": "configs/est/s_dense.yaml",
+    "lowrank32": "configs/est/s_lowrank32.yaml",
+    "blockshuffle32": "configs/est/s_blockshuffle32.yaml",
+}
 STAGE_STEPS = {1: 1, 2: 400, 3: 900}  # a step of each stage of a 1000-step run (stage ends 0.3, 0.6)
 
 
@@ -61,8 +64,10 @@ def measure_stages(name: str, micro_batch: int, seq_length: int, warmup: int, st
         for stage, first_step in STAGE_STEPS.items():
             subnetworks.begin_step(first_step + i)
             seconds, cpu_seconds, loss = case.step()
-            log(f"  {name} stage {stage}: step {i + 1}/{warmup + steps} {seconds:.2f} s ({cpu_seconds:.2f} CPU-s), "
-                f"loss {loss:.3f}")
+            log(
+                f"  {name} stage {stage}: step {i + 1}/{warmup + steps} {seconds:.2f} s ({cpu_seconds:.2f} CPU-s), "
+                f"loss {loss:.3f}"
+            )
             if i >= warmup:
                 times[stage].append(seconds)
                 cpu_times[stage].append(cpu_seconds)
@@ -71,13 +76,25 @@ def measure_stages(name: str, micro_batch: int, seq_length: int, warmup: int, st
     full_flops = statistics.median(flops[3])
     rows = [mlp]
     for stage in STAGE_STEPS:
-        seconds, cpu, flop = (statistics.median(times[stage]), statistics.median(cpu_times[stage]),
-                              statistics.mean(flops[stage]))  # fmt: skip
+        seconds, cpu, flop = (
+            statistics.median(times[stage]),
+            statistics.median(cpu_times[stage]),
+            statistics.mean(flops[stage]),
+        )
         flop_saving = 1 - flop / full_flops
         savings = {"time_saving": 1 - seconds / full_time, "cpu_time_saving": 1 - cpu / full_cpu}
-        rows.append({"ffn": name, "stage": stage, "seconds_per_step": seconds, "cpu_seconds_per_step": cpu,
-                     "flops_fraction": flop / full_flops, "flop_saving": flop_saving, **savings,
-                     **{f"{k}_ratio": v / flop_saving if flop_saving > 0 else None for k, v in savings.items()}})  # fmt: skip
+        rows.append(
+            {
+                "ffn": name,
+                "stage": stage,
+                "seconds_per_step": seconds,
+                "cpu_seconds_per_step": cpu,
+                "flops_fraction": flop / full_flops,
+                "flop_saving": flop_saving,
+                **savings,
+                **{f"{k}_ratio": v / flop_saving if flop_saving > 0 else None for k, v in savings.items()},
+            }
+        )
     return rows
 
 
@@ -107,11 +124,19 @@ def measure_mlp(name: str, case: Case, config, tokens: int, reps: int) -> dict:
         times["subset"].append(run(draw.hidden))
         times["full"].append(run(None))
     full, subset = (statistics.median(times[k][1:]) for k in ("full", "subset"))
-    flops = layer_forward_flops(config.model, 1, hidden=draw.hidden.count).ffn / layer_forward_flops(config.model, 1).ffn
+    flops = (
+        layer_forward_flops(config.model, 1, hidden=draw.hidden.count).ffn / layer_forward_flops(config.model, 1).ffn
+    )
     log(f"  {name} MLP: full {full * 1e3:.0f} CPU-ms, p_M={draw.p_M} subset {subset * 1e3:.0f} CPU-ms")
-    return {"ffn": name, "stage": "MLP", "cpu_seconds_full": full, "cpu_seconds_subset": subset,
-            "flop_saving": 1 - flops, "cpu_time_saving": 1 - subset / full,
-            "cpu_time_saving_ratio": (1 - subset / full) / (1 - flops)}  # fmt: skip
+    return {
+        "ffn": name,
+        "stage": "MLP",
+        "cpu_seconds_full": full,
+        "cpu_seconds_subset": subset,
+        "flop_saving": 1 - flops,
+        "cpu_time_saving": 1 - subset / full,
+        "cpu_time_saving_ratio": (1 - subset / full) / (1 - flops),
+    }
 
 
 def measure_slicing(tokens: int, hidden: int, ffn: int, reps: int) -> dict[str, float]:
@@ -147,8 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per stage (the median is reported)")
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--seq-length", type=int, default=512)
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: all cores; 1 gives steadier "
-                        "CPU times on a shared machine)")  # fmt: skip
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: all cores; 1 gives steadier CPU times on a shared machine)",
+    )
     parser.add_argument("--json", type=Path, help="write the results to this file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -163,21 +191,29 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.ffn:
         rows += measure_stages(name, args.micro_batch, args.seq_length, args.warmup, args.steps)
     slicing = measure_slicing(args.micro_batch * args.seq_length, 768, 3072, reps=max(3, args.steps))
-    print(f"{'FFN':<10} {'stage':>5} {'s/step':>8} {'CPU-s':>8} {'FLOPs':>7} {'FLOPs saved':>11} "
-          f"{'time saved':>10} {'ratio':>6} {'CPU-s saved':>11} {'ratio':>6}")
+    print(
+        f"{'FFN':<10} {'stage':>5} {'s/step':>8} {'CPU-s':>8} {'FLOPs':>7} {'FLOPs saved':>11} "
+        f"{'time saved':>10} {'ratio':>6} {'CPU-s saved':>11} {'ratio':>6}"
+    )
     for r in rows:
         if r["stage"] == "MLP":
-            print(f"{r['ffn']:<10} {'MLP':>5} {'':>8} {r['cpu_seconds_subset']:>8.3f} {1 - r['flop_saving']:>6.1%} "
-                  f"{r['flop_saving']:>11.1%} {'':>10} {'':>6} {r['cpu_time_saving']:>11.1%} "
-                  f"{r['cpu_time_saving_ratio']:>6.2f}   (full MLP {r['cpu_seconds_full']:.3f} CPU-s)")  # fmt: skip
+            print(
+                f"{r['ffn']:<10} {'MLP':>5} {'':>8} {r['cpu_seconds_subset']:>8.3f} {1 - r['flop_saving']:>6.1%} "
+                f"{r['flop_saving']:>11.1%} {'':>10} {'':>6} {r['cpu_time_saving']:>11.1%} "
+                f"{r['cpu_time_saving_ratio']:>6.2f}   (full MLP {r['cpu_seconds_full']:.3f} CPU-s)"
+            )
             continue
         ratios = [f"{v:.2f}" if v is not None else "-" for v in (r["time_saving_ratio"], r["cpu_time_saving_ratio"])]
-        print(f"{r['ffn']:<10} {r['stage']:>5} {r['seconds_per_step']:>8.3f} {r['cpu_seconds_per_step']:>8.3f} "
-              f"{r['flops_fraction']:>6.1%} {r['flop_saving']:>11.1%} {r['time_saving']:>10.1%} {ratios[0]:>6} "
-              f"{r['cpu_time_saving']:>11.1%} {ratios[1]:>6}")  # fmt: skip
-    print(f"half-width MLP (s shape, {args.micro_batch * args.seq_length} tokens), forward+backward: gathered "
-          f"{slicing['gathered'] * 1e3:.1f} ms, contiguous {slicing['contiguous'] * 1e3:.1f} ms, "
-          f"full width {slicing['full'] * 1e3:.1f} ms")  # fmt: skip
+        print(
+            f"{r['ffn']:<10} {r['stage']:>5} {r['seconds_per_step']:>8.3f} {r['cpu_seconds_per_step']:>8.3f} "
+            f"{r['flops_fraction']:>6.1%} {r['flop_saving']:>11.1%} {r['time_saving']:>10.1%} {ratios[0]:>6} "
+            f"{r['cpu_time_saving']:>11.1%} {ratios[1]:>6}"
+        )
+    print(
+        f"half-width MLP (s shape, {args.micro_batch * args.seq_length} tokens), forward+backward: gathered "
+        f"{slicing['gathered'] * 1e3:.1f} ms, contiguous {slicing['contiguous'] * 1e3:.1f} ms, "
+        f"full width {slicing['full'] * 1e3:.1f} ms"
+    )
     if args.json:
         args.json.write_text(json.dumps({"stages": rows, "slicing": slicing}, indent=2))
     return 0

@@ -57,8 +57,10 @@ def est_step_flops(cfg: ModelConfig, schedule: ESTConfig, steps: int, seed: int)
     """Training FLOPs of each step of an EST run of ``steps`` (its actual draws)."""
     plan = build_plan(cfg, schedule, total_steps=steps, seed=seed)
     full = forward_flops_per_token(cfg).total
-    return [3 * TOKENS_PER_STEP * (full if plan.rates(t).full else step_forward_flops(cfg, plan.draw(t)).total)
-            for t in range(1, steps + 1)]  # fmt: skip
+    return [
+        3 * TOKENS_PER_STEP * (full if plan.rates(t).full else step_forward_flops(cfg, plan.draw(t)).total)
+        for t in range(1, steps + 1)
+    ]
 
 
 def same_flops_steps(cfg: ModelConfig, schedule: ESTConfig, base_steps: int) -> int:
@@ -66,8 +68,7 @@ def same_flops_steps(cfg: ModelConfig, schedule: ESTConfig, base_steps: int) -> 
     budget = 3 * TOKENS_PER_STEP * forward_flops_per_token(cfg).total * base_steps
 
     def expected(steps: int) -> float:
-        return est_run_flops(cfg, build_plan(cfg, schedule, total_steps=steps, seed=0),
-                             TOKENS_PER_STEP).total  # fmt: skip
+        return est_run_flops(cfg, build_plan(cfg, schedule, total_steps=steps, seed=0), TOKENS_PER_STEP).total
 
     return min(range(base_steps, 2 * base_steps), key=lambda steps: abs(expected(steps) - budget))
 
@@ -78,12 +79,16 @@ def config(name: str, ffn: dict, steps: int, seed: int, out: Path, data: Path, e
         "model": {**MODEL, "ffn": dict(ffn)},
         "data": {"path": str(data), "tokenizer": str(data.parent / "tokenizer.json"), "num_workers": 0, "seed": seed},
         "optimizer": {"lr": 3.0e-3, "warmup_fraction": 0.1},
-        "training": {"micro_batch_size": MICRO_BATCH, "global_batch_size": GLOBAL_BATCH, "train_steps": steps,
-                     "seed": seed},
+        "training": {
+            "micro_batch_size": MICRO_BATCH,
+            "global_batch_size": GLOBAL_BATCH,
+            "train_steps": steps,
+            "seed": seed,
+        },
         "checkpoint": {"save_interval": None, "keep_last": 1},
         "logging": {"log_interval": 25, "tensorboard": False},
         "eval": {"interval": None, "max_batches": None, "at_end": True},
-    }  # fmt: skip
+    }
     if est is not None:
         section["est"] = to_dict(est)
     return section
@@ -96,16 +101,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-steps", type=int, default=150, help="S: the full model's steps")
     parser.add_argument("--structures", default=",".join(STRUCTURES), help=f"comma list of {', '.join(STRUCTURES)}")
     parser.add_argument("--arms", default="full,est", help="comma list of full, est")
-    parser.add_argument("--est", action="append", default=[], metavar="KEY=VALUE",
-                        help="override of the EST arm's est section, e.g. 'stage_ends=[0.2,0.4]' or stage1.p_L=0.75")  # fmt: skip
+    parser.add_argument(
+        "--est",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override of the EST arm's est section, e.g. 'stage_ends=[0.2,0.4]' or stage1.p_L=0.75",
+    )
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.base_steps < 10:
         parser.error(f"--seeds={args.seeds} must be >= 1 and --base-steps={args.base_steps} >= 10")
     structures = [s for s in args.structures.split(",") if s]
     arms = [a for a in args.arms.split(",") if a]
     if not structures or set(structures) - set(STRUCTURES) or not arms or set(arms) - {"full", "est"}:
-        parser.error(f"--structures={args.structures!r} --arms={args.arms!r}: expected comma lists of "
-                     f"{', '.join(STRUCTURES)} and of full, est")  # fmt: skip
+        parser.error(
+            f"--structures={args.structures!r} --arms={args.arms!r}: expected comma lists of "
+            f"{', '.join(STRUCTURES)} and of full, est"
+        )
     try:
         schedule = est_schedule(args.est)
     except ValueError as err:
@@ -126,8 +138,17 @@ def main(argv: list[str] | None = None) -> int:
                 name = f"{structure}-{arm}{schedule_label(args.est) if est else ''}-seed{seed}"
                 flops_at = (lambda step, p=per_step: sum(p[:step])) if est else (lambda step, f=full_step: f * step)
                 evals = run_trainer(name, config(name, ffn, steps, seed, out, data, est), out, flops_at)
-                rows.append({"structure": structure, "arm": arm, "schedule": args.est if est else [], "seed": seed,
-                             "steps": steps, "flops": evals[-1]["flops"], "val_loss": evals[-1]["val_loss"]})  # fmt: skip
+                rows.append(
+                    {
+                        "structure": structure,
+                        "arm": arm,
+                        "schedule": args.est if est else [],
+                        "seed": seed,
+                        "steps": steps,
+                        "flops": evals[-1]["flops"],
+                        "val_loss": evals[-1]["val_loss"],
+                    }
+                )
     label = schedule_label(args.est)
     (out / f"results{label}.json").write_text(json.dumps(rows, indent=2))
     lines = ["| FFN | arm | steps | training FLOPs | val loss per seed | mean |", "|---|---|---:|---:|---|---:|"]
@@ -135,9 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         for arm in arms:
             mine = [r for r in rows if r["structure"] == structure and r["arm"] == arm]
             losses = ", ".join(f"{r['val_loss']:.4f}" for r in mine)
-            lines.append(f"| {structure} | {arm} | {'/'.join(str(r['steps']) for r in mine)} | "
-                         f"{statistics.fmean(r['flops'] for r in mine):.3e} | {losses} | "
-                         f"{statistics.fmean(r['val_loss'] for r in mine):.4f} |")  # fmt: skip
+            lines.append(
+                f"| {structure} | {arm} | {'/'.join(str(r['steps']) for r in mine)} | "
+                f"{statistics.fmean(r['flops'] for r in mine):.3e} | {losses} | "
+                f"{statistics.fmean(r['val_loss'] for r in mine):.4f} |"
+            )
     table = "\n".join(lines) + "\n"
     (out / f"table{label}.md").write_text(table)
     print(table)

@@ -210,7 +210,11 @@ def measure(
     rounds = args.warmup + args.repeats
     for round_index in range(rounds):
         timed = round_index >= args.warmup
-        phase = f"repeat {round_index - args.warmup + 1}/{args.repeats}" if timed else f"warm-up {round_index + 1}/{args.warmup}"
+        phase = (
+            f"repeat {round_index - args.warmup + 1}/{args.repeats}"
+            if timed
+            else f"warm-up {round_index + 1}/{args.warmup}"
+        )
         for key, work in workloads.items():
             fwd_bwd = timer(work.forward_backward)
             work.clear_grads()
@@ -270,7 +274,9 @@ def format_table(rows: Sequence[dict]) -> str:
             f"{r['ideal_speedup']:>6.2f}x{r['fwd_bound']:>10.2f}x{r['fwd_bwd_bound']:>8.2f}x"
             f"{r['fwd_efficiency']:>9.0%}{r['fwd_bwd_efficiency']:>9.0%}"
         )
-    lines.append(f"GELU alone (tokens x f): fwd {rows[0]['gelu_fwd_ms']:.1f} ms, fwd+bwd {rows[0]['gelu_fwd_bwd_ms']:.1f} ms")
+    lines.append(
+        f"GELU alone (tokens x f): fwd {rows[0]['gelu_fwd_ms']:.1f} ms, fwd+bwd {rows[0]['gelu_fwd_bwd_ms']:.1f} ms"
+    )
     return "\n".join(lines)
 
 
@@ -303,7 +309,9 @@ def progress(message: str) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--width", type=int, default=2048, help="model width d")
     p.add_argument("--ffn-hidden", type=int, default=None, help="FFN width f (None: 4 x width)")
     p.add_argument("--tokens", type=int, default=4096, help="tokens per FFN call (batch x sequence)")
@@ -319,9 +327,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per case first")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (None: all cores available)")
     p.add_argument(
-        "--clock", choices=("wall", "process"), default="wall",
+        "--clock",
+        choices=("wall", "process"),
+        default="wall",
         help="wall time, or this process's CPU time (robust on a shared machine; needs --threads 1 on cpu)",
-    )  # fmt: skip
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     args.ffn_hidden = args.ffn_hidden or 4 * args.width
@@ -368,7 +378,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(format_table(rows))
     if args.json:
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        write_json_atomic(args.json, {"config": {**config, "threads": threads, "torch": torch.__version__}, "rows": rows})
+        write_json_atomic(
+            args.json, {"config": {**config, "threads": threads, "torch": torch.__version__}, "rows": rows}
+        )
         progress(f"wrote {args.json}")
     return rows
 

@@ -110,8 +110,11 @@ def measure_shape(shape: str, work: Path) -> dict:
     results = {}
     for phase in PHASES:
         results[phase] = _in_subprocess(["--phase", phase, "--work", str(work)])
-        print(f"[bench] {shape} {phase}: {results[phase]['seconds']:.1f} s, peak RSS "
-              f"{results[phase]['peak_rss_gib']:.2f} GiB", flush=True)  # fmt: skip
+        print(
+            f"[bench] {shape} {phase}: {results[phase]['seconds']:.1f} s, peak RSS "
+            f"{results[phase]['peak_rss_gib']:.2f} GiB",
+            flush=True,
+        )
     for phase, baseline in BASELINE.items():
         results[phase]["time_vs_" + baseline] = results[phase]["seconds"] / results[baseline]["seconds"]
     files = [p for p in (work / "hf").iterdir() if p.suffix == ".safetensors"]

@@ -44,7 +44,7 @@ def parquet_corpus(root: Path, documents: int, row_group: int, files: int) -> li
     paths = []
     for i in range(files):
         path = root / "parquet" / f"part-{i}.parquet"
-        part = texts[i * len(texts) // files:(i + 1) * len(texts) // files]
+        part = texts[i * len(texts) // files : (i + 1) * len(texts) // files]
         pq.write_table(pa.table({"content": part}), path, row_group_size=row_group)
         paths.append(path)
     return paths
@@ -56,8 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--row-group", type=int, default=128, help="parquet rows per row group")
     parser.add_argument("--context-length", type=int, default=1024)
     parser.add_argument("--lanes", type=int, default=4)
-    parser.add_argument("--files", type=int, default=4,
-                        help="parquet files; with fewer files than lanes several lanes download each file")
+    parser.add_argument(
+        "--files",
+        type=int,
+        default=4,
+        help="parquet files; with fewer files than lanes several lanes download each file",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--micro-batch-size", type=int, default=4)
@@ -80,10 +84,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[remote_data_bench] repeat {repeat + 1}/{args.repeats}: {case}", file=sys.stderr)
                     before = server.bytes_sent
                     settings = text_settings(paths, tokenizer, args.context_length)
-                    loader = build_text_train_loader(settings, StreamLayout(micro_batch_size=args.micro_batch_size),
-                                                     lanes=args.lanes)
-                    tokens, seconds = time_rounds(loader, args.lanes * DEFAULT_SHUFFLE_WINDOW, args.rounds,
-                                                  args.micro_batch_size)
+                    loader = build_text_train_loader(
+                        settings, StreamLayout(micro_batch_size=args.micro_batch_size), lanes=args.lanes
+                    )
+                    tokens, seconds = time_rounds(
+                        loader, args.lanes * DEFAULT_SHUFFLE_WINDOW, args.rounds, args.micro_batch_size
+                    )
                     results[case].append(tokens / seconds)
                     if case == "local HTTP server":
                         # Everything the run downloaded (start-up included) over the tokens it trained on.
@@ -92,16 +98,20 @@ def main(argv: list[str] | None = None) -> int:
     local, http = (statistics.median(results[c]) for c in results)
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
-    print(f"\nRaw-mode loader, one reader (= one worker), {args.files} files, {args.lanes} lanes, "
-          f"context {args.context_length}, {os.cpu_count()} CPUs, "
-          f"load average {' '.join(load)}\n")
+    print(
+        f"\nRaw-mode loader, one reader (= one worker), {args.files} files, {args.lanes} lanes, "
+        f"context {args.context_length}, {os.cpu_count()} CPUs, "
+        f"load average {' '.join(load)}\n"
+    )
     print("| input | tokens/s per worker (median of %d) | vs local files |" % args.repeats)
     print("|---|---:|---:|")
     print(f"| local files | {local:,.0f} | 1.00 |")
     print(f"| local HTTP server (range reads) | {http:,.0f} | {http / local:.2f} |")
-    print(f"\nbytes downloaded per trained token: {statistics.median(downloaded):.2f} "
-          f"(the parquet files hold {corpus_bytes / corpus_tokens:.2f} bytes per token: {corpus_bytes:,} bytes, "
-          f"{corpus_tokens:,} tokens)")
+    print(
+        f"\nbytes downloaded per trained token: {statistics.median(downloaded):.2f} "
+        f"(the parquet files hold {corpus_bytes / corpus_tokens:.2f} bytes per token: {corpus_bytes:,} bytes, "
+        f"{corpus_tokens:,} tokens)"
+    )
     return 0
 
 

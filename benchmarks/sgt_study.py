@@ -51,8 +51,9 @@ from megatron_sffn.structured.guided import guide_alpha  # noqa: E402
 from megatron_sffn.training.trace import read_trace  # noqa: E402
 
 VOCAB, CONTEXT = 2048, 128
-MODEL = dict(hidden_size=128, num_layers=4, num_attention_heads=4, ffn_hidden_size=512, vocab_size=VOCAB,
-             seq_length=CONTEXT)  # fmt: skip
+MODEL = dict(
+    hidden_size=128, num_layers=4, num_attention_heads=4, ffn_hidden_size=512, vocab_size=VOCAB, seq_length=CONTEXT
+)
 LOWRANK32 = {"structure": "lowrank", "rank": 32}  # 1.25 R / d = 31.25% of the dense FFN's weights
 MICRO_BATCH, GLOBAL_BATCH = 8, 16
 
@@ -112,13 +113,42 @@ def ensure_data(out: Path) -> Path:
         subprocess.run([python, "-m", "data_tools.make_corpus", "--out", "data/corpus"], cwd=REPO_ROOT, check=True)
     if not tokenizer.exists():
         log(f"training a {VOCAB}-token BPE tokenizer on the embedded corpus: {tokenizer}")
-        subprocess.run([python, "-m", "data_tools.train_tokenizer", "data/corpus/*.parquet", "--vocab-size",
-                        str(VOCAB), "--out", str(tokenizer)], cwd=REPO_ROOT, check=True)  # fmt: skip
+        subprocess.run(
+            [
+                python,
+                "-m",
+                "data_tools.train_tokenizer",
+                "data/corpus/*.parquet",
+                "--vocab-size",
+                str(VOCAB),
+                "--out",
+                str(tokenizer),
+            ],
+            cwd=REPO_ROOT,
+            check=True,
+        )
     if not (prepared / "manifest.json").exists():
         log(f"tokenizing and packing the corpus into {prepared}")
-        subprocess.run([python, "-m", "data_tools.prepare", "data/corpus/*.parquet", "--tokenizer", str(tokenizer),
-                        "--out", str(prepared), "--context-length", str(CONTEXT), "--validation-fraction", "0.02",
-                        "--workers", "1"], cwd=REPO_ROOT, check=True)  # fmt: skip
+        subprocess.run(
+            [
+                python,
+                "-m",
+                "data_tools.prepare",
+                "data/corpus/*.parquet",
+                "--tokenizer",
+                str(tokenizer),
+                "--out",
+                str(prepared),
+                "--context-length",
+                str(CONTEXT),
+                "--validation-fraction",
+                "0.02",
+                "--workers",
+                "1",
+            ],
+            cwd=REPO_ROOT,
+            check=True,
+        )
     return prepared
 
 
@@ -128,12 +158,16 @@ def run_config(variant: Variant, seed: int, run_dir: Path, data: Path, eval_inte
         "model": {**MODEL, "ffn": dict(variant.ffn)},
         "data": {"path": str(data), "tokenizer": str(data.parent / "tokenizer.json"), "num_workers": 0, "seed": seed},
         "optimizer": {"lr": 3.0e-3, "warmup_fraction": 0.1},
-        "training": {"micro_batch_size": MICRO_BATCH, "global_batch_size": GLOBAL_BATCH,
-                     "train_steps": variant.run_steps, "seed": seed},
+        "training": {
+            "micro_batch_size": MICRO_BATCH,
+            "global_batch_size": GLOBAL_BATCH,
+            "train_steps": variant.run_steps,
+            "seed": seed,
+        },
         "checkpoint": {"save_interval": None, "keep_last": 1},
         "logging": {"log_interval": 25, "tensorboard": False},
         "eval": {"interval": eval_interval, "max_batches": None, "at_end": True},
-    }  # fmt: skip
+    }
     if variant.sgt is not None:
         config["sgt"] = dict(variant.sgt)
     return config
@@ -164,16 +198,29 @@ def run_trainer(name: str, config: dict[str, Any], out: Path, flops_at: Callable
     env = {**os.environ, "SFFN_STEP_TRACE": str(trace), "PYTHONPATH": str(REPO_ROOT), "CUDA_VISIBLE_DEVICES": ""}
     log(f"{name}: {config['training']['train_steps']} steps")
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_sffn.train", str(path)], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "megatron_sffn.train", str(path)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for line in proc.stdout:
         if line.startswith(("step ", "validation", "[train]")):
             print(f"  {name} | {line.rstrip()}", file=sys.stderr, flush=True)
     if proc.wait() != 0:
         raise RuntimeError(f"{name}: the trainer failed (exit code {proc.returncode}); config {path}")
     records = [r for r in read_trace(trace / "rank0.jsonl") if "eval_step" in r]
-    evals = [{"step": r["eval_step"], "val_loss": r["val_loss"], "val_tokens": r["val_tokens"],
-              "flops": flops_at(r["eval_step"])} for r in records]  # fmt: skip
+    evals = [
+        {
+            "step": r["eval_step"],
+            "val_loss": r["val_loss"],
+            "val_tokens": r["val_tokens"],
+            "flops": flops_at(r["eval_step"]),
+        }
+        for r in records
+    ]
     done.write_text(json.dumps(evals))
     log(f"{name}: final validation loss {evals[-1]['val_loss']:.4f} in {time.monotonic() - started:.0f} s")
     return evals
@@ -184,12 +231,20 @@ def summarise(results: dict[str, dict[int, list[dict]]], runs: list[Variant]) ->
     for variant in runs:
         finals = [evals[-1]["val_loss"] for evals in results[variant.name].values()]
         flops = next(iter(results[variant.name].values()))[-1]["flops"]
-        rows.append({
-            "variant": variant.name, "steps": variant.steps, "training_flops": flops, "seeds": len(finals),
-            "val_loss_mean": statistics.fmean(finals), "val_loss_min": min(finals), "val_loss_max": max(finals),
-            "val_ppl_mean": statistics.fmean(math.exp(x) for x in finals),
-            "val_ppl_min": math.exp(min(finals)), "val_ppl_max": math.exp(max(finals)),
-        })  # fmt: skip
+        rows.append(
+            {
+                "variant": variant.name,
+                "steps": variant.steps,
+                "training_flops": flops,
+                "seeds": len(finals),
+                "val_loss_mean": statistics.fmean(finals),
+                "val_loss_min": min(finals),
+                "val_loss_max": max(finals),
+                "val_ppl_mean": statistics.fmean(math.exp(x) for x in finals),
+                "val_ppl_min": math.exp(min(finals)),
+                "val_ppl_max": math.exp(max(finals)),
+            }
+        )
     return rows
 
 
@@ -219,8 +274,15 @@ def plot(results: dict[str, dict[int, list[dict]]], path: Path) -> None:
     for index, (name, by_seed) in enumerate(results.items()):
         color = f"C{index}"
         for seed, evals in sorted(by_seed.items()):
-            ax.plot([e["flops"] for e in evals], [e["val_loss"] for e in evals], color=color, alpha=0.85,
-                    marker="o", markersize=3, label=name if seed == min(by_seed) else None)  # fmt: skip
+            ax.plot(
+                [e["flops"] for e in evals],
+                [e["val_loss"] for e in evals],
+                color=color,
+                alpha=0.85,
+                marker="o",
+                markersize=3,
+                label=name if seed == min(by_seed) else None,
+            )
     ax.set_xlabel("training FLOPs (paper formula, guides included)")
     ax.set_ylabel("validation loss")
     ax.set_title("32% LowRank with self-guided training at equal FLOPs (one line per seed)")

@@ -48,8 +48,14 @@ from megatron_sffn.model import (  # noqa: E402
 
 
 def build(attention: str, hidden: int, max_context: int):
-    cfg = ModelConfig(hidden_size=hidden, num_layers=4, num_attention_heads=4, vocab_size=2048,
-                      seq_length=max_context, attention=attention)  # fmt: skip
+    cfg = ModelConfig(
+        hidden_size=hidden,
+        num_layers=4,
+        num_attention_heads=4,
+        vocab_size=2048,
+        seq_length=max_context,
+        attention=attention,
+    )
     seed_model_parallel(1234)
     model = build_gpt_model(cfg)
     model.eval()
@@ -111,11 +117,21 @@ def main(argv: list[str] | None = None) -> int:
             (soft_rate, soft_bytes), (supra_rate, supra_bytes) = (
                 decode_rate(models[name], batch, length, args.steps) for name in ("softmax", "supra")
             )
-            rows.append({"batch": batch, "context": length, "softmax_tokens_per_s": soft_rate,
-                         "supra_tokens_per_s": supra_rate, "softmax_state_bytes": soft_bytes,
-                         "supra_state_bytes": supra_bytes})  # fmt: skip
-            print(f"| {batch} | {length} | {soft_rate:.1f} | {supra_rate:.1f} | {supra_rate / soft_rate:.2f} | "
-                  f"{soft_bytes / 2**20:.2f} | {supra_bytes / 2**20:.3f} |", flush=True)
+            rows.append(
+                {
+                    "batch": batch,
+                    "context": length,
+                    "softmax_tokens_per_s": soft_rate,
+                    "supra_tokens_per_s": supra_rate,
+                    "softmax_state_bytes": soft_bytes,
+                    "supra_state_bytes": supra_bytes,
+                }
+            )
+            print(
+                f"| {batch} | {length} | {soft_rate:.1f} | {supra_rate:.1f} | {supra_rate / soft_rate:.2f} | "
+                f"{soft_bytes / 2**20:.2f} | {supra_bytes / 2**20:.3f} |",
+                flush=True,
+            )
     generator_rows = []
     if args.generator_contexts:
         print("\nThrough the generator (prompts of L and L - 1 tokens, greedy):")
@@ -125,11 +141,19 @@ def main(argv: list[str] | None = None) -> int:
         for length in args.generator_contexts:
             for name in ("softmax", "supra"):
                 prefill, decode, held = generator_rate(models[name], batch, length, args.steps)
-                generator_rows.append({"batch": batch, "prompt_length": length, "model": name,
-                                       "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
-                                       "state_bytes": held})  # fmt: skip
-                print(f"| {batch} | {length} | {name} | {prefill:.1f} | {decode:.1f} | {held / 2**20:.3f} |",
-                      flush=True)  # fmt: skip
+                generator_rows.append(
+                    {
+                        "batch": batch,
+                        "prompt_length": length,
+                        "model": name,
+                        "prefill_tokens_per_s": prefill,
+                        "decode_tokens_per_s": decode,
+                        "state_bytes": held,
+                    }
+                )
+                print(
+                    f"| {batch} | {length} | {name} | {prefill:.1f} | {decode:.1f} | {held / 2**20:.3f} |", flush=True
+                )
     if args.json:
         args.json.write_text(json.dumps({"decode_steps": rows, "generator": generator_rows}, indent=2))
     return 0

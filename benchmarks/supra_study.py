@@ -40,7 +40,6 @@ from sgt_study import (  # noqa: E402  (also puts the repository on sys.path)
     run_trainer,
 )
 
-
 FFNS = {"dense": {"structure": "dense"}, "lowrank32": LOWRANK32}
 PRETRAIN_LR = 3.0e-3
 
@@ -57,8 +56,9 @@ def _env(trace: Path | None = None) -> dict[str, str]:
 
 
 def _stream(name: str, command: list[str], env: dict[str, str]) -> None:
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     for line in proc.stdout:
         if line.startswith(("step ", "validation", "[train]", "[evaluate]", "error")):
             print(f"  {name} | {line.rstrip()}", file=sys.stderr, flush=True)
@@ -66,8 +66,18 @@ def _stream(name: str, command: list[str], env: dict[str, str]) -> None:
         raise RuntimeError(f"{name}: {' '.join(command)} failed (exit code {proc.returncode})")
 
 
-def run_config(run_dir: Path, data: Path, *, ffn: str, seed: int, steps: int, lr: float, supra: bool,
-               load: Path | None, eval_interval: int) -> dict[str, Any]:
+def run_config(
+    run_dir: Path,
+    data: Path,
+    *,
+    ffn: str,
+    seed: int,
+    steps: int,
+    lr: float,
+    supra: bool,
+    load: Path | None,
+    eval_interval: int,
+) -> dict[str, Any]:
     model: dict[str, Any] = {**MODEL, "ffn": dict(FFNS[ffn])}
     if supra:
         model["attention"] = "supra"
@@ -76,12 +86,16 @@ def run_config(run_dir: Path, data: Path, *, ffn: str, seed: int, steps: int, lr
         "model": model,
         "data": {"path": str(data), "tokenizer": str(data.parent / "tokenizer.json"), "num_workers": 0, "seed": seed},
         "optimizer": {"lr": lr, "warmup_fraction": 0.1},
-        "training": {"micro_batch_size": MICRO_BATCH, "global_batch_size": GLOBAL_BATCH, "train_steps": steps,
-                     "seed": seed},
+        "training": {
+            "micro_batch_size": MICRO_BATCH,
+            "global_batch_size": GLOBAL_BATCH,
+            "train_steps": steps,
+            "seed": seed,
+        },
         "checkpoint": {"save_interval": None, "keep_last": 1, "load": None if load is None else str(load)},
         "logging": {"log_interval": 25, "tensorboard": False},
         "eval": {"interval": eval_interval, "max_batches": None, "at_end": True},
-    }  # fmt: skip
+    }
 
 
 def train(name: str, out: Path, config: dict[str, Any]) -> list[dict]:
@@ -94,8 +108,20 @@ def evaluate_swapped(name: str, out: Path, softmax_run: Path) -> float:
     result = out / "traces" / name / "eval.json"
     if not result.exists():
         log(f"{name}: evaluating {softmax_run} right after the swap to SUPRA")
-        _stream(name, [sys.executable, "-m", "megatron_sffn.evaluate", str(softmax_run), "model.attention=supra",
-                       "eval.max_batches=null", "--json", str(result)], _env())  # fmt: skip
+        _stream(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "megatron_sffn.evaluate",
+                str(softmax_run),
+                "model.attention=supra",
+                "eval.max_batches=null",
+                "--json",
+                str(result),
+            ],
+            _env(),
+        )
     return json.loads(result.read_text())["val_loss"]
 
 
@@ -103,28 +129,46 @@ def study_seed(out: Path, data: Path, ffn: str, seed: int, args: argparse.Namesp
     runs = out / "runs"
     common = dict(data=data, ffn=ffn, seed=seed, eval_interval=args.eval_interval)
     softmax_dir = runs / f"{ffn}-softmax-seed{seed}"
-    softmax = train(f"{ffn}-softmax-seed{seed}", out, run_config(
-        softmax_dir, steps=args.pretrain_steps, lr=PRETRAIN_LR, supra=False, load=None, **common))  # fmt: skip
-    row: dict[str, Any] = {"softmax": softmax[-1]["val_loss"],
-                           "swapped": evaluate_swapped(f"{ffn}-swapped-seed{seed}", out, softmax_dir)}  # fmt: skip
+    softmax = train(
+        f"{ffn}-softmax-seed{seed}",
+        out,
+        run_config(softmax_dir, steps=args.pretrain_steps, lr=PRETRAIN_LR, supra=False, load=None, **common),
+    )
+    row: dict[str, Any] = {
+        "softmax": softmax[-1]["val_loss"],
+        "swapped": evaluate_swapped(f"{ffn}-swapped-seed{seed}", out, softmax_dir),
+    }
     lrs = args.uptrain_lrs if seed == 1 else args.uptrain_lrs[:1]
     for lr in lrs:
         name = f"{ffn}-uptrain-lr{lr:g}-seed{seed}"
-        evals = train(name, out, run_config(
-            runs / name, steps=args.uptrain_steps, lr=lr, supra=True, load=softmax_dir, **common))  # fmt: skip
+        evals = train(
+            name, out, run_config(runs / name, steps=args.uptrain_steps, lr=lr, supra=True, load=softmax_dir, **common)
+        )
         row[f"uptrained_lr{lr:g}"] = evals[-1]["val_loss"]
-    scratch = train(f"{ffn}-scratch-seed{seed}", out, run_config(
-        runs / f"{ffn}-scratch-seed{seed}", steps=args.uptrain_steps, lr=PRETRAIN_LR, supra=True, load=None,
-        **common))  # fmt: skip
+    scratch = train(
+        f"{ffn}-scratch-seed{seed}",
+        out,
+        run_config(
+            runs / f"{ffn}-scratch-seed{seed}",
+            steps=args.uptrain_steps,
+            lr=PRETRAIN_LR,
+            supra=True,
+            load=None,
+            **common,
+        ),
+    )
     row["scratch"] = scratch[-1]["val_loss"]
     return row
 
 
 def table(results: dict[str, dict[int, dict[str, float]]], args: argparse.Namespace) -> str:
     main_lr = f"uptrained_lr{args.uptrain_lrs[0]:g}"
-    arms = [("(d) softmax original", "softmax"), ("(a) right after the swap", "swapped"),
-            (f"(b) uptrained {args.uptrain_steps} steps, lr {args.uptrain_lrs[0]:g}", main_lr),
-            (f"(c) SUPRA from scratch, {args.uptrain_steps} steps", "scratch")]  # fmt: skip
+    arms = [
+        ("(d) softmax original", "softmax"),
+        ("(a) right after the swap", "swapped"),
+        (f"(b) uptrained {args.uptrain_steps} steps, lr {args.uptrain_lrs[0]:g}", main_lr),
+        (f"(c) SUPRA from scratch, {args.uptrain_steps} steps", "scratch"),
+    ]
     lines = ["| FFN | arm | val loss per seed | val PPL mean |", "|---|---|---|---|"]
     for ffn, by_seed in results.items():
         for label, key in arms:
@@ -157,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.only_seed:
         log(f"seed {args.only_seed} done; run without --only-seed for the table")
         return 0
-    (out / "results.json").write_text(json.dumps({"args": vars(args) | {"out": str(out)}, "results": results},
-                                                 indent=2))  # fmt: skip
+    (out / "results.json").write_text(
+        json.dumps({"args": vars(args) | {"out": str(out)}, "results": results}, indent=2)
+    )
     text = table(results, args)
     (out / "table.md").write_text(text)
     print(text)

@@ -43,8 +43,12 @@ sys.path.insert(0, str(ROOT))
 from megatron_sffn.config import FFNConfig, ModelConfig  # noqa: E402
 from megatron_sffn.parallel.comm import ShapeOnlyGroup, record_traffic  # noqa: E402
 from megatron_sffn.parallel.mlp_spec import mlp_spec  # noqa: E402
-from megatron_sffn.parallel.plan import FFNShape, choose_strategy, rank_cost  # noqa: E402
-from megatron_sffn.parallel.plan import require_shardable  # noqa: E402
+from megatron_sffn.parallel.plan import (  # noqa: E402
+    FFNShape,
+    choose_strategy,
+    rank_cost,
+    require_shardable,  # noqa: E402
+)
 
 DOCS = ROOT / "docs" / "tensor-parallel.md"
 HIDDEN, FFN_HIDDEN, TOKENS = 2048, 8192, 64
@@ -94,16 +98,29 @@ def _build_rank0(setting: Setting, tp: int):
 
     shape = setting.shape
     model_cfg = ModelConfig(
-        hidden_size=HIDDEN, num_layers=2, num_attention_heads=16, ffn_hidden_size=FFN_HIDDEN,
+        hidden_size=HIDDEN,
+        num_layers=2,
+        num_attention_heads=16,
+        ffn_hidden_size=FFN_HIDDEN,
         ffn=FFNConfig(structure=shape.kind, rank=shape.rank, blocks=shape.blocks),
-    )  # fmt: skip
+    )
     config = TransformerConfig(
-        num_layers=1, hidden_size=HIDDEN, ffn_hidden_size=FFN_HIDDEN, num_attention_heads=16,
-        use_cpu_initialization=True, perform_initialization=False, add_bias_linear=True,
-        bias_activation_fusion=False, tensor_model_parallel_size=tp,
-    )  # fmt: skip
-    mlp = build_module(mlp_spec(model_cfg, 1, tp_strategy=setting.strategy), config=config,
-                       ffn_hidden_size=FFN_HIDDEN, tp_group=ShapeOnlyGroup(0, tp))  # fmt: skip
+        num_layers=1,
+        hidden_size=HIDDEN,
+        ffn_hidden_size=FFN_HIDDEN,
+        num_attention_heads=16,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        add_bias_linear=True,
+        bias_activation_fusion=False,
+        tensor_model_parallel_size=tp,
+    )
+    mlp = build_module(
+        mlp_spec(model_cfg, 1, tp_strategy=setting.strategy),
+        config=config,
+        ffn_hidden_size=FFN_HIDDEN,
+        tp_group=ShapeOnlyGroup(0, tp),
+    )
     with torch.no_grad():
         for param in mlp.parameters():
             param.zero_()
@@ -137,10 +154,12 @@ def measure(setting: Setting, tp: int) -> Row:
     if Fraction(backward.get_total_flops(), TOKENS) != 2 * fwd_flops:
         raise AssertionError(f"{setting.label} tp={tp}: backward FLOPs are not twice the forward's")
     figures = dict(
-        params=params, fwd_flops=fwd_flops, overhead=fwd_flops - share,
+        params=params,
+        fwd_flops=fwd_flops,
+        overhead=fwd_flops - share,
         fwd_comm=sum((t.elements for t in log if t.direction == "forward"), Fraction(0)) / TOKENS,
         bwd_comm=sum((t.elements for t in log if t.direction == "backward"), Fraction(0)) / TOKENS,
-    )  # fmt: skip
+    )
     return Row(setting.label, tp, str(mlp.linear_fc1.strategy), figures)
 
 
@@ -154,9 +173,12 @@ def planned(setting: Setting, tp: int) -> Row:
     strategy = None if shape.kind == "dense" else choose_strategy(shape, tp, setting.strategy)
     cost = rank_cost(shape, strategy, tp)
     figures = dict(
-        params=cost.params, fwd_flops=cost.forward_flops, overhead=cost.forward_flops - _total_flops(shape) / tp,
-        fwd_comm=cost.forward_comm, bwd_comm=cost.backward_comm,
-    )  # fmt: skip
+        params=cost.params,
+        fwd_flops=cost.forward_flops,
+        overhead=cost.forward_flops - _total_flops(shape) / tp,
+        fwd_comm=cost.forward_comm,
+        bwd_comm=cost.backward_comm,
+    )
     return Row(setting.label, tp, None if strategy is None else str(strategy), figures)
 
 

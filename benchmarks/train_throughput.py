@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from megatron_sffn.config.loading import load_config  # noqa: E402
 from megatron_sffn.config.train import TrainConfig  # noqa: E402
-from megatron_sffn.planning.steps import resolved_train_steps
+from megatron_sffn.planning.steps import resolved_train_steps  # noqa: E402
 
 # size -> (dense config, 32% LowRank config, default micro-batch, default sequence length)
 SIZES = {
@@ -65,10 +65,15 @@ def log(message: str) -> None:
 
 def case_config(path: str, micro_batch: int, seq_length: int | None) -> TrainConfig:
     overrides = [
-        f"training.micro_batch_size={micro_batch}", f"training.global_batch_size={micro_batch}",
-        "training.train_steps=1000", "training.train_tokens=null", "training.precision=auto", "data.path=unused",
-        "parallel.tensor_parallel=1", "parallel.pipeline_parallel=1",
-    ]  # fmt: skip
+        f"training.micro_batch_size={micro_batch}",
+        f"training.global_batch_size={micro_batch}",
+        "training.train_steps=1000",
+        "training.train_tokens=null",
+        "training.precision=auto",
+        "data.path=unused",
+        "parallel.tensor_parallel=1",
+        "parallel.pipeline_parallel=1",
+    ]
     if seq_length is not None:
         overrides.append(f"model.seq_length={seq_length}")
     return load_config(TrainConfig, REPO_ROOT / path, overrides)
@@ -79,10 +84,15 @@ def random_batches(config: TrainConfig, count: int, generator: torch.Generator) 
     batches = []
     for _ in range(count):
         tokens = torch.randint(0, config.model.vocab_size, (b, s + 1), generator=generator)
-        batches.append({
-            "tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
-            "loss_mask": torch.ones(b, s), "position_ids": torch.arange(s).repeat(b, 1), "attention_mask": None,
-        })  # fmt: skip
+        batches.append(
+            {
+                "tokens": tokens[:, :-1].contiguous(),
+                "labels": tokens[:, 1:].contiguous(),
+                "loss_mask": torch.ones(b, s),
+                "position_ids": torch.arange(s).repeat(b, 1),
+                "attention_mask": None,
+            }
+        )
     return batches
 
 
@@ -97,7 +107,7 @@ class Case:
             build_optimizer,
             install_schedule_hooks,
             wrap_data_parallel,
-        )  # fmt: skip
+        )
         from megatron_sffn.training.schedule import build_lr_scheduler
 
         self.size, self.structure, self.config = size, structure, config
@@ -120,8 +130,14 @@ class Case:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start, cpu_start = time.perf_counter(), time.process_time()
-        result = train_step(self.model, self.optimizer, batches, seq_length=self.config.model.seq_length,
-                            micro_batch_size=self.config.training.micro_batch_size, stop_flag=0.0)  # fmt: skip
+        result = train_step(
+            self.model,
+            self.optimizer,
+            batches,
+            seq_length=self.config.model.seq_length,
+            micro_batch_size=self.config.training.micro_batch_size,
+            stop_flag=0.0,
+        )
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return time.perf_counter() - start, time.process_time() - cpu_start, result.loss
@@ -134,9 +150,19 @@ class Case:
         flops_per_token = training_flops_per_token(self.config.model)
         flops = flops_per_token * tokens / seconds
         params = sum(p.numel() for p in self.model[0].parameters())
-        return CaseResult(self.size, self.structure, params, self.config.model.seq_length, tokens, seconds,
-                          statistics.median(self.cpu_times), tokens / seconds, flops / 1e12, flops / peak_flops,
-                          flops_per_token)  # fmt: skip
+        return CaseResult(
+            self.size,
+            self.structure,
+            params,
+            self.config.model.seq_length,
+            tokens,
+            seconds,
+            statistics.median(self.cpu_times),
+            tokens / seconds,
+            flops / 1e12,
+            flops / peak_flops,
+            flops_per_token,
+        )
 
 
 def measure_size(size: str, cases: list[Case], warmup: int, steps: int) -> None:
@@ -145,8 +171,10 @@ def measure_size(size: str, cases: list[Case], warmup: int, steps: int) -> None:
         phase = "warm-up" if i < warmup else "timed"
         for case in cases:
             seconds, cpu_seconds, loss = case.step()
-            log(f"  {size}/{case.structure}: step {i + 1}/{warmup + steps} ({phase}) {seconds:.2f} s "
-                f"({cpu_seconds:.2f} CPU-s), loss {loss:.3f}")
+            log(
+                f"  {size}/{case.structure}: step {i + 1}/{warmup + steps} ({phase}) {seconds:.2f} s "
+                f"({cpu_seconds:.2f} CPU-s), loss {loss:.3f}"
+            )
             if i >= warmup:
                 case.times.append(seconds)
                 case.cpu_times.append(cpu_seconds)
@@ -191,22 +219,29 @@ def main(argv: list[str] | None = None) -> int:
         results += [case.result(peak.flops_per_second) for case in cases]
         del cases
 
-    print(f"{'size':<5} {'FFN':<10} {'params':>9} {'seq':>5} {'s/step':>8} {'CPU-s/step':>10} {'tok/s':>9} "
-          f"{'TFLOP/s':>8} {'MFU':>7} {'speed-up':>9} {'(CPU time)':>10} {'FLOP ratio':>10}")
+    print(
+        f"{'size':<5} {'FFN':<10} {'params':>9} {'seq':>5} {'s/step':>8} {'CPU-s/step':>10} {'tok/s':>9} "
+        f"{'TFLOP/s':>8} {'MFU':>7} {'speed-up':>9} {'(CPU time)':>10} {'FLOP ratio':>10}"
+    )
     dense = {r.size: r for r in results if r.structure == "dense"}
     for r in results:
         base = dense[r.size]
-        print(f"{r.size:<5} {r.structure:<10} {r.params / 1e6:>8.2f}M {r.seq_length:>5} {r.seconds_per_step:>8.3f} "
-              f"{r.cpu_seconds_per_step:>10.3f} {r.tokens_per_s:>9.0f} {r.tflops:>8.4f} {100 * r.mfu:>6.1f}% "
-              f"{base.seconds_per_step / r.seconds_per_step:>8.2f}x "
-              f"{base.cpu_seconds_per_step / r.cpu_seconds_per_step:>9.2f}x "
-              f"{base.flops_per_token / r.flops_per_token:>9.2f}x")  # fmt: skip
+        print(
+            f"{r.size:<5} {r.structure:<10} {r.params / 1e6:>8.2f}M {r.seq_length:>5} {r.seconds_per_step:>8.3f} "
+            f"{r.cpu_seconds_per_step:>10.3f} {r.tokens_per_s:>9.0f} {r.tflops:>8.4f} {100 * r.mfu:>6.1f}% "
+            f"{base.seconds_per_step / r.seconds_per_step:>8.2f}x "
+            f"{base.cpu_seconds_per_step / r.cpu_seconds_per_step:>9.2f}x "
+            f"{base.flops_per_token / r.flops_per_token:>9.2f}x"
+        )
     if args.json:
         from megatron_sffn.training.checkpoint_dirs import write_text_atomic
 
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"peak_tflops": peak.flops_per_second / 1e12, "peak_source": peak.source,
-                   "results": [asdict(r) for r in results]}  # fmt: skip
+        payload = {
+            "peak_tflops": peak.flops_per_second / 1e12,
+            "peak_source": peak.source,
+            "results": [asdict(r) for r in results],
+        }
         write_text_atomic(args.json, json.dumps(payload, indent=2) + "\n")
     import torch.distributed as dist
 

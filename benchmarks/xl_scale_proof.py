@@ -55,15 +55,29 @@ def log(message: str) -> None:
 
 def overrides(run_dir: Path, data: Path, steps: int, tp: int, recompute: str, init: str) -> list[str]:
     chosen = [
-        f"run_dir={run_dir}", f"data.path={data}", "data.num_workers=0", f"parallel.tensor_parallel={tp}",
-        "training.micro_batch_size=1", "training.global_batch_size=1", f"training.train_steps={steps}",
-        "training.train_tokens=null", "optimizer.warmup_steps=1", "optimizer.warmup_fraction=null",
-        "eval.interval=null", "eval.at_end=false", "checkpoint.save_interval=null", "logging.log_interval=1",
-        "logging.tensorboard=false", f"model.ffn.init={init}",
-    ]  # fmt: skip
+        f"run_dir={run_dir}",
+        f"data.path={data}",
+        "data.num_workers=0",
+        f"parallel.tensor_parallel={tp}",
+        "training.micro_batch_size=1",
+        "training.global_batch_size=1",
+        f"training.train_steps={steps}",
+        "training.train_tokens=null",
+        "optimizer.warmup_steps=1",
+        "optimizer.warmup_fraction=null",
+        "eval.interval=null",
+        "eval.at_end=false",
+        "checkpoint.save_interval=null",
+        "logging.log_interval=1",
+        "logging.tensorboard=false",
+        f"model.ffn.init={init}",
+    ]
     if recompute == "full":
-        chosen += ["training.recompute_granularity=full", "training.recompute_method=uniform",
-                   "training.recompute_num_layers=1"]  # fmt: skip
+        chosen += [
+            "training.recompute_granularity=full",
+            "training.recompute_method=uniform",
+            "training.recompute_num_layers=1",
+        ]
     return chosen
 
 
@@ -108,22 +122,38 @@ def run(steps: int, tp: int, recompute: str, init: str, keep: bool) -> dict:
     try:
         cfg = load_config(TrainConfig, CONFIG, ["data.path=unused"])
         log(f"writing a synthetic dataset: vocab {cfg.model.vocab_size}, context {cfg.model.seq_length}")
-        data = write_dataset(work / "data", train_samples=16, val_samples=2, per_shard=16,
-                             seq=cfg.model.seq_length, vocab=cfg.model.vocab_size)  # fmt: skip
+        data = write_dataset(
+            work / "data",
+            train_samples=16,
+            val_samples=2,
+            per_shard=16,
+            seq=cfg.model.seq_length,
+            vocab=cfg.model.vocab_size,
+        )
         run_dir, trace = work / "run", work / "trace"
         args = overrides(run_dir, data, steps, tp, recompute, init)
         estimate = dry_run_estimate(CONFIG, args, tp)
         dense = dry_run_estimate(DENSE, args, tp)
-        env = {**os.environ, "NPROC": str(tp), "CUDA_VISIBLE_DEVICES": "", ENV_STEP_TRACE: str(trace),
-               "SFFN_PYTHON": sys.executable}  # fmt: skip
+        env = {
+            **os.environ,
+            "NPROC": str(tp),
+            "CUDA_VISIBLE_DEVICES": "",
+            ENV_STEP_TRACE: str(trace),
+            "SFFN_PYTHON": sys.executable,
+        }
         load_before = Path("/proc/loadavg").read_text().split()[:3]
         log(f"training {steps} steps at TP={tp} (load average {' '.join(load_before)})")
         started = time.monotonic()
         peaks: dict[int, int] = {}
         output = work / "launch.log"
         with open(output, "w", encoding="utf-8") as out:
-            proc = subprocess.Popen(["bash", str(REPO_ROOT / "launch" / "single_node.sh"), str(CONFIG), *args],
-                                    cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+            proc = subprocess.Popen(
+                ["bash", str(REPO_ROOT / "launch" / "single_node.sh"), str(CONFIG), *args],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
             while proc.poll() is None:
                 _peak_rss_of_workers(proc, peaks)
                 time.sleep(1.0)
@@ -131,14 +161,22 @@ def run(steps: int, tp: int, recompute: str, init: str, keep: bool) -> dict:
         text = output.read_text(errors="replace")
         if proc.returncode != 0:
             raise SystemExit(f"the launch failed (exit {proc.returncode}):\n{text[-6000:]}")
-        step_seconds = {int(m.group(1)): float(m.group(2)) / (1e3 if m.group(3) == "ms" else 1.0)
-                        for m in _STEP_LINE.finditer(text)}  # fmt: skip
+        step_seconds = {
+            int(m.group(1)): float(m.group(2)) / (1e3 if m.group(3) == "ms" else 1.0) for m in _STEP_LINE.finditer(text)
+        }
         losses = {r["step"]: r["loss"] for r in read_trace(trace / "rank0.jsonl") if "step" in r}
         return {
             "config": CONFIG.relative_to(REPO_ROOT).as_posix(),
-            "layout": {"tensor_parallel": tp, "processes": tp, "micro_batch": 1, "global_batch": 1,
-                       "seq_length": cfg.model.seq_length, "recompute": recompute, "precision": "fp32",
-                       "ffn_init": init},
+            "layout": {
+                "tensor_parallel": tp,
+                "processes": tp,
+                "micro_batch": 1,
+                "global_batch": 1,
+                "seq_length": cfg.model.seq_length,
+                "recompute": recompute,
+                "precision": "fp32",
+                "ffn_init": init,
+            },
             "losses": losses,
             "step_seconds": step_seconds,
             "peak_rss_gib_per_rank": {rank: peaks[rank] / _GIB for rank in sorted(peaks)},
@@ -170,8 +208,11 @@ def report(result: dict) -> str:
     ]
     for step in sorted(result["losses"]):
         seconds = result["step_seconds"].get(step)
-        lines.append(f"| {step} | {result['losses'][step]:.4f} | {seconds:.1f} |" if seconds is not None
-                     else f"| {step} | {result['losses'][step]:.4f} | n/a |")  # fmt: skip
+        lines.append(
+            f"| {step} | {result['losses'][step]:.4f} | {seconds:.1f} |"
+            if seconds is not None
+            else f"| {step} | {result['losses'][step]:.4f} | n/a |"
+        )
     lines += ["", "| rank | peak RSS (GiB) | dry-run estimate (GiB) | measured / estimate |", "|---|---|---|---|"]
     for rank, gib in result["peak_rss_gib_per_rank"].items():
         lines.append(f"| {rank} | {gib:.2f} | {est['total_gib']:.2f} | {gib / est['total_gib']:.2f} |")
@@ -193,9 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--tensor-parallel", type=int, default=2)
     parser.add_argument("--recompute", choices=["full", "none"], default="full")
-    parser.add_argument("--init", choices=["svd", "normal"], default="normal",
-                        help="LowRank factor init: the paper's svd costs ~46 full 2048x8192 SVDs per rank on the CPU; "
-                             "normal builds the same shapes in seconds (default)")  # fmt: skip
+    parser.add_argument(
+        "--init",
+        choices=["svd", "normal"],
+        default="normal",
+        help="LowRank factor init: the paper's svd costs ~46 full 2048x8192 SVDs per rank on the CPU; "
+        "normal builds the same shapes in seconds (default)",
+    )
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     parser.add_argument("--keep", action="store_true", help="keep the run directory and dataset")
     args = parser.parse_args(argv)

@@ -91,4 +91,3 @@ class StateStore:
     @staticmethod
     def _pending_name(split: str, checkpoint: int) -> str:
         return f"pending-{split}-{checkpoint:06d}.npy"
-

@@ -61,7 +61,9 @@ def _download(name: str, cache: Path) -> None:
     """``apt-get download``; as root, refresh the package lists once if that fails (fresh images have none)."""
     fix = f"`apt-get update && apt-get install -y {name}` (as root) and run this again"
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        raise PackageUnavailableError(f"Debian package {name} is not installed and apt-get/dpkg-deb are missing; run {fix}")
+        raise PackageUnavailableError(
+            f"Debian package {name} is not installed and apt-get/dpkg-deb are missing; run {fix}"
+        )
     attempt = subprocess.run(["apt-get", "download", name], cwd=cache, capture_output=True, text=True)
     if attempt.returncode != 0 and os.geteuid() == 0:
         print(f"apt-get download {name} failed; running apt-get update", file=sys.stderr)

@@ -79,8 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode", type=int, metavar="K", help="print sample K of --split as text")
     parser.add_argument("--split", choices=SPLITS, default="train", help="split for --decode")
     parser.add_argument("--verify", action="store_true", help="check every shard against the manifest")
-    parser.add_argument("--skip-bad", action="store_true", help="with --verify: report all bad shards instead of stopping")
-    parser.add_argument("--tokenizer", help="tokenizer to decode with / verify against (default for --decode: the manifest's)")
+    parser.add_argument(
+        "--skip-bad", action="store_true", help="with --verify: report all bad shards instead of stopping"
+    )
+    parser.add_argument(
+        "--tokenizer", help="tokenizer to decode with / verify against (default for --decode: the manifest's)"
+    )
     args = parser.parse_args(argv)
     try:
         manifest = load_manifest(args.dataset)

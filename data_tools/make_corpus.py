@@ -62,9 +62,16 @@ class DocSource:
 
 
 SOURCES = (
-    DocSource("python3.11-doc", "usr/share/doc/python3.11/html", "https://docs.python.org/3.11/", ("role", "main"), False),
-    DocSource("python-django-doc", "usr/share/doc/python-django-doc/html", "https://docs.djangoproject.com/en/3.2/",
-              ("id", "yui-main"), True),
+    DocSource(
+        "python3.11-doc", "usr/share/doc/python3.11/html", "https://docs.python.org/3.11/", ("role", "main"), False
+    ),
+    DocSource(
+        "python-django-doc",
+        "usr/share/doc/python-django-doc/html",
+        "https://docs.djangoproject.com/en/3.2/",
+        ("id", "yui-main"),
+        True,
+    ),
 )
 
 
@@ -138,8 +145,12 @@ def _write_parquet_files(table: pa.Table, out: Path, prefix: str, docs_per_file:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_tools.make_corpus", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data/corpus"), help="directory for the parquet files")
-    parser.add_argument("--cache", type=Path, default=Path("data/.cache/debian"),
-                        help="where downloaded .deb files are kept and unpacked")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path("data/.cache/debian"),
+        help="where downloaded .deb files are kept and unpacked",
+    )
     parser.add_argument("--docs-per-file", type=int, default=256, help="documents per parquet file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -148,11 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     except PackageUnavailableError as exc:
         print(f"make_corpus: error: {exc}", file=sys.stderr)
         return 1
-    print(f"make_corpus: {summary.documents} documents, {summary.characters:,} characters "
-          f"in {len(summary.files)} parquet files under {args.out}", file=sys.stderr)
+    print(
+        f"make_corpus: {summary.documents} documents, {summary.characters:,} characters "
+        f"in {len(summary.files)} parquet files under {args.out}",
+        file=sys.stderr,
+    )
     if summary.empty_pages:
-        print(f"make_corpus: {len(summary.empty_pages)} pages without main text were left out: "
-              f"{', '.join(summary.empty_pages)}", file=sys.stderr)
+        print(
+            f"make_corpus: {len(summary.empty_pages)} pages without main text were left out: "
+            f"{', '.join(summary.empty_pages)}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -120,14 +120,24 @@ def prepare(sources: list[SourceFile], options: PrepareOptions, progress: bool =
     fingerprint = hashlib.sha256(
         json.dumps({"settings": settings, "sources": source_ids, "tokenizer": identity}, sort_keys=True).encode()
     ).hexdigest()
-    writer = _SplitWriter(out, store, fingerprint, options, tokenizer.eos_id, token_dtype_for_vocab(tokenizer.vocab_size))
+    writer = _SplitWriter(
+        out, store, fingerprint, options, tokenizer.eos_id, token_dtype_for_vocab(tokenizer.vocab_size)
+    )
     docs = itertools.islice(itertools.chain([first], documents), writer.state.documents_done, None)
     batches = _batched((doc.text for doc in docs), options.batch_documents)
-    encoded = encode_batches(batches, tokenizer, options.eos_token, options.validation_fraction, options.split_seed,
-                             options.workers)
+    encoded = encode_batches(
+        batches, tokenizer, options.eos_token, options.validation_fraction, options.split_seed, options.workers
+    )
     run_docs = run_tokens = 0
-    bar = tqdm(total=known_document_count(sources), initial=writer.state.documents_done, unit="doc", desc="prepare",
-               file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=known_document_count(sources),
+        initial=writer.state.documents_done,
+        unit="doc",
+        desc="prepare",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     with bar:
         for batch in encoded:
             for to_validation, ids in batch:
@@ -144,15 +154,21 @@ def prepare(sources: list[SourceFile], options: PrepareOptions, progress: bool =
         samples_per_shard=options.samples_per_shard,
         tokenizer=TokenizerInfo(**identity),
         splits={
-            name: SplitInfo(sp.samples, sp.samples * sample_length, list(sp.shards)) for name, sp in state.splits.items()
+            name: SplitInfo(sp.samples, sp.samples * sample_length, list(sp.shards))
+            for name, sp in state.splits.items()
         },
         sources=[SourceInfo(**s) for s in source_ids],
         settings=settings,
         created_by=f"megatron-sffn {__version__} data_tools.prepare",
         statistics={
-            name: {"documents": sp.documents, "document_tokens": sp.document_tokens, "discarded_tail_tokens": tails[name]}
+            name: {
+                "documents": sp.documents,
+                "document_tokens": sp.document_tokens,
+                "discarded_tail_tokens": tails[name],
+            }
             for name, sp in state.splits.items()
-        } | {"skipped_documents": skipped.count, "skipped_document_errors": skipped.examples},
+        }
+        | {"skipped_documents": skipped.count, "skipped_document_errors": skipped.examples},
     )
     write_manifest_atomic(manifest, out)
     store.clear()
@@ -165,8 +181,9 @@ class _SplitWriter:
     Starts from the last checkpoint in ``store`` when there is one.
     """
 
-    def __init__(self, out: Path, store: StateStore, fingerprint: str, options: PrepareOptions, eos_id: int,
-                 dtype_name: str) -> None:
+    def __init__(
+        self, out: Path, store: StateStore, fingerprint: str, options: PrepareOptions, eos_id: int, dtype_name: str
+    ) -> None:
         self.out, self.store, self.dtype_name = out, store, dtype_name
         self.samples_per_shard = options.samples_per_shard
         self.pause = float(os.environ.get(PAUSE_ENV, "0"))
@@ -218,7 +235,9 @@ class _SplitWriter:
         progress.shards.append(ShardInfo(rel, len(samples), samples.size, digest))
 
 
-def _confirm_finished(out: Path, settings: dict[str, Any], sources: list[dict[str, Any]], identity: dict[str, Any]) -> Manifest:
+def _confirm_finished(
+    out: Path, settings: dict[str, Any], sources: list[dict[str, Any]], identity: dict[str, Any]
+) -> Manifest:
     """A finished dataset made from these inputs is left as it is; one made from others is an error."""
     manifest = load_manifest(out)
     differences = [
@@ -271,17 +290,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json path or tiktoken encoding name")
     parser.add_argument("--out", required=True, type=Path, help="dataset directory to create (or resume)")
     defaults = PrepareOptions(tokenizer="", out=Path())
-    parser.add_argument("--context-length", type=int, default=defaults.context_length,
-                        help="tokens a model sees per sample; samples hold one more (the last target)")
+    parser.add_argument(
+        "--context-length",
+        type=int,
+        default=defaults.context_length,
+        help="tokens a model sees per sample; samples hold one more (the last target)",
+    )
     parser.add_argument("--samples-per-shard", type=int, default=defaults.samples_per_shard)
-    parser.add_argument("--validation-fraction", type=float, default=defaults.validation_fraction,
-                        help="expected fraction of documents sent to the validation split")
+    parser.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=defaults.validation_fraction,
+        help="expected fraction of documents sent to the validation split",
+    )
     parser.add_argument("--seed", type=int, default=defaults.split_seed, help="seed of the document-hash split")
     parser.add_argument("--eos-token", default=None, help="end-of-text token (default: detected from the tokenizer)")
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1),
-                        help="tokenizer processes; the output does not depend on it")
-    parser.add_argument("--batch-documents", type=int, default=defaults.batch_documents,
-                        help="documents sent to a worker at a time")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, (os.cpu_count() or 1) - 1),
+        help="tokenizer processes; the output does not depend on it",
+    )
+    parser.add_argument(
+        "--batch-documents", type=int, default=defaults.batch_documents, help="documents sent to a worker at a time"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     single_threaded_tokenizers()
@@ -318,7 +350,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"prepare: {result.skipped.summary()}", file=sys.stderr)
     for name in SPLITS:
         s = m.split(name)
-        print(f"prepare: {name}: {s.samples} samples of {m.sample_length} tokens in {len(s.shards)} shards", file=sys.stderr)
+        print(
+            f"prepare: {name}: {s.samples} samples of {m.sample_length} tokens in {len(s.shards)} shards",
+            file=sys.stderr,
+        )
     return 0
 
 

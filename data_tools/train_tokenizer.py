@@ -43,7 +43,9 @@ def train_tokenizer(
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + 1:
-        raise ValueError(f"--vocab-size is {vocab_size}, expected at least {len(alphabet) + 1} (256 bytes + {EOS_TOKEN})")
+        raise ValueError(
+            f"--vocab-size is {vocab_size}, expected at least {len(alphabet) + 1} (256 bytes + {EOS_TOKEN})"
+        )
     tokenizer = Tokenizer(models.BPE())
     # No prefix space: decoding must give back the document exactly.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -64,9 +66,16 @@ def train_tokenizer(
     return out
 
 
-def _texts(sources: list[SourceFile], text_key: str | None, progress: bool, bad_documents: str,
-           skipped: SkippedDocuments | None) -> Iterator[str]:
-    bar = tqdm(total=known_document_count(sources), unit="doc", desc="read corpus", file=sys.stderr, disable=not progress)
+def _texts(
+    sources: list[SourceFile],
+    text_key: str | None,
+    progress: bool,
+    bad_documents: str,
+    skipped: SkippedDocuments | None,
+) -> Iterator[str]:
+    bar = tqdm(
+        total=known_document_count(sources), unit="doc", desc="read corpus", file=sys.stderr, disable=not progress
+    )
     with bar:
         for doc in iter_documents(sources, text_key, bad_documents, skipped, metadata=False):
             bar.update()
@@ -83,8 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     skipped = SkippedDocuments()
     try:
-        path = train_tokenizer(sources_from_args(args), args.vocab_size, args.out, args.text_key, args.min_frequency,
-                               progress=not args.quiet, bad_documents=args.bad_documents, skipped=skipped)
+        path = train_tokenizer(
+            sources_from_args(args),
+            args.vocab_size,
+            args.out,
+            args.text_key,
+            args.min_frequency,
+            progress=not args.quiet,
+            bad_documents=args.bad_documents,
+            skipped=skipped,
+        )
     except (ValueError, FileNotFoundError) as exc:
         print(f"train-tokenizer: error: {exc}", file=sys.stderr)
         return 1

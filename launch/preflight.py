@@ -25,8 +25,10 @@ def main(argv: list[str]) -> int:
     quiet_known_warnings()
     parser = argparse.ArgumentParser(prog="launch/preflight.py", description=__doc__.splitlines()[0])
     parser.add_argument("--world-size", type=int, required=True, help="processes of the launch (all nodes)")
-    parser.add_argument("--job-id", help="multi-node: the rendezvous id ('' for the default, sffn-<run_dir name>); "
-                        "printed on a second line")  # fmt: skip
+    parser.add_argument(
+        "--job-id",
+        help="multi-node: the rendezvous id ('' for the default, sffn-<run_dir name>); printed on a second line",
+    )
     add_config_arguments(parser)
     args = parser.parse_intermixed_args(argv)
     try:

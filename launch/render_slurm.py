@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides for the trainer")
     parser.add_argument("--nodes", type=_positive, required=True)
     parser.add_argument("--gpus-per-node", type=_positive, default=None)
-    parser.add_argument("--cpus-per-task", type=_positive, default=None,
-                        help="CPUs of each node's torchrun and its workers")
+    parser.add_argument(
+        "--cpus-per-task", type=_positive, default=None, help="CPUs of each node's torchrun and its workers"
+    )
     parser.add_argument("--time", default=None, help="time limit, e.g. 12:00:00")
     parser.add_argument("--job-name", default=None)
     parser.add_argument("--partition", default=None)

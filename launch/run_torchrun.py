@@ -68,11 +68,19 @@ def main(argv: list[str]) -> int:
         outcome = json.loads(record.read_text(encoding="utf-8")) if record is not None and record.exists() else None
         if outcome is not None:
             saved = f"saved {outcome['checkpoint']} and " if outcome.get("checkpoint") else ""
-            print(f"[launch] {sig.name}: the workers {saved}stopped cleanly after step {outcome['step']}; "
-                  f"relaunch the same command to resume", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"[launch] {sig.name}: the workers {saved}stopped cleanly after step {outcome['step']}; "
+                f"relaunch the same command to resume",
+                file=sys.stderr,
+                flush=True,
+            )
             return 0
-        print(f"[launch] {sig.name}: stopped before the workers finished a save; relaunching the same command "
-              f"resumes from the latest complete checkpoint", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"[launch] {sig.name}: stopped before the workers finished a save; relaunching the same command "
+            f"resumes from the latest complete checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
         return 128 + sig.value
     return 0
 

@@ -47,5 +47,7 @@ def missing_accelerators_note() -> str | None:
     missing = missing_accelerators()
     if not missing:
         return None
-    return (f"{' and '.join(missing)} not installed: megatron-core uses its PyTorch implementations "
-            f"(optimizer, gradient clipping, layer norm): results are the same, without fused GPU kernels")  # fmt: skip
+    return (
+        f"{' and '.join(missing)} not installed: megatron-core uses its PyTorch implementations "
+        f"(optimizer, gradient clipping, layer norm): results are the same, without fused GPU kernels"
+    )

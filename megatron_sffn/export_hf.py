@@ -95,9 +95,12 @@ def export_checkpoint(
         hf_config = hf_config_for(model_cfg, bos_token_id=special.bos_id, eos_token_id=special.eos_id)
         hf_config.dtype = torch_dtype
         write_sharded(
-            export_tensors(model, model_cfg, family), staging, dtype=torch_dtype, max_shard_bytes=max_shard_bytes,
+            export_tensors(model, model_cfg, family),
+            staging,
+            dtype=torch_dtype,
+            max_shard_bytes=max_shard_bytes,
             progress=_say,
-        )  # fmt: skip
+        )
         hf_config.save_pretrained(str(staging))
         _generation_config(special).save_pretrained(str(staging))
     _say(f"exported {checkpoint} to {out} in {time.monotonic() - start:.1f} s")

@@ -94,14 +94,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--global-batch", type=_count, default=512, help="sequences per step (with --steps)")
 
     sgt = p.add_argument_group("self-guided training (steps and FLOPs including the dense guides)")
-    sgt.add_argument("--sgt", choices=SGT_MODES, help="same_flops: S + g steps at the dense model's FLOPs; "
-                     "fixed_steps: S steps plus the guides' compute")  # fmt: skip
+    sgt.add_argument(
+        "--sgt",
+        choices=SGT_MODES,
+        help="same_flops: S + g steps at the dense model's FLOPs; fixed_steps: S steps plus the guides' compute",
+    )
     sgt.add_argument("--sgt-ratio", type=float, help="g / S in same_flops mode (default: solved to match dense FLOPs)")
-    sgt.add_argument("--guided-fraction", type=float,
-                     help="guided steps T as a fraction of all steps (default: 0.5 in fixed_steps, T = g in same_flops)")
+    sgt.add_argument(
+        "--guided-fraction",
+        type=float,
+        help="guided steps T as a fraction of all steps (default: 0.5 in fixed_steps, T = g in same_flops)",
+    )
     sgt.add_argument("--sgt-schedule", choices=SCHEDULES, default="cosine", help="alpha schedule (default cosine)")
-    sgt.add_argument("--sgt-every-step", action="store_true",
-                     help="run the guides on every guided step instead of with probability alpha")
+    sgt.add_argument(
+        "--sgt-every-step",
+        action="store_true",
+        help="run the guides on every guided step instead of with probability alpha",
+    )
     est = p.add_argument_group("evolving subnetwork training (expected FLOPs under the schedule)")
     est.add_argument("--est", action="store_true", help="expected training FLOPs of the run under an EST schedule")
     est.add_argument("--est-config", help="a run config whose est section is used (default: the section's defaults)")
@@ -182,9 +191,15 @@ def model_report(cfg: ModelConfig, tokens: int | None, steps: int | None) -> dic
     report: dict[str, Any] = {
         "config": dataclasses.asdict(cfg),
         "ffn_layer_ratio": ffn_param_ratio(
-            cfg.ffn.structure, cfg.hidden_size, cfg.ffn_hidden_size,
-            rank=cfg.ffn.rank, blocks=cfg.ffn.blocks, gated=cfg.activation == "swiglu",
-        ) if structured else 1.0,  # fmt: skip
+            cfg.ffn.structure,
+            cfg.hidden_size,
+            cfg.ffn_hidden_size,
+            rank=cfg.ffn.rank,
+            blocks=cfg.ffn.blocks,
+            gated=cfg.activation == "swiglu",
+        )
+        if structured
+        else 1.0,
         "parameters": {**dataclasses.asdict(params), "total": params.total},
         "forward_flops_per_token": {**dataclasses.asdict(forward), "total": forward.total},
         "training_flops_per_token": training_flops_per_token(cfg),
@@ -204,17 +219,28 @@ def sgt_report(args: argparse.Namespace, cfg: ModelConfig, steps: int | None) ->
     if steps is None:
         raise ValueError("--sgt needs a run length: --steps, --tokens or a --model preset's budget")
     stochastic = not args.sgt_every_step
-    plan = sgt_steps(cfg, steps, mode=args.sgt, ratio=args.sgt_ratio, guided_fraction=args.guided_fraction,
-                     stochastic=stochastic)  # fmt: skip
-    flops = sgt_run_flops(cfg, plan, args.global_batch * cfg.seq_length, schedule=args.sgt_schedule,
-                          stochastic=stochastic)  # fmt: skip
+    plan = sgt_steps(
+        cfg, steps, mode=args.sgt, ratio=args.sgt_ratio, guided_fraction=args.guided_fraction, stochastic=stochastic
+    )
+    flops = sgt_run_flops(
+        cfg, plan, args.global_batch * cfg.seq_length, schedule=args.sgt_schedule, stochastic=stochastic
+    )
     return {
-        "mode": args.sgt, "schedule": args.sgt_schedule, "stochastic": stochastic,
-        "ratio": plan.extra_steps / plan.base_steps, "base_steps": plan.base_steps, "extra_steps": plan.extra_steps,
-        "total_steps": plan.total_steps, "guided_steps": plan.guided_steps,
-        "expected_guide_steps": flops.expected_guide_steps, "model_flops": flops.model, "guide_flops": flops.guides,
-        "training_flops": flops.total, "dense_training_flops": flops.dense, "vs_dense": flops.vs_dense,
-    }  # fmt: skip
+        "mode": args.sgt,
+        "schedule": args.sgt_schedule,
+        "stochastic": stochastic,
+        "ratio": plan.extra_steps / plan.base_steps,
+        "base_steps": plan.base_steps,
+        "extra_steps": plan.extra_steps,
+        "total_steps": plan.total_steps,
+        "guided_steps": plan.guided_steps,
+        "expected_guide_steps": flops.expected_guide_steps,
+        "model_flops": flops.model,
+        "guide_flops": flops.guides,
+        "training_flops": flops.total,
+        "dense_training_flops": flops.dense,
+        "vs_dense": flops.vs_dense,
+    }
 
 
 def est_report(args: argparse.Namespace, cfg: ModelConfig, steps: int | None) -> dict[str, Any]:
@@ -227,41 +253,58 @@ def est_report(args: argparse.Namespace, cfg: ModelConfig, steps: int | None) ->
         raise ValueError("--est needs a run length: --steps, --tokens or a --model preset's budget")
     section = load_yaml_mapping(args.est_config).get("est", {}) if args.est_config else {}
     est = from_dict(ESTConfig, {**section, "enabled": True}, f"{args.est_config or '--est'}:est")
-    plan = build_plan(cfg, est, total_steps=steps, seed=0, tensor_parallel=args.tensor_parallel,
-                      pipeline_parallel=args.pipeline_parallel)  # fmt: skip
+    plan = build_plan(
+        cfg,
+        est,
+        total_steps=steps,
+        seed=0,
+        tensor_parallel=args.tensor_parallel,
+        pipeline_parallel=args.pipeline_parallel,
+    )
     flops = est_run_flops(cfg, plan, args.global_batch * cfg.seq_length)
     return {
-        "stage_ends": est.stage_ends, "stage1": dataclasses.asdict(est.stage1), "stage2": dataclasses.asdict(est.stage2),
-        "stage_steps": list(flops.stage_steps), "stage_flops": list(flops.stage_flops),
-        "training_flops": flops.total, "full_training_flops": flops.full, "saving": flops.saving,
-    }  # fmt: skip
+        "stage_ends": est.stage_ends,
+        "stage1": dataclasses.asdict(est.stage1),
+        "stage2": dataclasses.asdict(est.stage2),
+        "stage_steps": list(flops.stage_steps),
+        "stage_flops": list(flops.stage_flops),
+        "training_flops": flops.total,
+        "full_training_flops": flops.full,
+        "saving": flops.saving,
+    }
 
 
 def format_est(report: dict[str, Any]) -> str:
     s1, s2 = report["stage1"], report["stage2"]
-    stages = [f"stage 1 (p_L={s1['p_L']}, p_H={s1['p_H']}, p_M={s1['p_M']})",
-              f"stage 2 (p_H={s2['p_H']}, p_M={s2['p_M']})", "stage 3 (full model)"]  # fmt: skip
+    stages = [
+        f"stage 1 (p_L={s1['p_L']}, p_H={s1['p_H']}, p_M={s1['p_M']})",
+        f"stage 2 (p_H={s2['p_H']}, p_M={s2['p_M']})",
+        "stage 3 (full model)",
+    ]
     lines = [f"evolving subnetwork training, stage ends {report['stage_ends']} of the steps"]
     for name, steps, flops in zip(stages, report["stage_steps"], report["stage_flops"]):
         lines.append(f"  {name:<40}{steps:>8,} steps {flops:>14.4e} FLOPs")
     lines.append(f"{'expected training FLOPs':<34}{report['training_flops']:>18.4e}")
-    lines.append(f"{'full model every step':<34}{report['full_training_flops']:>18.4e}  "
-                 f"(EST saves {report['saving']:.2%})")  # fmt: skip
+    lines.append(
+        f"{'full model every step':<34}{report['full_training_flops']:>18.4e}  (EST saves {report['saving']:.2%})"
+    )
     return "\n".join(lines)
 
 
 def format_sgt(report: dict[str, Any]) -> str:
     ratio = f" (ratio g/S = {report['ratio']:.4f})" if report["mode"] == "same_flops" else ""
     variant = "with probability alpha" if report["stochastic"] else "on every guided step"
-    return "\n".join([
-        f"self-guided training, {report['mode']}{ratio}",
-        f"{'steps S + g':<34}{report['base_steps']:>10,} + {report['extra_steps']:,} = {report['total_steps']:,}",
-        f"{'guided steps T':<34}{report['guided_steps']:>10,} ({report['schedule']} alpha, dense branch {variant}: "
-        f"{report['expected_guide_steps']:,.1f} expected steps of dense FFN compute)",
-        f"{'training FLOPs (model + guides)':<34}{report['training_flops']:>18.4e}",
-        f"{'dense model, S steps':<34}{report['dense_training_flops']:>18.4e}  "
-        f"(SGT uses {report['vs_dense']:.2%} of it)",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"self-guided training, {report['mode']}{ratio}",
+            f"{'steps S + g':<34}{report['base_steps']:>10,} + {report['extra_steps']:,} = {report['total_steps']:,}",
+            f"{'guided steps T':<34}{report['guided_steps']:>10,} ({report['schedule']} alpha, dense branch {variant}: "
+            f"{report['expected_guide_steps']:,.1f} expected steps of dense FFN compute)",
+            f"{'training FLOPs (model + guides)':<34}{report['training_flops']:>18.4e}",
+            f"{'dense model, S steps':<34}{report['dense_training_flops']:>18.4e}  "
+            f"(SGT uses {report['vs_dense']:.2%} of it)",
+        ]
+    )
 
 
 def _millions(n: float) -> str:
@@ -322,18 +365,25 @@ def table1_report() -> dict[str, Any]:
     rows = []
     for row in reproduce_table1():
         pub = row.published
-        rows.append({
-            "model": pub.label, "rank": row.rank, "blocks": row.blocks,
-            "params": row.params, "published_params_m": pub.params_m,
-            "ffn_params": row.ffn_params, "published_ffn_params_m": pub.ffn_params_m,
-            "training_flops": row.training_flops, "published_training_flops": pub.training_flops,
-            "matches": (
-                round(row.params / 1e6) == pub.params_m
-                and round(row.ffn_params / 1e6) == pub.ffn_params_m
-                and f"{row.training_flops:.2e}" == f"{pub.training_flops:.2e}"
-                and (row.rank, row.blocks) == (pub.rank, pub.blocks)
-            ),
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": pub.label,
+                "rank": row.rank,
+                "blocks": row.blocks,
+                "params": row.params,
+                "published_params_m": pub.params_m,
+                "ffn_params": row.ffn_params,
+                "published_ffn_params_m": pub.ffn_params_m,
+                "training_flops": row.training_flops,
+                "published_training_flops": pub.training_flops,
+                "matches": (
+                    round(row.params / 1e6) == pub.params_m
+                    and round(row.ffn_params / 1e6) == pub.ffn_params_m
+                    and f"{row.training_flops:.2e}" == f"{pub.training_flops:.2e}"
+                    and (row.rank, row.blocks) == (pub.rank, pub.blocks)
+                ),
+            }
+        )
     budget = training_budget("xl")
     return {"tokens": budget.trained_tokens, "steps": budget.steps, "rows": rows}
 

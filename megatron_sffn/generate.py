@@ -47,14 +47,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
-    parser.add_argument("--pre-merge", choices=PRE_MERGE_MODES, default="auto",
-                        help="structured FFNs: merged dense shards for small calls (auto), always (on), never (off)")
+    parser.add_argument(
+        "--pre-merge",
+        choices=PRE_MERGE_MODES,
+        default="auto",
+        help="structured FFNs: merged dense shards for small calls (auto), always (on), never (off)",
+    )
     parser.add_argument("--tokenizer", help="tokenizer.json or tiktoken name (default: the run's)")
     parser.add_argument("--tensor-parallel", type=int, help="tensor-parallel size (default: the world size)")
     parser.add_argument("--pipeline-parallel", type=int, default=1, help="only 1 is supported")
     parser.add_argument("--prefill-chunk", type=int, help="prefill prompts in chunks of this many tokens")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    return parser.parse_args(argv)  # fmt: skip
+    return parser.parse_args(argv)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -75,16 +79,22 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def prepare(args: argparse.Namespace) -> tuple[GenerationPlan, list[str], SamplingParams]:
     """Every check on the request, before the model is built."""
     params = SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
         seed=args.seed,
-    )  # fmt: skip
+    )
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise ValueError(f"--prefill-chunk={args.prefill_chunk} must be at least 1")
     prompts = read_prompts(args)
     plan = plan_generation(
-        args.run_dir, step=args.step, tokenizer=args.tokenizer, tensor_parallel=args.tensor_parallel,
+        args.run_dir,
+        step=args.step,
+        tokenizer=args.tokenizer,
+        tensor_parallel=args.tensor_parallel,
         pipeline_parallel=args.pipeline_parallel,
-    )  # fmt: skip
+    )
     plan.encode(prompts, params.max_new_tokens)
     return plan, prompts, params
 
@@ -163,8 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch.distributed as dist
 
     if os.environ.get("RANK", "0") == "0" and not args.json:
-        print(f"[generate] loading {plan.checkpoint} at tensor_parallel={plan.tensor_parallel}", file=sys.stderr,
-              flush=True)  # fmt: skip
+        print(
+            f"[generate] loading {plan.checkpoint} at tensor_parallel={plan.tensor_parallel}",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         generator = TextGenerator.load(plan, pre_merge=args.pre_merge, prefill_chunk=args.prefill_chunk)
         rank0 = dist.get_rank() == 0
@@ -177,8 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"[generate] prefill {output.prefill_tokens_per_s:,.0f} tokens/s, "
                 f"decode {output.decode_tokens_per_s:,.1f} tokens/s",
-                file=sys.stderr, flush=True,
-            )  # fmt: skip
+                file=sys.stderr,
+                flush=True,
+            )
         if rank0 and args.json:
             print(json.dumps(_json_report(generator, prompts, completions, output, params)), flush=True)
     finally:

@@ -140,8 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         outcome = run_training(config)
         if os.environ.get(ENV_STOP_RECORD) and os.environ.get("LOCAL_RANK", "0") == "0":  # one per node
-            write_stop_record(os.environ[ENV_STOP_RECORD], outcome.stopped_by, outcome.progress.step,
-                              outcome.checkpoint)  # fmt: skip
+            write_stop_record(
+                os.environ[ENV_STOP_RECORD], outcome.stopped_by, outcome.progress.step, outcome.checkpoint
+            )
     except RunDirLocked as exc:  # another job took the run directory between the preflight and now
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -88,14 +88,23 @@ def launch(
         if hide_gpus:
             env["CUDA_VISIBLE_DEVICES"] = ""
         cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            str(Path(__file__).resolve()), "--out", str(out), "--spec", json.dumps(spec),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(Path(__file__).resolve()),
+            "--out",
+            str(out),
+            "--spec",
+            json.dumps(spec),
+        ]
         log_path = out / "workers.log"
         start = time.monotonic()
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
-                                    start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True
+            )
             try:
                 returncode = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

@@ -103,8 +103,11 @@ def test_paper_sizes_budgets_and_steps(size):
 def test_paper_size_shapes(size, heads, kv_heads, head_dim, layers):
     cfg = preset(size)
     assert (cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels, cfg.num_layers) == (
-        heads, kv_heads, head_dim, layers,
-    )  # fmt: skip
+        heads,
+        kv_heads,
+        head_dim,
+        layers,
+    )
     assert cfg.ffn_hidden_size == 4 * cfg.hidden_size
     assert (cfg.vocab_size, cfg.seq_length, cfg.tie_embeddings, cfg.activation) == (32000, 1024, True, "gelu")
     assert cfg.ffn.structure == "dense"
@@ -292,9 +295,12 @@ class ReferenceGPT(nn.Module):
 
     def ffn_weight_numel(self) -> int:
         return sum(
-            p.numel() for block in self.layers for name in ("fc1", "fc2")
-            for pname, p in block[name].named_parameters() if pname != "bias"
-        )  # fmt: skip
+            p.numel()
+            for block in self.layers
+            for name in ("fc1", "fc2")
+            for pname, p in block[name].named_parameters()
+            if pname != "bias"
+        )
 
 
 TINY_STRUCTURES = [
@@ -312,9 +318,18 @@ TINY_STRUCTURES = [
 def test_counts_match_reference_model(ffn, activation, tie):
     # GQA (4 query heads on 2 KV heads) with head_dim 12, so the attention width 48 differs from d=32.
     cfg = ModelConfig(
-        hidden_size=32, num_layers=3, num_attention_heads=4, num_query_groups=2, kv_channels=12,
-        ffn_hidden_size=64, vocab_size=50, seq_length=8, activation=activation, tie_embeddings=tie, ffn=ffn,
-    )  # fmt: skip
+        hidden_size=32,
+        num_layers=3,
+        num_attention_heads=4,
+        num_query_groups=2,
+        kv_channels=12,
+        ffn_hidden_size=64,
+        vocab_size=50,
+        seq_length=8,
+        activation=activation,
+        tie_embeddings=tie,
+        ffn=ffn,
+    )
     model = ReferenceGPT(cfg)
     params = count_parameters(cfg)
     assert params.total == sum(p.numel() for p in model.parameters())
@@ -355,17 +370,32 @@ def megatron_gpt_numels(configs: list[dict]) -> list[dict[str, int]]:
         cfg = ModelConfig(**fields)
         swiglu = cfg.activation == "swiglu"
         tcfg = TransformerConfig(
-            num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
-            num_query_groups=cfg.num_query_groups, kv_channels=cfg.kv_channels, ffn_hidden_size=cfg.ffn_hidden_size,
-            gated_linear_unit=swiglu, activation_func=F.silu if swiglu else F.gelu, add_bias_linear=True,
-            normalization="LayerNorm", use_cpu_initialization=True, bias_activation_fusion=False,
-            masked_softmax_fusion=False, bias_dropout_fusion=False, persist_layer_norm=False,
-            gradient_accumulation_fusion=False, apply_rope_fusion=False,
-        )  # fmt: skip
+            num_layers=cfg.num_layers,
+            hidden_size=cfg.hidden_size,
+            num_attention_heads=cfg.num_attention_heads,
+            num_query_groups=cfg.num_query_groups,
+            kv_channels=cfg.kv_channels,
+            ffn_hidden_size=cfg.ffn_hidden_size,
+            gated_linear_unit=swiglu,
+            activation_func=F.silu if swiglu else F.gelu,
+            add_bias_linear=True,
+            normalization="LayerNorm",
+            use_cpu_initialization=True,
+            bias_activation_fusion=False,
+            masked_softmax_fusion=False,
+            bias_dropout_fusion=False,
+            persist_layer_norm=False,
+            gradient_accumulation_fusion=False,
+            apply_rope_fusion=False,
+        )
         model = GPTModel(
-            tcfg, get_gpt_layer_local_spec(), vocab_size=cfg.vocab_size, max_sequence_length=cfg.seq_length,
-            position_embedding_type="rope", share_embeddings_and_output_weights=cfg.tie_embeddings,
-        )  # fmt: skip
+            tcfg,
+            get_gpt_layer_local_spec(),
+            vocab_size=cfg.vocab_size,
+            max_sequence_length=cfg.seq_length,
+            position_embedding_type="rope",
+            share_embeddings_and_output_weights=cfg.tie_embeddings,
+        )
         ffn = sum(p.numel() for n, p in model.named_parameters() if ".mlp.linear_fc" in n and n.endswith("weight"))
         results.append({"total": sum(p.numel() for p in model.parameters()), "ffn_weights": ffn})
     return results
@@ -377,11 +407,28 @@ def test_dense_counts_match_megatron_gpt_model():
 
     configs = [
         dict(hidden_size=64, num_layers=2, num_attention_heads=4, vocab_size=100, seq_length=32),
-        dict(hidden_size=64, num_layers=3, num_attention_heads=4, num_query_groups=2, kv_channels=24,
-             ffn_hidden_size=96, activation="swiglu", tie_embeddings=False, vocab_size=100, seq_length=32),
-        dict(hidden_size=48, num_layers=2, num_attention_heads=6, num_query_groups=3, vocab_size=77,
-             seq_length=16, activation="swiglu"),
-    ]  # fmt: skip
+        dict(
+            hidden_size=64,
+            num_layers=3,
+            num_attention_heads=4,
+            num_query_groups=2,
+            kv_channels=24,
+            ffn_hidden_size=96,
+            activation="swiglu",
+            tie_embeddings=False,
+            vocab_size=100,
+            seq_length=32,
+        ),
+        dict(
+            hidden_size=48,
+            num_layers=2,
+            num_attention_heads=6,
+            num_query_groups=3,
+            vocab_size=77,
+            seq_length=16,
+            activation="swiglu",
+        ),
+    ]
     run = launch(
         "tests.test_accounting", ["megatron_gpt_numels"], nproc=1, kwargs={"megatron_gpt_numels": {"configs": configs}}
     )
@@ -444,7 +491,9 @@ def test_mfu_uses_the_structured_count():
         3 * forward_flops_per_token(dense).total * tokens_per_second / peak
     )
     # Same throughput, fewer FLOPs per token: MFU falls by exactly the FLOP ratio (1.29e20 / 2.10e20 in Table 1).
-    mfu = {name: model_flops_utilization(cfg, tokens_per_second, peak) for name, cfg in (("dense", dense), ("lr", lowrank))}
+    mfu = {
+        name: model_flops_utilization(cfg, tokens_per_second, peak) for name, cfg in (("dense", dense), ("lr", lowrank))
+    }
     ratio = mfu["lr"] / mfu["dense"]
     assert ratio == pytest.approx(training_flops_per_token(lowrank) / training_flops_per_token(dense))
     assert 0.60 < ratio < 0.63

@@ -40,7 +40,9 @@ def test_state_without_the_hidden_order_marker_is_refused_saying_why():
     assert state["linear_fc1._extra_state"] == {"hidden_order": HIDDEN_ORDER}
     target.load_state_dict(state)  # the current layout loads
     for role in ("linear_fc1", "linear_fc2"):
-        for legacy in ({**state, f"{role}._extra_state": None},
-                       {k: v for k, v in state.items() if k != f"{role}._extra_state"}):  # fmt: skip
+        for legacy in (
+            {**state, f"{role}._extra_state": None},
+            {k: v for k, v in state.items() if k != f"{role}._extra_state"},
+        ):
             with pytest.raises(ValueError, match="block-major.*different FFN"):
                 target.load_state_dict(legacy)

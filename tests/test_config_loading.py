@@ -32,7 +32,11 @@ class Root:
 
 def test_nested_sections_and_types(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"model": {**TINY, "ffn": {"structure": "lowrank", "rank": 16}}, "opt": {"lr": "6e-4", "steps": 1e3}}))
+    path.write_text(
+        yaml.safe_dump(
+            {"model": {**TINY, "ffn": {"structure": "lowrank", "rank": 16}}, "opt": {"lr": "6e-4", "steps": 1e3}}
+        )
+    )
     cfg = load_config(Root, path, ["opt.flags=[1, 2]", "opt.maybe=3", "opt.on=true"])
     assert cfg.model.ffn == FFNConfig(structure="lowrank", rank=16)
     assert cfg.opt.lr == pytest.approx(6e-4) and cfg.opt.steps == 1000
@@ -49,7 +53,10 @@ def test_nested_sections_and_types(tmp_path):
         ({"opt": {"on": "yes please"}}, "run.yaml:opt.on: expected true/false"),
         ({"opt": {"flags": 3}}, "run.yaml:opt.flags: expected a list"),
         ({"opt": {"flags": [1, "a"]}}, "run.yaml:opt.flags[1]: expected an integer"),
-        ({"model": {**TINY, "ffn": {"structure": "blockdense", "rank": 30, "blocks": 4}}}, "rank=30 is not divisible by blocks=4"),
+        (
+            {"model": {**TINY, "ffn": {"structure": "blockdense", "rank": 30, "blocks": 4}}},
+            "rank=30 is not divisible by blocks=4",
+        ),
         ({"opt": 5}, "run.yaml:opt: expected a mapping"),
     ],
 )
@@ -85,7 +92,9 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_save_round_trip(tmp_path):
     overrides = [f"model.{k}={v}" for k, v in TINY.items()]
-    cfg = load_config(Root, None, overrides + ["model.ffn.structure=blockshuffle", "model.ffn.blocks=4", "opt.name=run"])
+    cfg = load_config(
+        Root, None, overrides + ["model.ffn.structure=blockshuffle", "model.ffn.blocks=4", "opt.name=run"]
+    )
     out = tmp_path / "sub" / "resolved.yaml"
     save_config(cfg, out)
     assert load_config(Root, out) == cfg
@@ -103,8 +112,12 @@ def test_from_dict_model_validation():
 
 def test_base_files_merge_and_cycles(tmp_path):
     (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "tiny.yaml").write_text(yaml.safe_dump({"model": {**TINY, "ffn": {"structure": "lowrank", "rank": 16}}, "opt": {"lr": 1.0}}))
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"base": "models/tiny.yaml", "model": {"ffn": {"rank": 8}}, "opt": {"steps": 3}}))
+    (tmp_path / "models" / "tiny.yaml").write_text(
+        yaml.safe_dump({"model": {**TINY, "ffn": {"structure": "lowrank", "rank": 16}}, "opt": {"lr": 1.0}})
+    )
+    (tmp_path / "run.yaml").write_text(
+        yaml.safe_dump({"base": "models/tiny.yaml", "model": {"ffn": {"rank": 8}}, "opt": {"steps": 3}})
+    )
     cfg = load_config(Root, tmp_path / "run.yaml")
     assert cfg.model.ffn.rank == 8 and cfg.model.ffn.structure == "lowrank" and cfg.model.hidden_size == 64
     assert cfg.opt.lr == 1.0 and cfg.opt.steps == 3

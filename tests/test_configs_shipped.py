@@ -66,7 +66,9 @@ def ffn_weights_by_layer(model: ModelConfig) -> list[int]:
     out = []
     for layer in range(model.num_layers):
         kind = model.ffn.structure if model.ffn.is_structured(layer) else "dense"
-        out.append(sum(counts.weight_params(kind, n, m, model.ffn.rank, model.ffn.blocks) for n, m in model.ffn_shapes()))
+        out.append(
+            sum(counts.weight_params(kind, n, m, model.ffn.rank, model.ffn.blocks) for n, m in model.ffn_shapes())
+        )
     return out
 
 
@@ -106,7 +108,11 @@ def test_model_sizes_are_the_papers(size):
     ref = PAPER_SIZES[size]
     model = from_dict(ModelConfig, load_yaml_mapping(CONFIGS / "models" / f"{size}.yaml")["model"])
     assert (model.hidden_size, model.num_layers, model.num_attention_heads, model.kv_channels) == (
-        ref["d"], ref["layers"], ref["heads"], ref["head_dim"])  # fmt: skip
+        ref["d"],
+        ref["layers"],
+        ref["heads"],
+        ref["head_dim"],
+    )
     assert model.ffn_hidden_size == 4 * ref["d"] and model.vocab_size == 32000 and model.seq_length == 1024
     assert model.ffn.structure == "dense" and model.tie_embeddings and model.activation == "gelu"
     assert round(count_parameters(model).total / 1e6) == ref["params_m"]
@@ -118,7 +124,12 @@ def test_model_sizes_are_the_papers(size):
 )
 def test_wide_models_are_the_papers(name, d, f, heads, kv_heads, rank, params_m):
     model = from_dict(ModelConfig, load_yaml_mapping(CONFIGS / "models" / f"{name}.yaml")["model"])
-    assert (model.hidden_size, model.ffn_hidden_size, model.num_attention_heads, model.num_query_groups) == (d, f, heads, kv_heads)
+    assert (model.hidden_size, model.ffn_hidden_size, model.num_attention_heads, model.num_query_groups) == (
+        d,
+        f,
+        heads,
+        kv_heads,
+    )
     assert model.attention_width == heads * 64 == d // 2
     assert (model.ffn.structure, model.ffn.rank, model.ffn.dense_layers) == ("lowrank", rank, [0])
     assert round(count_parameters(model).total / 1e6) == params_m
@@ -144,7 +155,13 @@ def test_paper_run_recipe(path):
     assert opt.lr == ref["lr"] and training.train_tokens == ref["tokens"]
     assert resolved_train_steps(cfg) == ref["steps"]
     assert resolved_warmup_steps(cfg) == int(0.1 * ref["steps"])
-    assert (opt.adam_beta1, opt.adam_beta2, opt.adam_eps, opt.weight_decay, opt.clip_grad) == (0.9, 0.999, 1e-8, 0.1, 1.0)
+    assert (opt.adam_beta1, opt.adam_beta2, opt.adam_eps, opt.weight_decay, opt.clip_grad) == (
+        0.9,
+        0.999,
+        1e-8,
+        0.1,
+        1.0,
+    )
     assert (opt.decay_style, opt.min_lr_ratio, opt.warmup_fraction) == ("cosine", 0.1, 0.1)
     assert cfg.tokens_per_step() == 512 * 1024
     assert training.precision == "auto"

@@ -73,8 +73,11 @@ def hostile(tmp_path_factory, docs) -> dict[str, Path]:
 
 def test_only_the_text_column_must_decode_and_a_bad_row_is_named(hostile):
     path = str(hostile["parquet"])
-    with pytest.raises(SourceError, match=rf"{re.escape(path)}: row 7: column 'content', byte 3: byte b'\\xed' "
-                                          r"is not valid UTF-8.*--bad-documents skip"):
+    with pytest.raises(
+        SourceError,
+        match=rf"{re.escape(path)}: row 7: column 'content', byte 3: byte b'\\xed' "
+        r"is not valid UTF-8.*--bad-documents skip",
+    ):
         list(iter_documents(expand_inputs([path])))
     skipped = SkippedDocuments()
     docs = list(iter_documents(expand_inputs([path]), bad_documents="skip", on_bad=skipped))
@@ -94,28 +97,50 @@ def test_lone_surrogate_in_jsonl_is_named_by_line(hostile):
 
 
 def prepare_args(corpus: Path, tokenizer: Path, out: Path, *extra: str) -> list[str]:
-    return [str(corpus), "--tokenizer", str(tokenizer), "--out", str(out), "--context-length", str(CONTEXT),
-            "--samples-per-shard", "32", "--validation-fraction", "0.2", "--quiet", *extra]
+    return [
+        str(corpus),
+        "--tokenizer",
+        str(tokenizer),
+        "--out",
+        str(out),
+        "--context-length",
+        str(CONTEXT),
+        "--samples-per-shard",
+        "32",
+        "--validation-fraction",
+        "0.2",
+        "--quiet",
+        *extra,
+    ]
 
 
 def shard_bytes(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.tar"))}
 
 
-@pytest.mark.parametrize("kind, workers, where", [
-    ("parquet", "1", r"web\.parquet: row 7: column 'content', byte 3: byte b'\\xed' is not valid UTF-8"),
-    ("jsonl", "1", r"web\.jsonl: line 8: key 'text' holds a lone surrogate U\+D800 at character 0"),
-    ("jsonl", "2", r"web\.jsonl: line 8: key 'text' holds a lone surrogate"),
-], ids=["parquet", "jsonl-1-worker", "jsonl-2-workers"])  # fmt: skip
-def test_prepare_names_the_bad_document_or_skips_and_counts_it(tmp_path, capsys, hostile, tokenizer, kind, workers,
-                                                                where):
+@pytest.mark.parametrize(
+    "kind, workers, where",
+    [
+        ("parquet", "1", r"web\.parquet: row 7: column 'content', byte 3: byte b'\\xed' is not valid UTF-8"),
+        ("jsonl", "1", r"web\.jsonl: line 8: key 'text' holds a lone surrogate U\+D800 at character 0"),
+        ("jsonl", "2", r"web\.jsonl: line 8: key 'text' holds a lone surrogate"),
+    ],
+    ids=["parquet", "jsonl-1-worker", "jsonl-2-workers"],
+)
+def test_prepare_names_the_bad_document_or_skips_and_counts_it(
+    tmp_path, capsys, hostile, tokenizer, kind, workers, where
+):
     corpus = hostile[kind]
     assert prepare_tool.main(prepare_args(corpus, tokenizer, tmp_path / "strict", "--workers", workers)) == 1
     assert re.search(where, capsys.readouterr().err)
     assert not (tmp_path / "strict" / "manifest.json").exists()
 
-    assert prepare_tool.main(prepare_args(corpus, tokenizer, tmp_path / "skip", "--workers", workers,
-                                          "--bad-documents", "skip")) == 0  # fmt: skip
+    assert (
+        prepare_tool.main(
+            prepare_args(corpus, tokenizer, tmp_path / "skip", "--workers", workers, "--bad-documents", "skip")
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "prepare: skipped 2 bad documents (first: " in err and re.search(where, err)
     manifest = load_manifest(tmp_path / "skip")
@@ -127,8 +152,14 @@ def test_prepare_names_the_bad_document_or_skips_and_counts_it(tmp_path, capsys,
 
 def test_resumed_prepare_still_counts_every_skipped_document(tmp_path, hostile, tokenizer):
     """Both bad rows lie before the checkpoint the resumed run starts from; they are counted all the same."""
-    options = prepare_tool.PrepareOptions(tokenizer=str(tokenizer), out=tmp_path / "out", context_length=CONTEXT,
-                                          samples_per_shard=4, validation_fraction=0.2, bad_documents="skip")
+    options = prepare_tool.PrepareOptions(
+        tokenizer=str(tokenizer),
+        out=tmp_path / "out",
+        context_length=CONTEXT,
+        samples_per_shard=4,
+        validation_fraction=0.2,
+        bad_documents="skip",
+    )
     sources = expand_inputs([str(hostile["jsonl"])])
     original = prepare_tool._SplitWriter._write_shard
 
@@ -158,8 +189,9 @@ def test_train_tokenizer_names_or_skips_bad_documents(tmp_path, capsys, hostile)
     assert (tmp_path / "tok.json").is_file()
 
 
-def raw_stream(files: list[str], tokenizer: Path, samples: int, num_workers: int = 0,
-               **settings) -> tuple[list[list[int]], object]:
+def raw_stream(
+    files: list[str], tokenizer: Path, samples: int, num_workers: int = 0, **settings
+) -> tuple[list[list[int]], object]:
     settings = text_settings(files, str(tokenizer), CONTEXT, validation_fraction=0.2, shuffle_window=3, **settings)
     loader = build_text_train_loader(settings, StreamLayout(micro_batch_size=4, num_workers=num_workers), lanes=2)
     rows, it = [], iter(loader)
@@ -173,8 +205,11 @@ def raw_stream(files: list[str], tokenizer: Path, samples: int, num_workers: int
 def test_raw_mode_names_or_skips_and_counts_bad_documents(hostile, tokenizer, num_workers):
     """Two files >= two lanes: each lane reads whole files, so skipping equals leaving the rows out."""
     files = [str(hostile["parquet"]), str(hostile["jsonl"])]
-    with pytest.raises(SourceError, match=r"(row 7: column 'content'|line 8: key 'text' holds a lone surrogate)"
-                                          r".*data\.bad_documents=skip"):
+    with pytest.raises(
+        SourceError,
+        match=r"(row 7: column 'content'|line 8: key 'text' holds a lone surrogate)"
+        r".*data\.bad_documents=skip",
+    ):
         raw_stream(files, tokenizer, 8, num_workers=num_workers)
     clean_jsonl = hostile["jsonl"].parent / "clean.jsonl"
     clean_jsonl.write_text("".join(line for line in hostile["jsonl"].open() if "\\ud800" not in line))
@@ -216,8 +251,9 @@ def test_raw_mode_resume_refuses_a_same_size_rewrite(tmp_path, tokenizer, docs, 
         if kind == "jsonl":
             path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
         else:
-            pq.write_table(pa.table({"content": texts}), path, compression="none", use_dictionary=False,
-                           write_statistics=False)
+            pq.write_table(
+                pa.table({"content": texts}), path, compression="none", use_dictionary=False, write_statistics=False
+            )
 
     write(docs)
     state = stream_state([str(path)], tokenizer)

@@ -30,7 +30,6 @@ from megatron_sffn.data.shard_writer import encode_shard
 from megatron_sffn.data.tar_shards import ShardError
 from megatron_sffn.data.text_sources import SourceError, expand_inputs, iter_documents
 from megatron_sffn.data.tokenizer import TokenizerUnavailableError, load_tokenizer
-
 from tests.prepared_data import write_prepared
 
 WORDS = (
@@ -105,7 +104,9 @@ def test_sentencepiece_style_tokenizer_json_uses_its_end_of_sequence_token(tmp_p
     from tokenizers import SentencePieceBPETokenizer
 
     sp = SentencePieceBPETokenizer()
-    sp.train_from_iterator(tiny_documents(50), vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    sp.train_from_iterator(
+        tiny_documents(50), vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
     sp.save(str(tmp_path / "tokenizer.json"))
     tok = load_tokenizer(tmp_path)
     assert tok.eos_id == 2 and tok.identity()["spec"] == str(tmp_path)
@@ -118,7 +119,9 @@ def test_tiktoken_encoding_is_wrapped_and_hashed_by_definition(monkeypatch: pyte
 
     def toy(special: int) -> tiktoken.Encoding:
         ranks = {bytes([i]): i for i in range(256)}
-        return tiktoken.Encoding("toy", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={"<|endoftext|>": special})
+        return tiktoken.Encoding(
+            "toy", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={"<|endoftext|>": special}
+        )
 
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: toy(256))
     tok = load_tokenizer("gpt2")
@@ -246,14 +249,21 @@ def test_packer_resumed_from_its_pending_tokens_continues_identically() -> None:
 # ---------------------------------------------------------------- manifest and shards
 
 
-def build_dataset(out: Path, vocab_size: int = 1000, context: int = 5, per_shard: int = 4,
-                  counts: dict[str, int] | None = None) -> Manifest:
+def build_dataset(
+    out: Path, vocab_size: int = 1000, context: int = 5, per_shard: int = 4, counts: dict[str, int] | None = None
+) -> Manifest:
     """A small dataset written with the shard writer, sample i of a split starting with token i."""
     counts = counts or {"train": 10, "validation": 3}
     splits = {name: (np.arange(total)[:, None] + np.arange(context + 1)) % vocab_size for name, total in counts.items()}
-    write_prepared(out, splits, context_length=context, per_shard=per_shard,
-                   tokenizer=TokenizerInfo("tok.json", "hf-json", vocab_size, 0, "ab" * 32),
-                   settings={"validation_fraction": 0.2, "seed": 0}, created_by="test")
+    write_prepared(
+        out,
+        splits,
+        context_length=context,
+        per_shard=per_shard,
+        tokenizer=TokenizerInfo("tok.json", "hf-json", vocab_size, 0, "ab" * 32),
+        settings={"validation_fraction": 0.2, "seed": 0},
+        created_by="test",
+    )
     return load_manifest(out)
 
 
@@ -263,8 +273,18 @@ def test_manifest_round_trips_and_names_shards_relative_to_itself(tmp_path: Path
     assert m.token_dtype == "uint16" and m.sample_length == 6
     assert m.shard_locations("train") == [str(tmp_path / f"train/train-00000{i}.tar") for i in range(3)]
     raw = json.loads((tmp_path / "manifest.json").read_text())
-    assert set(raw) >= {"format", "context_length", "sample_length", "token_dtype", "samples_per_shard", "tokenizer",
-                        "splits", "sources", "settings", "created_by"}
+    assert set(raw) >= {
+        "format",
+        "context_length",
+        "sample_length",
+        "token_dtype",
+        "samples_per_shard",
+        "tokenizer",
+        "splits",
+        "sources",
+        "settings",
+        "created_by",
+    }
     assert raw["splits"]["train"]["shards"][2] == dataclasses.asdict(m.splits["train"].shards[2])
     assert token_dtype_for_vocab(65535) == "uint16" and token_dtype_for_vocab(65536) == "uint32"
 
@@ -275,14 +295,24 @@ def test_manifest_round_trips_and_names_shards_relative_to_itself(tmp_path: Path
         (lambda r: r.pop("context_length"), r"key 'context_length' is missing"),
         (lambda r: r.update(format="other/v0"), r"key 'format' is 'other/v0', expected 'megatron-sffn/shards-v1'"),
         (lambda r: r.update(sample_length=99), r"key 'sample_length' is 99, expected context_length \+ 1 = 6"),
-        (lambda r: r["tokenizer"].update(vocab_size="big"), r"key 'tokenizer.vocab_size' is 'big', expected a JSON int"),
-        (lambda r: r["splits"]["train"]["shards"][0].update(samples=3, tokens=18),
-         r"key 'splits.train.shards\[0\].samples' is 3, expected exactly samples_per_shard=4"),
-        (lambda r: r["splits"]["validation"].update(samples=4), r"key 'splits.validation.samples' is 4, expected the sum"),
+        (
+            lambda r: r["tokenizer"].update(vocab_size="big"),
+            r"key 'tokenizer.vocab_size' is 'big', expected a JSON int",
+        ),
+        (
+            lambda r: r["splits"]["train"]["shards"][0].update(samples=3, tokens=18),
+            r"key 'splits.train.shards\[0\].samples' is 3, expected exactly samples_per_shard=4",
+        ),
+        (
+            lambda r: r["splits"]["validation"].update(samples=4),
+            r"key 'splits.validation.samples' is 4, expected the sum",
+        ),
         (lambda r: r["splits"].pop("validation"), r"key 'splits.validation' is missing"),
         (lambda r: r.update(token_dtype="int8"), r"key 'token_dtype' is 'int8'"),
-        (lambda r: r.update(sources=[{"path": "https://x/a.parquet", "size": 1}]),
-         r"key 'sources\[0\]' must have exactly one of sha256 \(a local file\) or signature \(a URL\)"),
+        (
+            lambda r: r.update(sources=[{"path": "https://x/a.parquet", "size": 1}]),
+            r"key 'sources\[0\]' must have exactly one of sha256 \(a local file\) or signature \(a URL\)",
+        ),
     ],
 )
 def test_invalid_manifest_names_file_and_key(tmp_path: Path, edit, message: str) -> None:
@@ -362,5 +392,7 @@ def test_sample_of_wrong_length_is_named(tmp_path: Path) -> None:
     raw = json.loads((tmp_path / "manifest.json").read_text())
     raw["splits"]["validation"]["shards"][0]["sha256"] = hashlib.sha256(data).hexdigest()
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
-    with pytest.raises(ShardError, match=r"validation-000000\.tar: sample 0000000000 has 10 bytes \(5 tokens\), expected 6"):
+    with pytest.raises(
+        ShardError, match=r"validation-000000\.tar: sample 0000000000 has 10 bytes \(5 tokens\), expected 6"
+    ):
         verify_dataset(load_manifest(tmp_path))

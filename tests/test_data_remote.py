@@ -39,8 +39,11 @@ def corpus(tmp_path_factory):
     rng = np.random.default_rng(11)
     for f in range(3):
         docs = [" ".join(rng.choice(WORDS, int(rng.integers(1, 25)))) for _ in range(40)]
-        pq.write_table(pa.table({"content": docs, "url": [f"https://x/{i}" for i in range(40)]}),
-                       root / f"part-{f}.parquet", row_group_size=8)  # fmt: skip
+        pq.write_table(
+            pa.table({"content": docs, "url": [f"https://x/{i}" for i in range(40)]}),
+            root / f"part-{f}.parquet",
+            row_group_size=8,
+        )
     return root, word_level_tokenizer(WORDS, root / "tokenizer.json")
 
 
@@ -73,7 +76,7 @@ def test_remote_raw_mode_is_the_local_stream_and_resumes_across_dp_sizes(corpus,
     # The state names files and content, not where they are: a local run resumes from a remote one.
     resumed = loader(local, tokenizer, StreamLayout(1))
     resumed.load_state_dict(states[-1])
-    assert stream(resumed, 4) == expected[len(seen):len(seen) + 4]
+    assert stream(resumed, 4) == expected[len(seen) : len(seen) + 4]
 
 
 def test_a_resume_enters_parquet_at_its_row_group(corpus, server):
@@ -143,8 +146,7 @@ def test_prepare_from_urls_writes_the_local_bytes(corpus, server, tmp_path):
     list_file = tmp_path / "urls.txt"
     list_file.write_text("".join(server.url(n) + "\n" for n in names()))
     prepare(expand_inputs([f"@{list_file}"]), PrepareOptions(out=tmp_path / "remote", **options), progress=False)
-    prepare(expand_inputs([str(root / "*.parquet")]), PrepareOptions(out=tmp_path / "local", **options),
-            progress=False)  # fmt: skip
+    prepare(expand_inputs([str(root / "*.parquet")]), PrepareOptions(out=tmp_path / "local", **options), progress=False)
 
     def shards(out):
         return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.tar"))}
@@ -164,8 +166,11 @@ def test_prepare_downloads_a_remote_file_once(server, tmp_path):
     tokenizer = word_level_tokenizer(WORDS, tmp_path / "tokenizer.json")
     try:
         before = server.bytes_sent
-        prepare(expand_inputs([server.url("big.parquet")]), PrepareOptions(
-            tokenizer=tokenizer, out=tmp_path / "out", context_length=64, samples_per_shard=512), progress=False)
+        prepare(
+            expand_inputs([server.url("big.parquet")]),
+            PrepareOptions(tokenizer=tokenizer, out=tmp_path / "out", context_length=64, samples_per_shard=512),
+            progress=False,
+        )
         # Footer and signature reads cost a few 64 KiB blocks; a sha256 would cost the whole file again.
         assert size > 640 << 10 and server.bytes_sent - before < size + (384 << 10)
     finally:

@@ -42,9 +42,23 @@ FRACTION = 0.2
 
 
 def prepare_args(corpus: Path, tokenizer: Path, out: Path, *extra: str) -> list[str]:
-    return [str(corpus), "--tokenizer", str(tokenizer), "--out", str(out), "--context-length", str(CONTEXT),
-            "--samples-per-shard", str(PER_SHARD), "--validation-fraction", str(FRACTION), "--workers", "1",
-            "--quiet", *extra]
+    return [
+        str(corpus),
+        "--tokenizer",
+        str(tokenizer),
+        "--out",
+        str(out),
+        "--context-length",
+        str(CONTEXT),
+        "--samples-per-shard",
+        str(PER_SHARD),
+        "--validation-fraction",
+        str(FRACTION),
+        "--workers",
+        "1",
+        "--quiet",
+        *extra,
+    ]
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -85,7 +99,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory, corpus: Path, tokenizer:
 # ---------------------------------------------------------------- prepare: content
 
 
-def test_prepared_stream_is_the_documents_each_followed_by_eos(reference: Path, docs: list[str], tokenizer: Path) -> None:
+def test_prepared_stream_is_the_documents_each_followed_by_eos(
+    reference: Path, docs: list[str], tokenizer: Path
+) -> None:
     tok = load_tokenizer(tokenizer)
     manifest = load_manifest(reference)
     for split in ("train", "validation"):
@@ -124,8 +140,9 @@ def test_manifest_records_inputs_tokenizer_and_settings(reference: Path, corpus:
 # ---------------------------------------------------------------- prepare: reproducibility
 
 
-def test_prepared_twice_and_with_two_workers_is_byte_identical(reference: Path, corpus: Path, tokenizer: Path,
-                                                              tmp_path: Path) -> None:
+def test_prepared_twice_and_with_two_workers_is_byte_identical(
+    reference: Path, corpus: Path, tokenizer: Path, tmp_path: Path
+) -> None:
     assert prepare_tool.main(prepare_args(corpus, tokenizer, tmp_path / "again")) == 0
     assert tree_bytes(tmp_path / "again") == tree_bytes(reference)
     args = prepare_args(corpus, tokenizer, tmp_path / "two")
@@ -134,8 +151,9 @@ def test_prepared_twice_and_with_two_workers_is_byte_identical(reference: Path, 
     assert tree_bytes(tmp_path / "two") == tree_bytes(reference)
 
 
-def test_rerunning_a_finished_job_changes_nothing(reference: Path, corpus: Path, tokenizer: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture) -> None:
+def test_rerunning_a_finished_job_changes_nothing(
+    reference: Path, corpus: Path, tokenizer: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "ds"
     shutil.copytree(reference, out)
     assert prepare_tool.main(prepare_args(corpus, tokenizer, out)) == 0
@@ -146,12 +164,17 @@ def test_rerunning_a_finished_job_changes_nothing(reference: Path, corpus: Path,
     assert tree_bytes(out) == tree_bytes(reference)
 
 
-def test_interrupted_prepare_resumes_to_the_identical_dataset(reference: Path, corpus: Path, tokenizer: Path,
-                                                             tmp_path: Path) -> None:
+def test_interrupted_prepare_resumes_to_the_identical_dataset(
+    reference: Path, corpus: Path, tokenizer: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "ds"
     env = dict(os.environ, **{prepare_tool.PAUSE_ENV: "0.5"})
-    proc = subprocess.Popen([sys.executable, "-m", "data_tools.prepare", *prepare_args(corpus, tokenizer, out)],
-                            cwd=REPO, env=env, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_tools.prepare", *prepare_args(corpus, tokenizer, out)],
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.PIPE,
+    )
     state = out / ".prepare-state" / "state.json"
     try:
         deadline = time.monotonic() + 120
@@ -179,25 +202,35 @@ def test_interrupted_prepare_resumes_to_the_identical_dataset(reference: Path, c
     [
         ("empty.jsonl", b"", r"the corpus is empty: .*empty\.jsonl hold no documents"),
         ("latin1.txt", b"plain line\nfa\xe7ade\n", r"latin1\.txt: line 2, byte 13: byte b'\\xe7' is not valid UTF-8"),
-        ("latin1.jsonl", b'{"text": "ok"}\n{"text": "fa\xe7ade"}\n', r"latin1\.jsonl: line 2, byte 12: .*not valid UTF-8"),
+        (
+            "latin1.jsonl",
+            b'{"text": "ok"}\n{"text": "fa\xe7ade"}\n',
+            r"latin1\.jsonl: line 2, byte 12: .*not valid UTF-8",
+        ),
         ("short.jsonl", b'{"text": "hi"}\n', r"fewer than one sample of context_length \+ 1 = 17"),
     ],
 )
-def test_bad_corpus_stops_prepare_naming_the_file(tmp_path: Path, tokenizer: Path, capsys: pytest.CaptureFixture,
-                                                  name: str, content: bytes, message: str) -> None:
+def test_bad_corpus_stops_prepare_naming_the_file(
+    tmp_path: Path, tokenizer: Path, capsys: pytest.CaptureFixture, name: str, content: bytes, message: str
+) -> None:
     (tmp_path / name).write_bytes(content)
     assert prepare_tool.main(prepare_args(tmp_path / name, tokenizer, tmp_path / "out")) == 1
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-def test_parquet_without_content_column_stops_prepare(tmp_path: Path, tokenizer: Path, capsys: pytest.CaptureFixture) -> None:
+def test_parquet_without_content_column_stops_prepare(
+    tmp_path: Path, tokenizer: Path, capsys: pytest.CaptureFixture
+) -> None:
     pq.write_table(pa.table({"text": ["a document"]}), tmp_path / "web.parquet")
     assert prepare_tool.main(prepare_args(tmp_path / "web.parquet", tokenizer, tmp_path / "out")) == 1
     err = capsys.readouterr().err
     assert "web.parquet: no column 'content' (columns: text)" in err and "RefinedWeb-format" in err
     # The same file is usable once the right column is named.
-    assert prepare_tool.main(prepare_args(tmp_path / "web.parquet", tokenizer, tmp_path / "out", "--text-key", "text")) == 1
+    assert (
+        prepare_tool.main(prepare_args(tmp_path / "web.parquet", tokenizer, tmp_path / "out", "--text-key", "text"))
+        == 1
+    )
     assert "fewer than one sample" in capsys.readouterr().err
 
 
@@ -217,14 +250,18 @@ def test_inspect_describes_and_decodes(reference: Path, tokenizer: Path, capsys:
     assert "sample 100000 does not exist" in capsys.readouterr().err
 
 
-def test_inspect_verify_passes_on_a_good_dataset(reference: Path, tokenizer: Path, capsys: pytest.CaptureFixture) -> None:
+def test_inspect_verify_passes_on_a_good_dataset(
+    reference: Path, tokenizer: Path, capsys: pytest.CaptureFixture
+) -> None:
     assert inspect_tool.main([str(reference), "--verify", "--tokenizer", str(tokenizer)]) == 0
     m = load_manifest(reference)
     total = m.split("train").samples + m.split("validation").samples
     assert f"{total:,} samples intact; OK" in capsys.readouterr().out
 
 
-def test_inspect_verify_fails_on_tampered_shards(reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_inspect_verify_fails_on_tampered_shards(
+    reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "ds"
     shutil.copytree(reference, out)
     truncated = out / "train" / "train-000001.tar"
@@ -238,8 +275,9 @@ def test_inspect_verify_fails_on_tampered_shards(reference: Path, tmp_path: Path
     assert "validation-000000.tar: shard is missing" in captured.err and "train-000001.tar" in captured.err
 
 
-def test_inspect_verify_rejects_another_tokenizer(reference: Path, corpus: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture) -> None:
+def test_inspect_verify_rejects_another_tokenizer(
+    reference: Path, corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     other = tmp_path / "other.json"
     assert train_tool.main([str(corpus), "--vocab-size", "300", "--out", str(other), "--quiet"]) == 0
     assert inspect_tool.main([str(reference), "--verify", "--tokenizer", str(other)]) == 1

@@ -51,8 +51,16 @@ def run_main(*args: str, capsys) -> tuple[int, str, str]:
 # -- arithmetic ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", [TINY, CONFIGS / "tiny_dense.yaml", CONFIGS / "paper" / "m_blockdense63.yaml",
-                                  CONFIGS / "paper" / "s_blockshuffle32.yaml"], ids=lambda p: p.stem)  # fmt: skip
+@pytest.mark.parametrize(
+    "path",
+    [
+        TINY,
+        CONFIGS / "tiny_dense.yaml",
+        CONFIGS / "paper" / "m_blockdense63.yaml",
+        CONFIGS / "paper" / "s_blockshuffle32.yaml",
+    ],
+    ids=lambda p: p.stem,
+)
 def test_one_rank_holds_every_parameter(path):
     """At TP=1 the per-stage count must add up to the independent whole-model count (accounting)."""
     model = config(path).model
@@ -77,8 +85,9 @@ def test_tensor_parallel_splits_match_the_module_plan():
 
 def test_activation_settings_order_and_pipeline_in_flight():
     cfg = config(CONFIGS / "paper" / "m_lowrank32.yaml", "parallel.pipeline_parallel=4", "training.micro_batch_size=2")
-    none, selective, full = (memory.stage_activation_bytes(cfg, 0, 2, setting, "uniform", 1)
-                             for setting in (None, "selective", "full"))  # fmt: skip
+    none, selective, full = (
+        memory.stage_activation_bytes(cfg, 0, 2, setting, "uniform", 1) for setting in (None, "selective", "full")
+    )
     assert none > selective > full > 0
     plan = plan_run(cfg, 16, device="H100")
     micro_batches = plan.layout.micro_batches
@@ -108,10 +117,18 @@ def test_expected_throughput_uses_the_structured_flops():
 
 @pytest.mark.parametrize(
     "name, memory_gib, bf16_tflops",
-    [("NVIDIA A100-SXM4-40GB", 40.0, 312.0), ("NVIDIA H100 NVL", 94.0, 835.5), ("NVIDIA H100 80GB HBM3", 80.0, 989.5),
-     ("NVIDIA H200", 141.0, 989.5), ("NVIDIA B200", 180.0, 2250.0), ("NVIDIA GB200", 186.0, 2500.0),
-     ("AMD Instinct MI300X", 192.0, 1307.4), ("NVIDIA L40S", 48.0, 362.05), ("L40", 48.0, 181.05)],
-)  # fmt: skip
+    [
+        ("NVIDIA A100-SXM4-40GB", 40.0, 312.0),
+        ("NVIDIA H100 NVL", 94.0, 835.5),
+        ("NVIDIA H100 80GB HBM3", 80.0, 989.5),
+        ("NVIDIA H200", 141.0, 989.5),
+        ("NVIDIA B200", 180.0, 2250.0),
+        ("NVIDIA GB200", 186.0, 2500.0),
+        ("AMD Instinct MI300X", 192.0, 1307.4),
+        ("NVIDIA L40S", 48.0, 362.05),
+        ("L40", 48.0, 181.05),
+    ],
+)
 def test_known_devices_plan_with_their_datasheet_figures(name, memory_gib, bf16_tflops):
     device = devices.resolve_device(name, precision_on_gpu="bf16")
     assert device.memory_bytes == int(memory_gib * 1024**3) and device.peak_flops == bf16_tflops * 1e12
@@ -132,8 +149,15 @@ def test_dense_override_drops_the_structured_sizes(capsys):
     model = config(CONFIGS / "paper" / "s_lowrank32.yaml", "model.ffn.structure=dense").model
     assert (model.ffn.rank, model.ffn.blocks) == (None, None)
     assert model == config(CONFIGS / "paper" / "s_dense.yaml").model
-    status, out, _ = run_main(CONFIGS / "paper" / "s_blockdense32.yaml", "model.ffn.structure=dense",
-                              "--device", "H100", "--world-size", "8", capsys=capsys)  # fmt: skip
+    status, out, _ = run_main(
+        CONFIGS / "paper" / "s_blockdense32.yaml",
+        "model.ffn.structure=dense",
+        "--device",
+        "H100",
+        "--world-size",
+        "8",
+        capsys=capsys,
+    )
     assert status == 0 and "FFN structure: dense\n" in out
     shuffled = config(CONFIGS / "paper" / "s_blockdense32.yaml", "model.ffn.structure=blockshuffle").model
     assert shuffled.ffn.rank is None and shuffled.ffn.blocks is not None
@@ -143,12 +167,27 @@ def test_dense_override_drops_the_structured_sizes(capsys):
 
 
 def test_report_names_layout_memory_and_speed(capsys):
-    status, out, _ = run_main(CONFIGS / "paper" / "m_lowrank32.yaml", "--world-size", "16", "--device", "H100",
-                              "parallel.tensor_parallel=2", "training.micro_batch_size=8", capsys=capsys)  # fmt: skip
+    status, out, _ = run_main(
+        CONFIGS / "paper" / "m_lowrank32.yaml",
+        "--world-size",
+        "16",
+        "--device",
+        "H100",
+        "parallel.tensor_parallel=2",
+        "training.micro_batch_size=8",
+        capsys=capsys,
+    )
     assert status == 0, out
-    for fragment in ("TP 2 x PP 1 x DP 8 = 16 processes", "gradient accumulation steps: 8", "Parameters:",
-                     "FLOPs per token", "Memory per process on H100 (bf16, distributed optimizer",
-                     "tokens/s", "OK: the layout splits and fits", "structure: lowrank"):  # fmt: skip
+    for fragment in (
+        "TP 2 x PP 1 x DP 8 = 16 processes",
+        "gradient accumulation steps: 8",
+        "Parameters:",
+        "FLOPs per token",
+        "Memory per process on H100 (bf16, distributed optimizer",
+        "tokens/s",
+        "OK: the layout splits and fits",
+        "structure: lowrank",
+    ):
         assert fragment in out, fragment
 
 
@@ -164,20 +203,34 @@ def test_json_plan(capsys):
 REFUSALS = [
     # (config, arguments, fragments of the reason)
     (TINY, ["--world-size", "3", "parallel.tensor_parallel=2"], ["world size 3", "parallel.tensor_parallel=2"]),
-    (TINY, ["--world-size", "2", "parallel.pipeline_parallel=3"],
-     ["model.num_layers=4", "parallel.pipeline_parallel=3"]),
-    (CONFIGS / "paper" / "s_blockdense32.yaml",
-     ["--world-size", "8", "parallel.tensor_parallel=4", "model.ffn.blocks=2", "model.ffn.rank=192"],
-     ["blocks=2", "parallel.tensor_parallel=4"]),
-    (TINY, ["--world-size", "3", "training.global_batch_size=8", "training.micro_batch_size=4"],
-     ["training.global_batch_size=8", "data-parallel size 3"]),
+    (
+        TINY,
+        ["--world-size", "2", "parallel.pipeline_parallel=3"],
+        ["model.num_layers=4", "parallel.pipeline_parallel=3"],
+    ),
+    (
+        CONFIGS / "paper" / "s_blockdense32.yaml",
+        ["--world-size", "8", "parallel.tensor_parallel=4", "model.ffn.blocks=2", "model.ffn.rank=192"],
+        ["blocks=2", "parallel.tensor_parallel=4"],
+    ),
+    (
+        TINY,
+        ["--world-size", "3", "training.global_batch_size=8", "training.micro_batch_size=4"],
+        ["training.global_batch_size=8", "data-parallel size 3"],
+    ),
     (TINY, ["--world-size", "2", "parallel.tensor_parallel=2", "model.vocab_size=8191"], ["model.vocab_size=8191"]),
-    (TINY, ["sgt.enabled=true", "sgt.mode=same_flops", "sgt.guided_fraction=1.0", "sgt.stochastic=false"],
-     ["sgt: ", "no same-FLOPs run exists"]),
-    (CONFIGS / "paper" / "xl_dense.yaml", ["--world-size", "8", "--device", "L4", "training.micro_batch_size=16"],
-     ["memory:", "24.00 GiB of L4"]),
+    (
+        TINY,
+        ["sgt.enabled=true", "sgt.mode=same_flops", "sgt.guided_fraction=1.0", "sgt.stochastic=false"],
+        ["sgt: ", "no same-FLOPs run exists"],
+    ),
+    (
+        CONFIGS / "paper" / "xl_dense.yaml",
+        ["--world-size", "8", "--device", "L4", "training.micro_batch_size=16"],
+        ["memory:", "24.00 GiB of L4"],
+    ),
     (TINY, ["--assume-mfu", "1.5"], ["--assume-mfu=1.5"]),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("path,args,fragments", REFUSALS, ids=[" ".join(r[1]) for r in REFUSALS])
@@ -265,19 +318,31 @@ def tiny_dataset(tmp_path_factory):
 @pytest.mark.parametrize("attention", ["softmax", "supra"])
 def test_memory_estimate_of_tiny_is_within_25_percent_of_a_real_run(tiny_dataset, tmp_path, attention):
     overrides = [
-        f"data.path={tiny_dataset.prepared}", f"data.tokenizer={tiny_dataset.tokenizer}", f"run_dir={tmp_path / 'run'}",
-        "training.train_steps=2", "checkpoint.save_interval=null", "eval.interval=null", "eval.at_end=false",
-        "logging.tensorboard=false", "logging.peak_tflops_per_device=1", f"model.attention={attention}",
-    ]  # fmt: skip
+        f"data.path={tiny_dataset.prepared}",
+        f"data.tokenizer={tiny_dataset.tokenizer}",
+        f"run_dir={tmp_path / 'run'}",
+        "training.train_steps=2",
+        "checkpoint.save_interval=null",
+        "eval.interval=null",
+        "eval.at_end=false",
+        "logging.tensorboard=false",
+        "logging.peak_tflops_per_device=1",
+        f"model.attention={attention}",
+    ]
     out = tmp_path / "measured.json"
     script = (
         "import json, sys\n"
         "from tests.test_dry_run import measure_training_memory\n"
         "json.dump(measure_training_memory(sys.argv[2], sys.argv[3:]), open(sys.argv[1], 'w'))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script, str(out), str(TINY), *overrides], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=MEASURE_TIMEOUT_S,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(out), str(TINY), *overrides],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=MEASURE_TIMEOUT_S,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-6000:]
     measured = json.loads(out.read_text())
 

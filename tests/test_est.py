@@ -27,12 +27,18 @@ from tests.mp_harness import launch
 
 BASE = {
     "run_dir": "runs/x",
-    "model": {"hidden_size": 64, "num_layers": 4, "num_attention_heads": 4, "vocab_size": 128, "seq_length": 16,
-              "ffn": {"structure": "lowrank", "rank": 16}},
+    "model": {
+        "hidden_size": 64,
+        "num_layers": 4,
+        "num_attention_heads": 4,
+        "vocab_size": 128,
+        "seq_length": 16,
+        "ffn": {"structure": "lowrank", "rank": 16},
+    },
     "data": {"path": "data/prepared"},
     "training": {"micro_batch_size": 2, "global_batch_size": 8, "train_steps": 10},
     "est": {"enabled": True},
-}  # fmt: skip
+}
 
 
 def _config(**sections) -> TrainConfig:
@@ -49,23 +55,43 @@ def _config(**sections) -> TrainConfig:
         ({"est": {"stage2": {"p_M": 0.0}}}, "run.yaml:est.stage2 ESTStage2: p_M=0.0 must be in (0, 1]"),
         ({"est": {"stage_ends": [0.6, 0.3]}}, "stage_ends=[0.6, 0.3]: stages out of order"),
         ({"est": {"stage_ends": [0.3, 1.2]}}, "stages out of order"),
-        ({"est": {"stage1": {"p_H": 0.25}}, "parallel": {"tensor_parallel": 2}},
-         "est.stage1.p_H=0.25 keeps 0.25 x 2 heads of each of the 2 equal parts"),
+        (
+            {"est": {"stage1": {"p_H": 0.25}}, "parallel": {"tensor_parallel": 2}},
+            "est.stage1.p_H=0.25 keeps 0.25 x 2 heads of each of the 2 equal parts",
+        ),
         ({"est": {"tensor_strata": 3}}, "est.tensor_strata=3 does not divide model.num_attention_heads=4"),
-        ({"est": {"tensor_strata": 1}, "parallel": {"tensor_parallel": 2}},
-         "est.tensor_strata=1 is not a multiple of parallel.tensor_parallel=2"),
+        (
+            {"est": {"tensor_strata": 1}, "parallel": {"tensor_parallel": 2}},
+            "est.tensor_strata=1 is not a multiple of parallel.tensor_parallel=2",
+        ),
         ({"est": {"stage1": {"p_L": 0.3}}}, "est.stage1.p_L=0.3 keeps 0.3 x 4 layers"),
         ({"est": {"unknown": 1}}, "run.yaml:est.unknown: unknown key"),
         ({"sgt": {"enabled": True}}, "est.enabled=true cannot be combined with sgt.enabled=true"),
-        ({"model": {"ffn": {"structure": "blockshuffle", "blocks": 4}}, "est": {"stage2": {"p_M": 0.3}}},
-         "est.stage2.p_M=0.3 keeps 0.3 x 16 hidden units (one fc2 block's rows of one fc1 group) of each of the 16 "
-         "equal parts (model.ffn_hidden_size=256 / model.ffn.blocks²=4²=16)"),
-        ({"model": {"ffn": {"structure": "blockshuffle", "blocks": 2}}, "est": {"tensor_strata": 4}},
-         "est.tensor_strata=4 does not divide model.ffn.blocks=2"),
+        (
+            {"model": {"ffn": {"structure": "blockshuffle", "blocks": 4}}, "est": {"stage2": {"p_M": 0.3}}},
+            "est.stage2.p_M=0.3 keeps 0.3 x 16 hidden units (one fc2 block's rows of one fc1 group) of each of the 16 "
+            "equal parts (model.ffn_hidden_size=256 / model.ffn.blocks²=4²=16)",
+        ),
+        (
+            {"model": {"ffn": {"structure": "blockshuffle", "blocks": 2}}, "est": {"tensor_strata": 4}},
+            "est.tensor_strata=4 does not divide model.ffn.blocks=2",
+        ),
     ],
-    ids=["rate-above-1", "rate-0", "stages-out-of-order", "stage-end-above-1", "heads-per-tp-rank", "strata-heads",
-         "strata-vs-tp", "layers", "unknown-key", "with-sgt", "blockshuffle-cells", "blockshuffle-strata"],
-)  # fmt: skip
+    ids=[
+        "rate-above-1",
+        "rate-0",
+        "stages-out-of-order",
+        "stage-end-above-1",
+        "heads-per-tp-rank",
+        "strata-heads",
+        "strata-vs-tp",
+        "layers",
+        "unknown-key",
+        "with-sgt",
+        "blockshuffle-cells",
+        "blockshuffle-strata",
+    ],
+)
 def test_bad_configs_fail_naming_the_key(sections, message):
     with pytest.raises(ConfigError) as err:
         check_run_config(_config(**sections))
@@ -116,8 +142,15 @@ def test_plan_keeps_whole_blocks_per_stratum_and_layers_per_stage():
 
 
 def test_subnetwork_flops_full_draw_and_expectation():
-    model = ModelConfig(hidden_size=64, num_layers=4, num_attention_heads=8, num_query_groups=2, vocab_size=128,
-                        seq_length=16, ffn={"structure": "lowrank", "rank": 16})  # fmt: skip
+    model = ModelConfig(
+        hidden_size=64,
+        num_layers=4,
+        num_attention_heads=8,
+        num_query_groups=2,
+        vocab_size=128,
+        seq_length=16,
+        ffn={"structure": "lowrank", "rank": 16},
+    )
     plan = build_plan(model, ESTConfig(enabled=True), total_steps=100, seed=1)
     full = forward_flops_per_token(model)
     assert step_forward_flops(model, plan.draw(90)).total == full.total  # stage 3 draws the full model
@@ -142,8 +175,10 @@ def test_subnetwork_flops_full_draw_and_expectation():
 
 
 def test_flops_cli_est(capsys):
-    assert flops_main(["--model", "s", "--structure", "lowrank", "--ratio", "0.32", "--steps", "1000", "--est",
-                       "--json"]) == 0  # fmt: skip
+    assert (
+        flops_main(["--model", "s", "--structure", "lowrank", "--ratio", "0.32", "--steps", "1000", "--est", "--json"])
+        == 0
+    )
     import json
 
     report = json.loads(capsys.readouterr().out)["est"]
@@ -179,16 +214,19 @@ def checks():
         "blockshuffle_swiglu": {"structure": "blockshuffle", "activation": "swiglu"},
     }
     run = launch(
-        "tests.workers.est_checks", ["masked_reference", "full_rates_equal_baseline", "adamw_outside_subnetwork"],
-        nproc=1, timeout=300,
+        "tests.workers.est_checks",
+        ["masked_reference", "full_rates_equal_baseline", "adamw_outside_subnetwork"],
+        nproc=1,
+        timeout=300,
         kwargs={"masked_reference": {"cases": cases}, "full_rates_equal_baseline": {"structures": STRUCTURES}},
-    )  # fmt: skip
+    )
     return run.results[0]
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("case", ["dense_gqa", "dense_mha_swiglu", "lowrank", "blockdense", "blockshuffle",
-                                  "blockshuffle_swiglu"])
+@pytest.mark.parametrize(
+    "case", ["dense_gqa", "dense_mha_swiglu", "lowrank", "blockdense", "blockshuffle", "blockshuffle_swiglu"]
+)
 def test_sampled_step_equals_masked_reference(checks, case):
     result = checks["masked_reference"][case]
     assert result["skipped"]  # the draw skips layers, drops heads and hidden units

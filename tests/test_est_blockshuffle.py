@@ -48,8 +48,17 @@ def test_sampled_mlp_is_the_masked_papers_ffn(case, rate):
 
 
 def _model(blocks: int = 4, **overrides) -> ModelConfig:
-    return ModelConfig(**{"hidden_size": 64, "num_layers": 3, "num_attention_heads": 4, "vocab_size": 128,
-                          "seq_length": 16, "ffn": {"structure": "blockshuffle", "blocks": blocks}, **overrides})  # fmt: skip
+    return ModelConfig(
+        **{
+            "hidden_size": 64,
+            "num_layers": 3,
+            "num_attention_heads": 4,
+            "vocab_size": 128,
+            "seq_length": 16,
+            "ffn": {"structure": "blockshuffle", "blocks": blocks},
+            **overrides,
+        }
+    )
 
 
 def _cell_of(unit: int, blocks: int, ffn_hidden: int) -> tuple[int, int]:
@@ -101,14 +110,19 @@ def _gated_mlp(model: ModelConfig):
     from megatron_sffn.parallel.subnetwork import SubnetworkMLP
     from tests.workers.tp_structured import Case, build_mlp
 
-    case = Case("blockshuffle", blocks=model.ffn.blocks, gated=True, hidden=model.hidden_size,
-                ffn_hidden=model.ffn_hidden_size)  # fmt: skip
+    case = Case(
+        "blockshuffle", blocks=model.ffn.blocks, gated=True, hidden=model.hidden_size, ffn_hidden=model.ffn_hidden_size
+    )
     return build_mlp(case, ShapeOnlyGroup(0, 1), mlp_class=SubnetworkMLP)
 
 
 def test_flops_cli_est_blockshuffle(capsys):
-    assert flops_main(["--model", "s", "--structure", "blockshuffle", "--ratio", "0.32", "--steps", "1000", "--est",
-                       "--json"]) == 0  # fmt: skip
+    assert (
+        flops_main(
+            ["--model", "s", "--structure", "blockshuffle", "--ratio", "0.32", "--steps", "1000", "--est", "--json"]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)["est"]
     assert report["stage_steps"] == [300, 300, 400] and 0.0 < report["saving"] < 0.5
 

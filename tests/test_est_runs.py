@@ -27,8 +27,14 @@ from tests.workers.train_checks import trace_steps, traced_run, write_dataset
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 STEPS = 8
-EST = {"enabled": True, "stage_ends": [0.4, 0.8], "stage1": {"p_L": 0.5, "p_H": 0.5, "p_M": 0.5},
-       "stage2": {"p_H": 0.5, "p_M": 0.5}, "tensor_strata": 2, "layer_strata": 2}  # fmt: skip
+EST = {
+    "enabled": True,
+    "stage_ends": [0.4, 0.8],
+    "stage1": {"p_L": 0.5, "p_H": 0.5, "p_M": 0.5},
+    "stage2": {"p_H": 0.5, "p_M": 0.5},
+    "tensor_strata": 2,
+    "layer_strata": 2,
+}
 ONES = {"enabled": True, "stage1": {"p_L": 1.0, "p_H": 1.0, "p_M": 1.0}, "stage2": {"p_H": 1.0, "p_M": 1.0}}
 MODEL = {"num_query_groups": 2}
 BLOCKSHUFFLE = {**MODEL, "activation": "swiglu", "ffn": {"structure": "blockshuffle", "blocks": 2}}
@@ -53,8 +59,9 @@ def reference(tmp_path_factory, dataset) -> tuple[Path, str]:
     return _run(tmp, dataset, "ref", est=EST, logging={"tensorboard": True, "log_interval": 1})
 
 
-def _assert_same_losses(trace: Path, reference: Path, ranks=(0, 1), rel: float = 1e-5,
-                        same_data_ranks: bool = False) -> None:  # fmt: skip
+def _assert_same_losses(
+    trace: Path, reference: Path, ranks=(0, 1), rel: float = 1e-5, same_data_ranks: bool = False
+) -> None:
     """Every step's global loss as in ``reference``; with ``same_data_ranks`` also each rank's batches."""
     for rank in ranks:
         steps, expected = _steps(trace, rank), _steps(reference, rank if same_data_ranks else 0)
@@ -86,13 +93,21 @@ def test_stages_subnetwork_size_and_flops_are_logged(reference):
     assert [scalars["est/stage"][s] for s in range(1, STEPS + 1)] == [1, 1, 1, 2, 2, 2, 3, 3]
     assert all(scalars["est/layers_fraction"][s] == 0.5 for s in (1, 2, 3))
     assert all(scalars["est/layers_fraction"][s] == 1.0 for s in range(4, STEPS + 1))
-    assert all(scalars["est/heads_fraction"][s] == 0.5 and scalars["est/hidden_fraction"][s] == 0.5
-               for s in range(1, 7))  # fmt: skip
+    assert all(
+        scalars["est/heads_fraction"][s] == 0.5 and scalars["est/hidden_fraction"][s] == 0.5 for s in range(1, 7)
+    )
     flops = scalars["est/flops_fraction"]
     assert all(flops[s] < flops[s + 3] < 1.0 for s in (1, 2, 3)) and flops[7] == flops[8] == 1.0
     # MFU of a step is its own FLOPs: throughput x FLOPs per token of that step (peak given as 1 TFLOP/s)
-    cfg = ModelConfig(hidden_size=64, num_layers=4, num_attention_heads=4, num_query_groups=2, vocab_size=128,
-                      seq_length=16, ffn={"structure": "lowrank", "rank": 16})  # fmt: skip
+    cfg = ModelConfig(
+        hidden_size=64,
+        num_layers=4,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=128,
+        seq_length=16,
+        ffn={"structure": "lowrank", "rank": 16},
+    )
     for step in (1, 5, 8):
         achieved = scalars["throughput/tokens_per_s_per_device"][step] * training_flops_per_token(cfg) * flops[step]
         assert scalars["throughput/mfu"][step] == pytest.approx(achieved / 1e12, rel=1e-4)

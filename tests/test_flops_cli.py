@@ -87,10 +87,30 @@ def test_text_report_for_a_preset(capsys):
 def test_explicit_shapes_gqa_swiglu_untied(capsys):
     # d=64, 2 layers, 4 heads of 24 on 2 KV heads (d_attn 96, d_kv 48), f=96 SwiGLU, vocab 100, seq 32.
     report = run_json(
-        capsys, "--hidden-size", "64", "--num-layers", "2", "--heads", "4", "--kv-heads", "2", "--head-dim", "24",
-        "--ffn-hidden-size", "96", "--vocab-size", "100", "--seq-length", "32", "--swiglu", "--untied-embeddings",
-        "--steps", "10", "--global-batch", "4",
-    )["model"]  # fmt: skip
+        capsys,
+        "--hidden-size",
+        "64",
+        "--num-layers",
+        "2",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--head-dim",
+        "24",
+        "--ffn-hidden-size",
+        "96",
+        "--vocab-size",
+        "100",
+        "--seq-length",
+        "32",
+        "--swiglu",
+        "--untied-embeddings",
+        "--steps",
+        "10",
+        "--global-batch",
+        "4",
+    )["model"]
     params = report["parameters"]
     per_layer_attention = 64 * (96 + 2 * 48) + (96 + 2 * 48) + 96 * 64 + 64
     per_layer_ffn = 64 * 192 + 96 * 64
@@ -129,15 +149,42 @@ def test_sgt_same_flops_prints_the_steps_that_match_dense_flops(capsys):
     assert report["guided_steps"] == report["extra_steps"]
     assert report["expected_guide_steps"] == pytest.approx((report["guided_steps"] + 1) / 2)
     assert report["vs_dense"] == pytest.approx(1.0, abs=2e-4)
-    code, out = run(capsys, "--model", "s", "--structure", "lowrank", "--ratio", "0.32", "--sgt", "same_flops",
-                    "--sgt-ratio", "0.30")  # fmt: skip
+    code, out = run(
+        capsys,
+        "--model",
+        "s",
+        "--structure",
+        "lowrank",
+        "--ratio",
+        "0.32",
+        "--sgt",
+        "same_flops",
+        "--sgt-ratio",
+        "0.30",
+    )
     assert code == 0
     assert "4,196 + 1,258 = 5,454" in out and "(ratio g/S = 0.2998)" in out
 
 
 def test_sgt_fixed_steps_with_explicit_steps(capsys):
-    report = run_json(capsys, "--hidden-size", "64", "--num-layers", "3", "--heads", "4", "--structure", "lowrank",
-                      "--rank", "16", "--steps", "100", "--sgt", "fixed_steps", "--sgt-every-step")["sgt"]  # fmt: skip
+    report = run_json(
+        capsys,
+        "--hidden-size",
+        "64",
+        "--num-layers",
+        "3",
+        "--heads",
+        "4",
+        "--structure",
+        "lowrank",
+        "--rank",
+        "16",
+        "--steps",
+        "100",
+        "--sgt",
+        "fixed_steps",
+        "--sgt-every-step",
+    )["sgt"]
     assert (report["total_steps"], report["guided_steps"], report["expected_guide_steps"]) == (100, 50, 50.0)
     assert report["guide_flops"] == 3 * 50 * 512 * 1024 * 2 * 2 * (2 * 64 * 256)  # 2 structured layers
 
@@ -145,10 +192,27 @@ def test_sgt_fixed_steps_with_explicit_steps(capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--model", "s", "--structure", "lowrank", "--ratio", "0.32", "--sgt", "fixed_steps", "--sgt-ratio", "0.3"],
-         "sgt.ratio=0.3 applies to sgt.mode='same_flops' only"),
-        (["--hidden-size", "64", "--num-layers", "2", "--heads", "4", "--structure", "lowrank", "--rank", "8",
-          "--sgt", "same_flops"], "--sgt needs a run length"),
+        (
+            ["--model", "s", "--structure", "lowrank", "--ratio", "0.32", "--sgt", "fixed_steps", "--sgt-ratio", "0.3"],
+            "sgt.ratio=0.3 applies to sgt.mode='same_flops' only",
+        ),
+        (
+            [
+                "--hidden-size",
+                "64",
+                "--num-layers",
+                "2",
+                "--heads",
+                "4",
+                "--structure",
+                "lowrank",
+                "--rank",
+                "8",
+                "--sgt",
+                "same_flops",
+            ],
+            "--sgt needs a run length",
+        ),
         (["--model", "s", "--sgt", "same_flops"], "needs structured FFNs"),
         (["--model", "xl", "--hidden-size", "512"], "--model xl fixes the shapes; drop --hidden-size"),
         (["--hidden-size", "512", "--heads", "8"], "missing --num-layers"),

@@ -27,9 +27,15 @@ from tests.workers.train_checks import REPO_ROOT, run_config, train_env, write_c
 
 # Every structure with and without GQA, half at TP=1 and half at TP=2, so each layout meets every structure.
 DECODE_CONFIGS = [
-    ["dense", False, 2], ["dense", True, 1], ["lowrank", True, 2], ["lowrank", False, 1],
-    ["blockdense", False, 2], ["blockdense", True, 1], ["blockshuffle", True, 2], ["blockshuffle", False, 1],
-]  # fmt: skip
+    ["dense", False, 2],
+    ["dense", True, 1],
+    ["lowrank", True, 2],
+    ["lowrank", False, 1],
+    ["blockdense", False, 2],
+    ["blockdense", True, 1],
+    ["blockshuffle", True, 2],
+    ["blockshuffle", False, 1],
+]
 STRUCTURES = ["lowrank", "blockdense", "blockshuffle"]
 # SUPRA (all layers linear) and a hybrid (layer 0 softmax with a KV cache, layer 1 SUPRA), GQA, at both TP sizes.
 SUPRA_CONFIGS = [["all", "dense", 1], ["all", "lowrank", 2], [[1], "lowrank", 1], [[1], "dense", 2]]
@@ -44,8 +50,14 @@ def tiny_run(tmp_path_factory) -> dict:
     training = {"micro_batch_size": 2, "global_batch_size": 4, "train_steps": 3, "seed": 11}
     config = run_config(tmp / "run", dataset, parallel={"tensor_parallel": 2}, training=training)
     config_path = write_config(tmp / "run.yaml", config)
-    checks = ["train_run", "tp2_checkpoint_generates", "cached_equals_recompute", "sampling_is_reproducible",
-              "pre_merge_modes", "supra_cached_equals_recompute"]  # fmt: skip
+    checks = [
+        "train_run",
+        "tp2_checkpoint_generates",
+        "cached_equals_recompute",
+        "sampling_is_reproducible",
+        "pre_merge_modes",
+        "supra_cached_equals_recompute",
+    ]
     run = launch(
         "tests.workers.generate_checks",
         checks,
@@ -60,8 +72,6 @@ def tiny_run(tmp_path_factory) -> dict:
         },
     )
     return {"run_dir": tmp / "run", "tokenizer": tokenizer, "results": run.results}
-
-
 
 
 @pytest.mark.multiproc
@@ -120,8 +130,12 @@ def test_supra_state_does_not_grow_with_generated_length(tiny_run, config):
 @pytest.mark.slow
 def test_tensor_parallel_ranks_agree(tiny_run):
     first, second = tiny_run["results"]
-    checks = ("supra_cached_equals_recompute", "cached_equals_recompute", "sampling_is_reproducible",
-              "tp2_checkpoint_generates")  # fmt: skip
+    checks = (
+        "supra_cached_equals_recompute",
+        "cached_equals_recompute",
+        "sampling_is_reproducible",
+        "tp2_checkpoint_generates",
+    )
     for check in checks:
         assert first[check] == second[check], check
 
@@ -164,11 +178,31 @@ def test_pre_merge_keeps_the_function(tiny_run, structure):
 @pytest.mark.slow
 def test_cli_json_matches_the_api(tiny_run):
     done = subprocess.run(
-        [sys.executable, "-m", "megatron_sffn.generate", str(tiny_run["run_dir"]), "--tokenizer",
-         str(tiny_run["tokenizer"]), "--prompt", "t5 t6 t7", "--prompt", "t40 t41 t42 t43 t44 t45",
-         "--prompt", "t100", "--max-new-tokens", "6", "--pre-merge", "on", "--json"],
-        cwd=REPO_ROOT, env=train_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "megatron_sffn.generate",
+            str(tiny_run["run_dir"]),
+            "--tokenizer",
+            str(tiny_run["tokenizer"]),
+            "--prompt",
+            "t5 t6 t7",
+            "--prompt",
+            "t40 t41 t42 t43 t44 t45",
+            "--prompt",
+            "t100",
+            "--max-new-tokens",
+            "6",
+            "--pre-merge",
+            "on",
+            "--json",
+        ],
+        cwd=REPO_ROOT,
+        env=train_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout)
     expected = tiny_run["results"][0]["tp2_checkpoint_generates"]["tp1"]
@@ -209,10 +243,14 @@ def _refusal(capsys, fake_run: Path, *args: str) -> str:
     [
         (["--prompt", "", "--max-new-tokens", "2"], "prompt 0 is empty"),
         (["--prompt", "t1", "--prompt", " ", "--max-new-tokens", "2"], "prompt 1 is empty (no tokens)"),
-        (["--prompt", " ".join(f"t{i}" for i in range(1, 10)), "--max-new-tokens", "1"],
-         "prompt 0 has 9 tokens, longer than the model's context of 8"),
-        (["--prompt", "t1 t2 t3", "--max-new-tokens", "6"],
-         "3 tokens + max_new_tokens=6 = 9 exceeds the model's context of 8"),
+        (
+            ["--prompt", " ".join(f"t{i}" for i in range(1, 10)), "--max-new-tokens", "1"],
+            "prompt 0 has 9 tokens, longer than the model's context of 8",
+        ),
+        (
+            ["--prompt", "t1 t2 t3", "--max-new-tokens", "6"],
+            "3 tokens + max_new_tokens=6 = 9 exceeds the model's context of 8",
+        ),
         (["--prompt", "t1", "--max-new-tokens", "2", "--temperature", "-0.5"], "temperature=-0.5 must be >= 0"),
         (["--prompt", "t1", "--max-new-tokens", "2", "--top-p", "0"], "top_p=0.0 must be in (0, 1]"),
         (["--prompt", "t1", "--max-new-tokens", "2", "--top-p", "1.5"], "top_p=1.5 must be in (0, 1]"),
@@ -220,10 +258,12 @@ def _refusal(capsys, fake_run: Path, *args: str) -> str:
         (["--prompt", "t1", "--max-new-tokens", "0"], "max_new_tokens=0 must be at least 1"),
         (["--prompt", "t1", "--max-new-tokens", "2", "--step", "7"], "has no checkpoint of step 7"),
         (["--prompt", "t1", "--max-new-tokens", "2", "--pipeline-parallel", "2"], "pipeline_parallel=2"),
-        (["--prompt", "t1", "--max-new-tokens", "2", "--tensor-parallel", "2"],
-         "must be >= 1 and divide the world size 1"),
+        (
+            ["--prompt", "t1", "--max-new-tokens", "2", "--tensor-parallel", "2"],
+            "must be >= 1 and divide the world size 1",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_input_is_refused_naming_the_value(capsys, fake_run, args, message):
     assert message in _refusal(capsys, fake_run, *args)
 

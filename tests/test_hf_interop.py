@@ -38,8 +38,9 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def single(root):
     checks = ["imports_match_transformers", "exports_match_ours", "export_failures"]
-    run = launch("tests.workers.hf_interop", checks, nproc=1, timeout=600,
-                 kwargs={c: {"root": str(root)} for c in checks})  # fmt: skip
+    run = launch(
+        "tests.workers.hf_interop", checks, nproc=1, timeout=600, kwargs={c: {"root": str(root)} for c in checks}
+    )
     return run.results[0]
 
 
@@ -81,13 +82,23 @@ def test_import_logits_equal_transformers_at_tp2(tp2, name):
 def test_imported_model_configs_and_parameter_counts(single):
     results = single["imports_match_transformers"]
     assert results["starcoder2"]["model"] == {
-        "normalization": "LayerNorm", "activation": "gelu", "linear_bias": True, "tie_embeddings": True,
-        "rope_base": 5000.0, "num_query_groups": 2, "kv_channels": 16,
-    }  # fmt: skip
+        "normalization": "LayerNorm",
+        "activation": "gelu",
+        "linear_bias": True,
+        "tie_embeddings": True,
+        "rope_base": 5000.0,
+        "num_query_groups": 2,
+        "kv_channels": 16,
+    }
     assert results["llama"]["model"] == {
-        "normalization": "RMSNorm", "activation": "swiglu", "linear_bias": False, "tie_embeddings": False,
-        "rope_base": 50000.0, "num_query_groups": 2, "kv_channels": 24,
-    }  # fmt: skip
+        "normalization": "RMSNorm",
+        "activation": "swiglu",
+        "linear_bias": False,
+        "tie_embeddings": False,
+        "rope_base": 50000.0,
+        "num_query_groups": 2,
+        "kv_channels": 24,
+    }
     assert results["llama-biases-tied"]["model"]["linear_bias"] is True
     for name, result in results.items():
         counted, built = result["params"]
@@ -128,10 +139,23 @@ def test_generate_command_on_an_imported_run_equals_transformers_greedy(single, 
     """``python -m megatron_sffn.generate`` reads an import_hf run directory as written (no overrides)."""
     prompts = [arg for p in w.GEN_PROMPTS for arg in ("--prompt", w.prompt_text(p))]
     done = subprocess.run(
-        [sys.executable, "-m", "megatron_sffn.generate", str(root / "runs" / "llama"), *prompts,
-         "--max-new-tokens", str(w.GEN_TOKENS), "--pre-merge", "off", "--json"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "megatron_sffn.generate",
+            str(root / "runs" / "llama"),
+            *prompts,
+            "--max-new-tokens",
+            str(w.GEN_TOKENS),
+            "--pre-merge",
+            "off",
+            "--json",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     expected = single["imports_match_transformers"]["llama"]["generator_hf"]
@@ -205,8 +229,11 @@ def test_tp2_checkpoint_exports_from_the_command_line(tp2, root):
     run_dir, out = root / "tp2" / "blockdense", root / "tp2-export"
     done = subprocess.run(
         [sys.executable, "-m", "megatron_sffn.export_hf", str(run_dir), "--out", str(out), "--step", "0"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     reference = torch.load(run_dir / "reference_logits.pt")
     assert (w.hf_logits(out) - reference).abs().max().item() <= TOLERANCE

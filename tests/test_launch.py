@@ -91,11 +91,25 @@ def build_dataset(root: Path, context_length: int) -> Dataset:
     tokenizer = root / "tokenizer.json"
     prepared = root / "prepared"
     _run_tool(["data_tools.train_tokenizer", str(corpus), "--vocab-size", "512", "--out", str(tokenizer), "--quiet"])
-    _run_tool([
-        "data_tools.prepare", str(corpus), "--tokenizer", str(tokenizer), "--out", str(prepared),
-        "--context-length", str(context_length), "--samples-per-shard", "32", "--validation-fraction", "0.1",
-        "--workers", "1", "--quiet",
-    ])  # fmt: skip
+    _run_tool(
+        [
+            "data_tools.prepare",
+            str(corpus),
+            "--tokenizer",
+            str(tokenizer),
+            "--out",
+            str(prepared),
+            "--context-length",
+            str(context_length),
+            "--samples-per-shard",
+            "32",
+            "--validation-fraction",
+            "0.1",
+            "--workers",
+            "1",
+            "--quiet",
+        ]
+    )
     return Dataset(prepared, tokenizer)
 
 
@@ -111,11 +125,19 @@ def tiny_context_length() -> int:
 def run_overrides(dataset: Dataset, run_dir: Path) -> list[str]:
     """configs/tiny.yaml with this dataset, 6 short steps, a checkpoint every 2, no evaluation."""
     return [
-        f"data.path={dataset.prepared}", f"data.tokenizer={dataset.tokenizer}", f"run_dir={run_dir}",
-        f"training.train_steps={TRAIN_STEPS}", "training.micro_batch_size=2", "training.global_batch_size=4",
-        f"checkpoint.save_interval={SAVE_INTERVAL}", "eval.interval=null", "eval.at_end=false",
-        "logging.tensorboard=false", "logging.log_interval=1", "logging.peak_tflops_per_device=1",
-    ]  # fmt: skip
+        f"data.path={dataset.prepared}",
+        f"data.tokenizer={dataset.tokenizer}",
+        f"run_dir={run_dir}",
+        f"training.train_steps={TRAIN_STEPS}",
+        "training.micro_batch_size=2",
+        "training.global_batch_size=4",
+        f"checkpoint.save_interval={SAVE_INTERVAL}",
+        "eval.interval=null",
+        "eval.at_end=false",
+        "logging.tensorboard=false",
+        "logging.log_interval=1",
+        "logging.peak_tflops_per_device=1",
+    ]
 
 
 def launch_env(trace_dir: Path | None, **extra: str) -> dict[str, str]:
@@ -135,8 +157,14 @@ def launch_env(trace_dir: Path | None, **extra: str) -> dict[str, str]:
 
 def start(script: str, args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     with open(log, "w", encoding="utf-8") as out:
-        return subprocess.Popen(["bash", str(LAUNCH / script), *args], cwd=REPO_ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            ["bash", str(LAUNCH / script), *args],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def finish(proc: subprocess.Popen, log: Path, deadline: float) -> str:
@@ -197,8 +225,12 @@ def reference(dataset, tmp_path_factory) -> dict[int, dict[int, tuple[float, str
     """launch/single_node.sh with NPROC=2: DP=2, uninterrupted."""
     root = tmp_path_factory.mktemp("single_node")
     run_dir, trace = root / "run", root / "trace"
-    text = run_launch("single_node.sh", [str(TINY), *run_overrides(dataset, run_dir)],
-                      launch_env(trace, NPROC="2"), root / "launch.log")  # fmt: skip
+    text = run_launch(
+        "single_node.sh",
+        [str(TINY), *run_overrides(dataset, run_dir)],
+        launch_env(trace, NPROC="2"),
+        root / "launch.log",
+    )
     assert "training complete: 6 steps" in text
     attempt_dirs = list((run_dir / "logs").glob("*/*/attempt_*"))
     assert [d.name for d in attempt_dirs] == ["attempt_0"], "an uninterrupted run has one attempt"
@@ -282,10 +314,26 @@ def test_slurm_job_renders_for_two_nodes_and_builds_the_torchrun_command(tmp_pat
     run_dir = tmp_path / "run"
     job_args = [str(TINY), "training.train_steps=3", f"run_dir={run_dir}"]
     rendered = subprocess.run(
-        [PYTHON, str(LAUNCH / "render_slurm.py"), "--nodes", "2", "--gpus-per-node", "4", "--partition", "debug",
-         "--time", "00:30:00", *job_args, "--out", str(job)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            PYTHON,
+            str(LAUNCH / "render_slurm.py"),
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "4",
+            "--partition",
+            "debug",
+            "--time",
+            "00:30:00",
+            *job_args,
+            "--out",
+            str(job),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert rendered.returncode == 0, rendered.stderr
     text = job.read_text(encoding="utf-8")
     assert subprocess.run(["bash", "-n", str(job)], timeout=30).returncode == 0
@@ -306,17 +354,24 @@ def test_slurm_job_renders_for_two_nodes_and_builds_the_torchrun_command(tmp_pat
     _stand_in(bin_dir, "srun", f'echo "$@" > {record}.srun\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
     _stand_in(bin_dir, "nvidia-smi", 'for i in 0 1 2 3; do echo "GPU $i: stand-in"; done\n')
     fake_python = bin_dir / "python"
-    _stand_in(bin_dir, "python", (  # the preflight (it would need the dataset) answers with the run directory
-        f'if [[ "$1" == *preflight.py ]]; then printf "%s\\n" "$@" > {record}.preflight; echo {run_dir}; echo "$5"; '
-        f'exit 0; fi\n'
-        f'printf "%s\\n" "$@" > {record}.argv\n'
-        f'env > {record}.env\n'
-    ))  # fmt: skip
+    _stand_in(
+        bin_dir,
+        "python",
+        (  # the preflight (it would need the dataset) answers with the run directory
+            f'if [[ "$1" == *preflight.py ]]; then printf "%s\\n" "$@" > {record}.preflight; echo {run_dir}; echo "$5"; '
+            f"exit 0; fi\n"
+            f'printf "%s\\n" "$@" > {record}.argv\n'
+            f"env > {record}.env\n"
+        ),
+    )
     env = {
         **{k: v for k, v in launch_env(None).items() if k != "OMP_NUM_THREADS"},  # the default is checked below
-        "PATH": f"{bin_dir}:{os.environ['PATH']}", "SFFN_PYTHON": str(fake_python),
-        "SLURM_JOB_NODELIST": "gpu-[07-08]", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "4242",
-    }  # fmt: skip
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SFFN_PYTHON": str(fake_python),
+        "SLURM_JOB_NODELIST": "gpu-[07-08]",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_ID": "4242",
+    }
     ran = subprocess.run(["bash", str(job)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert ran.returncode == 0, ran.stderr
 
@@ -328,9 +383,17 @@ def test_slurm_job_renders_for_two_nodes_and_builds_the_torchrun_command(tmp_pat
     assert preflight[1:] == ["--world-size", "8", "--job-id", "slurm-4242", *job_args], (
         "the preflight checks the whole job's world size, knowing the job it joins"
     )
-    for expected in ("launch/run_torchrun.py", "--nnodes 2", "--nproc-per-node 4", "--rdzv-backend c10d",
-                     "--rdzv-endpoint gpu-07:29500", "--rdzv-id slurm-4242", "--max-restarts 3", "--tee 3",
-                     f"-m megatron_sffn.train {' '.join(job_args)}"):  # fmt: skip
+    for expected in (
+        "launch/run_torchrun.py",
+        "--nnodes 2",
+        "--nproc-per-node 4",
+        "--rdzv-backend c10d",
+        "--rdzv-endpoint gpu-07:29500",
+        "--rdzv-id slurm-4242",
+        "--max-restarts 3",
+        "--tee 3",
+        f"-m megatron_sffn.train {' '.join(job_args)}",
+    ):
         assert expected in command, f"{expected!r} missing from {command}"
     log_dir = Path(argv[argv.index("--log-dir") + 1])
     assert log_dir.parent == run_dir / "logs" / "slurm-4242" and log_dir.is_dir()
@@ -347,8 +410,12 @@ def test_bad_override_stops_before_torchrun(tmp_path):
     run_dir = tmp_path / "run"
     done = subprocess.run(
         ["bash", str(LAUNCH / "single_node.sh"), str(TINY), "training.trian_steps=3", f"run_dir={run_dir}"],
-        cwd=REPO_ROOT, env=launch_env(None, NPROC="2"), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=REPO_ROOT,
+        env=launch_env(None, NPROC="2"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "training.trian_steps" in done.stderr and "torch.distributed.run" not in done.stderr
     assert not run_dir.exists()
@@ -360,8 +427,14 @@ def test_user_environment_wins(tmp_path):
     bin_dir.mkdir()
     _stand_in(bin_dir, "python", f'env > {tmp_path}/env\nprintf "%s\\n" "$@" > {tmp_path}/argv\n')
     env = launch_env(None, NPROC="3", OMP_NUM_THREADS="7", NCCL_DEBUG="INFO", SFFN_PYTHON=str(bin_dir / "python"))
-    done = subprocess.run(["bash", str(LAUNCH / "single_node.sh"), str(TINY), "--dry-run", "--device", "H100"],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(LAUNCH / "single_node.sh"), str(TINY), "--dry-run", "--device", "H100"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     seen = dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines() if "=" in line)
     assert (seen["OMP_NUM_THREADS"], seen["NCCL_DEBUG"], seen["CUDA_DEVICE_MAX_CONNECTIONS"]) == ("7", "INFO", "1")

@@ -21,7 +21,6 @@ from megatron_sffn.data.loader import build_train_loader, build_validation_loade
 from megatron_sffn.data.manifest import ManifestError, TokenizerInfo
 from megatron_sffn.data.order import ShardedOrder, reader_slot
 from megatron_sffn.data.streaming import StreamLayout, merge_states
-
 from tests.prepared_data import write_prepared
 
 VOCAB = 50_000
@@ -38,9 +37,15 @@ def write_dataset(out: Path, train: int = 61, validation: int = 17, per_shard: i
     """A prepared dataset with ``train``/``validation`` samples, built without ``prepare``."""
     counts = {"train": train, "validation": validation}
     splits = {split: sample_tokens(np.arange(total)[:, None]) for split, total in counts.items()}
-    write_prepared(out, splits, context_length=CONTEXT, per_shard=per_shard,
-                   tokenizer=TokenizerInfo("test-vocab", "hf-json", VOCAB, 0, "0" * 64),
-                   settings={"validation_fraction": 0.2, "seed": 0}, created_by="tests")
+    write_prepared(
+        out,
+        splits,
+        context_length=CONTEXT,
+        per_shard=per_shard,
+        tokenizer=TokenizerInfo("test-vocab", "hf-json", VOCAB, 0, "0" * 64),
+        settings={"validation_fraction": 0.2, "seed": 0},
+        created_by="tests",
+    )
     return out
 
 
@@ -109,7 +114,7 @@ def test_batch_format(dataset):
 def test_every_epoch_uses_every_sample_once_and_reshuffles(dataset):
     n = 61
     ids = reference(dataset, 3 * n)
-    epochs = [ids[e * n:(e + 1) * n] for e in range(3)]
+    epochs = [ids[e * n : (e + 1) * n] for e in range(3)]
     for epoch in epochs:
         assert sorted(epoch) == list(range(n))
     assert epochs[0] != list(range(n)), "the order is not shuffled"
@@ -126,8 +131,9 @@ def test_same_seed_same_order_other_seed_other_order(dataset):
 def test_ranks_and_workers_partition_the_single_rank_stream(dataset, dp_size, num_workers, micro_batch):
     batches = 9  # crosses the 61-sample epoch boundary for every layout
     per_rank = [
-        stream_ids(build_train_loader(dataset, StreamLayout(micro_batch, r, dp_size, num_workers), lanes=LANES),
-                   batches)[0]
+        stream_ids(
+            build_train_loader(dataset, StreamLayout(micro_batch, r, dp_size, num_workers), lanes=LANES), batches
+        )[0]
         for r in range(dp_size)
     ]
     merged = merge_ranks(per_rank)
@@ -141,8 +147,10 @@ def test_resume_is_exact_across_rank_and_worker_changes(dataset):
     seen: list[int] = []
 
     def run(dp_size: int, num_workers: int, micro_batch: int, batches: int, state: dict | None) -> dict:
-        loaders = [build_train_loader(dataset, StreamLayout(micro_batch, r, dp_size, num_workers), lanes=LANES)
-                   for r in range(dp_size)]
+        loaders = [
+            build_train_loader(dataset, StreamLayout(micro_batch, r, dp_size, num_workers), lanes=LANES)
+            for r in range(dp_size)
+        ]
         for loader in loaders:
             if state is not None:
                 loader.load_state_dict(state)
@@ -185,7 +193,9 @@ def test_lanes_must_split_evenly_over_readers(dataset):
 
 def test_trainer_tokenizer_must_match_the_manifest(dataset):
     identity = {"spec": "other.json", "type": "hf-json", "vocab_size": VOCAB, "eos_id": 0, "sha256": "f" * 64}
-    with pytest.raises(ManifestError, match=r"manifest\.json: tokenizer 'other.json' does not match .*tokenizer\.sha256 is 'f+'"):
+    with pytest.raises(
+        ManifestError, match=r"manifest\.json: tokenizer 'other.json' does not match .*tokenizer\.sha256 is 'f+'"
+    ):
         build_train_loader(dataset, StreamLayout(micro_batch_size=2), lanes=LANES, tokenizer=identity)
     same = {**identity, "sha256": "0" * 64}
     build_train_loader(dataset, StreamLayout(micro_batch_size=2), lanes=LANES, tokenizer=same)
@@ -212,8 +222,12 @@ def test_validation_pass_covers_each_sample_once(dataset, dp_size, num_workers, 
 
 @pytest.mark.parametrize("template", ["pipe:cat {root}/{{path}}", "file://{root}/{{path}}"])
 def test_shards_stream_from_urls_and_pipes(dataset, template):
-    loader = build_train_loader(dataset, StreamLayout(micro_batch_size=4, num_workers=1), lanes=LANES,
-                                shard_url_template=template.format(root=dataset))
+    loader = build_train_loader(
+        dataset,
+        StreamLayout(micro_batch_size=4, num_workers=1),
+        lanes=LANES,
+        shard_url_template=template.format(root=dataset),
+    )
     ids, _ = stream_ids(loader, 20)
     assert ids == reference(dataset, 80)
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from test_loader import LANES, merge_ranks, sample_tokens, stream_ids, write_dataset
 
 from megatron_sffn.data.loader import build_train_loader, build_validation_loader
 from megatron_sffn.data.streaming import StreamLayout, merge_states
 from megatron_sffn.data.tar_shards import ShardError
-from test_loader import LANES, merge_ranks, sample_tokens, stream_ids, write_dataset
 
 TRAIN = 61
 PER_SHARD = 7
@@ -58,7 +58,10 @@ def swap_with_next(path: Path) -> None:
         (delete, r"train-000002\.tar: shard is missing"),
         (flip_payload_byte, r"train-000002\.tar: sha256 is [0-9a-f]+, the manifest says [0-9a-f]+ \(corrupt shard\)"),
         (short_sample, r"train-000002\.tar: sample 0000000016 has 10 bytes \(5 tokens\), expected 9 uint16 tokens"),
-        (swap_with_next, r"train-000002\.tar: sample 0 is member '0000000021\.tokens\.u16', expected '0000000014\.tokens\.u16'"),
+        (
+            swap_with_next,
+            r"train-000002\.tar: sample 0 is member '0000000021\.tokens\.u16', expected '0000000014\.tokens\.u16'",
+        ),
     ],
 )
 @pytest.mark.parametrize("num_workers", [0, 1])
@@ -95,7 +98,7 @@ def test_skip_mode_masks_bad_shard_in_place_and_counts_it(tmp_path, dp_size, num
     assert Counter(i for i in got[:TRAIN] if i is not None) == Counter(set(range(TRAIN)) - BAD_IDS)
 
     masked = sum(loader.stats.masked_samples for loader in loaders)
-    assert masked == sum(i is None for i in got) == 2 * len(BAD_IDS) + sum(i is None for i in got[2 * TRAIN:])
+    assert masked == sum(i is None for i in got) == 2 * len(BAD_IDS) + sum(i is None for i in got[2 * TRAIN :])
     for loader in loaders:
         stats = loader.state_dict()["stats"]
         if stats["bad_shard_reads"]:
@@ -136,7 +139,9 @@ def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
                 tokens = np.full_like(tokens, 60_000)
             tar.write({"__key__": f"{i:010d}", "tokens.u16": tokens.astype("<u2").tobytes()})
     loader = build_train_loader(data, StreamLayout(micro_batch_size=8), lanes=LANES, verify_checksums=False)
-    with pytest.raises(ShardError, match=r"train-000002\.tar: sample 0000000019 holds token id 60000, expected ids below"):
+    with pytest.raises(
+        ShardError, match=r"train-000002\.tar: sample 0000000019 holds token id 60000, expected ids below"
+    ):
         stream_ids(loader, 8)
 
 
@@ -145,8 +150,12 @@ def test_skip_counters_survive_resume_without_double_counting(tmp_path):
     delete(data / BAD)
 
     def run(dp_size: int, state: dict | None) -> list[dict]:
-        loaders = [build_train_loader(data, StreamLayout(micro_batch_size=4, dp_rank=r, dp_size=dp_size), lanes=LANES,
-                                      skip_bad_shards=True) for r in range(dp_size)]
+        loaders = [
+            build_train_loader(
+                data, StreamLayout(micro_batch_size=4, dp_rank=r, dp_size=dp_size), lanes=LANES, skip_bad_shards=True
+            )
+            for r in range(dp_size)
+        ]
         masked = 0
         for one in loaders:
             if state is not None:

@@ -12,6 +12,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from test_loader import merge_ranks, run_chain
 
 from data_tools.prepare import PrepareOptions, prepare
 from megatron_sffn.data.manifest import load_manifest
@@ -25,8 +26,6 @@ from megatron_sffn.data.on_the_fly import (
 from megatron_sffn.data.streaming import StreamLayout, merge_states
 from megatron_sffn.data.tar_shards import SampleFormat, read_shard, split_shards
 from megatron_sffn.data.text_sources import expand_inputs
-from test_loader import merge_ranks, run_chain
-
 from tests.workers.train_checks import word_level_tokenizer
 
 CONTEXT = 8
@@ -65,12 +64,23 @@ def corpus(tmp_path_factory) -> tuple[list[str], str]:
     return files, word_level_tokenizer(words, root / "tokenizer.json")
 
 
-def text_loader(corpus, layout: StreamLayout = StreamLayout(3), *, files: list[str] | None = None, seed: int = 1234,
-                lanes: int = LANES, **settings):
+def text_loader(
+    corpus,
+    layout: StreamLayout = StreamLayout(3),
+    *,
+    files: list[str] | None = None,
+    seed: int = 1234,
+    lanes: int = LANES,
+    **settings,
+):
     """The corpus' stream (or that of ``files``); ``settings`` are ``TextSettings`` fields."""
     paths, tokenizer = corpus
-    settings = text_settings(paths if files is None else files, tokenizer, CONTEXT,
-                             **{"validation_fraction": FRACTION, "shuffle_window": 5, **settings})
+    settings = text_settings(
+        paths if files is None else files,
+        tokenizer,
+        CONTEXT,
+        **{"validation_fraction": FRACTION, "shuffle_window": 5, **settings},
+    )
     return build_text_train_loader(settings, layout, seed=seed, lanes=lanes)
 
 
@@ -83,8 +93,12 @@ def test_each_epoch_reads_every_training_document_once(corpus):
     settings = text_settings(paths, tokenizer, CONTEXT, validation_fraction=FRACTION)
     source = TextSource(settings, seed=1234, lanes=LANES)
     assert len(source.units) == 6  # 3 files < 4 lanes: each file split in two by document stride
-    training = Counter((f, i) for f, path in enumerate(paths) for i, line in enumerate(open(path))
-                       if not settings.is_held_out(json.loads(line)["text"]))
+    training = Counter(
+        (f, i)
+        for f, path in enumerate(paths)
+        for i, line in enumerate(open(path))
+        if not settings.is_held_out(json.loads(line)["text"])
+    )
     assert 0 < sum(training.values()) < 90  # some documents are held out
     for epoch in range(2):
         read = Counter()
@@ -101,8 +115,14 @@ def test_one_lane_one_file_gives_prepares_samples(corpus, tmp_path):
     and the held-out pass is prepare's validation split."""
     paths, tokenizer = corpus
     out = tmp_path / "prepared"
-    options = PrepareOptions(tokenizer=tokenizer, out=out, context_length=CONTEXT, samples_per_shard=16,
-                             validation_fraction=FRACTION, split_seed=0)
+    options = PrepareOptions(
+        tokenizer=tokenizer,
+        out=out,
+        context_length=CONTEXT,
+        samples_per_shard=16,
+        validation_fraction=FRACTION,
+        split_seed=0,
+    )
     prepare(expand_inputs(paths[:1]), options, progress=False)
     manifest = load_manifest(out)
 
@@ -115,7 +135,7 @@ def test_one_lane_one_file_gives_prepares_samples(corpus, tmp_path):
     shuffled = reference(corpus, len(train) // window * window, files=paths[:1], lanes=1, shuffle_window=window)
     assert shuffled != train[: len(shuffled)]
     for w in range(0, len(shuffled), window):
-        assert sorted(shuffled[w:w + window]) == sorted(train[w:w + window])
+        assert sorted(shuffled[w : w + window]) == sorted(train[w : w + window])
 
     settings = text_settings(paths[:1], tokenizer, CONTEXT, validation_fraction=FRACTION)
     validation = build_text_validation_loader(settings, StreamLayout(micro_batch_size=4))
@@ -139,8 +159,9 @@ def test_ranks_and_workers_partition_the_single_rank_stream(corpus, dp_size, num
 def test_resume_is_exact_across_rank_and_worker_changes(corpus):
     """2 ranks -> 1 rank with 2 workers -> 4 ranks, stopping mid-window each time."""
     expected = reference(corpus, 90)
-    seen, states = run_chain([(2, 0, 3, 4), (1, 2, 2, 7), (4, 0, 1, 5)], lambda layout: text_loader(corpus, layout),
-                             stream)
+    seen, states = run_chain(
+        [(2, 0, 3, 4), (1, 2, 2, 7), (4, 0, 1, 5)], lambda layout: text_loader(corpus, layout), stream
+    )
     state = states[-1]
     assert state["consumed_samples"] == 24 + 14 + 20
     assert seen == expected[:58]
@@ -151,7 +172,9 @@ def test_one_ranks_state_cannot_resume_at_another_dp_size(corpus):
     for one in ranks:
         stream(one, 2)
     single = text_loader(corpus)
-    with pytest.raises(ValueError, match=r"lane 1 says 0 samples were consumed, but consumed_samples=12 means 3.*merge_states"):
+    with pytest.raises(
+        ValueError, match=r"lane 1 says 0 samples were consumed, but consumed_samples=12 means 3.*merge_states"
+    ):
         single.load_state_dict(ranks[0].state_dict())
     single.load_state_dict(merge_states([one.state_dict() for one in ranks]))
 

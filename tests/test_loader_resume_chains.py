@@ -83,7 +83,12 @@ def test_rank_states_with_a_stale_copy_of_a_lane_are_refused(corpus):  # noqa: F
         stream(one, 2)
     states = [one.state_dict() for one in ranks]
     assert set(states[0]["lane_state"]) == {"0", "2"} and set(states[1]["lane_state"]) == {"1", "3"}
-    stale = {**states[1], "lane_state": {**states[1]["lane_state"], "0": {"count": 0, "window_start": [0, 0, 0, 0],
-                                                                           "window_end": [0, 0, 0, 0]}}}
+    stale = {
+        **states[1],
+        "lane_state": {
+            **states[1]["lane_state"],
+            "0": {"count": 0, "window_start": [0, 0, 0, 0], "window_end": [0, 0, 0, 0]},
+        },
+    }
     with pytest.raises(ValueError, match=r"rank states 0 and 1 hold different cursors for lane 0"):
         merge_states([states[0], stale])

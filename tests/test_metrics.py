@@ -24,8 +24,14 @@ from megatron_sffn.training.metrics import (
 )
 
 # d 64, 2 layers, 4 heads of 16, context 32, vocab 128; layer 1's FFN LowRank R=16, layer 0 dense.
-MODEL = {"hidden_size": 64, "num_layers": 2, "num_attention_heads": 4, "seq_length": 32, "vocab_size": 128,
-         "ffn": {"structure": "lowrank", "rank": 16}}  # fmt: skip
+MODEL = {
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_attention_heads": 4,
+    "seq_length": 32,
+    "vocab_size": 128,
+    "ffn": {"structure": "lowrank", "rank": 16},
+}
 # The paper's formula written out by hand for MODEL:
 #   attention 2·L·(2·d_attn·d + 2·d_kv·d + 2·seq·d_attn) = 2·2·(8192 + 8192 + 4096) = 81920
 #   FFN 2·(dense 2·64·256 + LowRank 2·(64 + 256)·16)     = 2·(32768 + 10240)        = 86016
@@ -34,11 +40,22 @@ MODEL = {"hidden_size": 64, "num_layers": 2, "num_attention_heads": 4, "seq_leng
 HAND_TRAINING_FLOPS_PER_TOKEN = 3 * (81920 + 86016 + 16384)
 TOKENS_PER_STEP = 256
 TAGS = {
-    "train/lm_loss", "train/perplexity", "train/learning_rate", "train/grad_norm", "train/params_norm",
-    "train/consumed_tokens", "train/skipped_steps", "throughput/tokens_per_s", "throughput/tokens_per_s_per_device",
-    "throughput/tflops_per_device", "throughput/mfu", "memory/peak_bytes",
-    "time/step_s", "time/data_loading_s", "time/data_loading_share",
-}  # fmt: skip
+    "train/lm_loss",
+    "train/perplexity",
+    "train/learning_rate",
+    "train/grad_norm",
+    "train/params_norm",
+    "train/consumed_tokens",
+    "train/skipped_steps",
+    "throughput/tokens_per_s",
+    "throughput/tokens_per_s_per_device",
+    "throughput/tflops_per_device",
+    "throughput/mfu",
+    "memory/peak_bytes",
+    "time/step_s",
+    "time/data_loading_s",
+    "time/data_loading_share",
+}
 GPU_MEMORY_TAGS = {"memory/max_reserved_bytes", "memory/max_active_bytes", "memory/alloc_retries", "memory/ooms"}
 
 
@@ -68,8 +85,9 @@ def make_logger(tmp_path, clock, *, peak=PeakFlops(0.5e9, "test"), world_size=2,
     )
 
 
-def run_steps(logger, clock, steps, *, first=1, seconds_per_step=0.4, loss=lambda s: 5.0 - 0.1 * s, skipped=(),
-              data_seconds=0.1):
+def run_steps(
+    logger, clock, steps, *, first=1, seconds_per_step=0.4, loss=lambda s: 5.0 - 0.1 * s, skipped=(), data_seconds=0.1
+):
     reports = []
     for step in range(first, first + steps):
         clock.now += seconds_per_step
@@ -206,10 +224,21 @@ def test_train_step_before_start_is_an_error(tmp_path):
 
 def test_console_line_format():
     metrics = IntervalMetrics(
-        step=120, train_steps=4196, lm_loss=3.4121, learning_rate=5.94e-4, grad_norm=0.3, params_norm=None,
-        consumed_tokens=120 * 524288, skipped_steps=0, tokens_per_s=41234.0, tokens_per_s_per_device=41234.0,
-        tflops_per_device=1.0, mfu=0.3849, peak_memory_bytes=int(12.3 * 1024**3), eta_seconds=3725.0,
-    )  # fmt: skip
+        step=120,
+        train_steps=4196,
+        lm_loss=3.4121,
+        learning_rate=5.94e-4,
+        grad_norm=0.3,
+        params_norm=None,
+        consumed_tokens=120 * 524288,
+        skipped_steps=0,
+        tokens_per_s=41234.0,
+        tokens_per_s_per_device=41234.0,
+        tflops_per_device=1.0,
+        mfu=0.3849,
+        peak_memory_bytes=int(12.3 * 1024**3),
+        eta_seconds=3725.0,
+    )
     assert metrics.console_line() == (
         "step 120/4196 | loss 3.412 | lr 5.9e-04 | grad 0.3 | 41.2k tok/s | 38.5% MFU | 12.3 GiB | ETA 1h02m"
     )
@@ -217,15 +246,21 @@ def test_console_line_format():
     assert timed.console_line() == (
         "step 120/4196 | loss 3.412 | lr 5.9e-04 | grad n/a | 41.2k tok/s | 38.5% MFU | 12.3 GiB | 1.27 s/step | ETA 1h02m"
     )
-    pattern = (r"step \d+/\d+ \| loss \d+\.\d{3} \| lr \d\.\de[-+]\d\d \| grad \S+ \| [\d.]+[kMG]? tok/s \| "
-               r"\d+\.\d% MFU \| \d+\.\d GiB \| [\d.]+ m?s/step \| ETA \S+")  # fmt: skip
+    pattern = (
+        r"step \d+/\d+ \| loss \d+\.\d{3} \| lr \d\.\de[-+]\d\d \| grad \S+ \| [\d.]+[kMG]? tok/s \| "
+        r"\d+\.\d% MFU \| \d+\.\d GiB \| [\d.]+ m?s/step \| ETA \S+"
+    )
     assert re.fullmatch(pattern, timed.console_line())
 
 
 def test_gpu_allocator_statistics_are_logged_from_memory_stats(tmp_path, monkeypatch):
     """The GPU path, on any machine: torch.cuda's statistics calls answer with known values."""
-    stats = {"reserved_bytes.all.peak": 7 * 1024**3, "active_bytes.all.peak": 5 * 1024**3, "num_alloc_retries": 3,
-             "num_ooms": 1}  # fmt: skip
+    stats = {
+        "reserved_bytes.all.peak": 7 * 1024**3,
+        "active_bytes.all.peak": 5 * 1024**3,
+        "num_alloc_retries": 3,
+        "num_ooms": 1,
+    }
     monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: stats)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 4 * 1024**3)
@@ -235,8 +270,12 @@ def test_gpu_allocator_statistics_are_logged_from_memory_stats(tmp_path, monkeyp
     run_steps(logger, clock, 10)
     logger.close()
     scalars = {tag: {e.step: e.value for e in read_events(tmp_path / "tb").Scalars(tag)} for tag in GPU_MEMORY_TAGS}
-    assert scalars == {"memory/max_reserved_bytes": {10: 7 * 1024**3}, "memory/max_active_bytes": {10: 5 * 1024**3},
-                       "memory/alloc_retries": {10: 3.0}, "memory/ooms": {10: 1.0}}  # fmt: skip
+    assert scalars == {
+        "memory/max_reserved_bytes": {10: 7 * 1024**3},
+        "memory/max_active_bytes": {10: 5 * 1024**3},
+        "memory/alloc_retries": {10: 3.0},
+        "memory/ooms": {10: 1.0},
+    }
 
 
 @pytest.mark.gpu
@@ -253,15 +292,24 @@ def test_gpu_allocator_statistics_on_a_real_gpu():
 
 @pytest.mark.parametrize(
     "value, text",
-    [(950, "950"), (41234, "41.2k"), (999_499, "999k"), (999_999, "1M"), (1_500_000, "1.5M"), (2.5e9, "2.5G"),
-     (2.5e12, "2500G"), (0.5, "0.5")],  # fmt: skip
+    [
+        (950, "950"),
+        (41234, "41.2k"),
+        (999_499, "999k"),
+        (999_999, "1M"),
+        (1_500_000, "1.5M"),
+        (2.5e9, "2.5G"),
+        (2.5e12, "2500G"),
+        (0.5, "0.5"),
+    ],
 )
 def test_format_count(value, text):
     assert format_count(value) == text
 
 
 @pytest.mark.parametrize(
-    "seconds, text", [(45, "45s"), (725, "12m05s"), (3725, "1h02m"), (3 * 86400 + 4 * 3600 + 59, "3d04h"), (math.inf, "?")]
+    "seconds, text",
+    [(45, "45s"), (725, "12m05s"), (3725, "1h02m"), (3 * 86400 + 4 * 3600 + 59, "3d04h"), (math.inf, "?")],
 )
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text

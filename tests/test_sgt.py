@@ -33,10 +33,17 @@ from megatron_sffn.structured.guided import (
 
 @pytest.mark.parametrize(
     "step, cosine, linear",
-    [(0, 1.0, 1.0), (1, 0.5 * (1 + math.cos(math.pi / 8)), 0.875), (2, 0.5 * (1 + math.sqrt(0.5)), 0.75),
-     (4, 0.5, 0.5), (6, 0.5 * (1 - math.sqrt(0.5)), 0.25), (7, 0.5 * (1 - math.cos(math.pi / 8)), 0.125),
-     (8, 0.0, 0.0), (20, 0.0, 0.0)],
-)  # fmt: skip
+    [
+        (0, 1.0, 1.0),
+        (1, 0.5 * (1 + math.cos(math.pi / 8)), 0.875),
+        (2, 0.5 * (1 + math.sqrt(0.5)), 0.75),
+        (4, 0.5, 0.5),
+        (6, 0.5 * (1 - math.sqrt(0.5)), 0.25),
+        (7, 0.5 * (1 - math.cos(math.pi / 8)), 0.125),
+        (8, 0.0, 0.0),
+        (20, 0.0, 0.0),
+    ],
+)
 def test_alpha_schedules_at_chosen_steps(step, cosine, linear):
     assert guide_alpha(step, 8, "cosine") == pytest.approx(cosine, abs=1e-15)
     assert guide_alpha(step, 8, "linear") == pytest.approx(linear, abs=1e-15)
@@ -87,8 +94,12 @@ def test_draws_are_pure_functions_of_their_counters():
 @pytest.mark.parametrize("alpha", [0.05, 0.3, 0.5, 0.8, 0.97])
 def test_use_rate_of_the_cost_saving_variant_tracks_alpha(alpha):
     draws = 6000  # 200 steps x 6 micro-batches x 5 linears
-    used = sum(drawn_alpha(alpha, 3, step, mb, layer) == alpha
-               for step in range(1, 201) for mb in range(6) for layer in range(2, 7))  # fmt: skip
+    used = sum(
+        drawn_alpha(alpha, 3, step, mb, layer) == alpha
+        for step in range(1, 201)
+        for mb in range(6)
+        for layer in range(2, 7)
+    )
     sigma = math.sqrt(alpha * (1 - alpha) / draws)
     assert abs(used / draws - alpha) < 4 * sigma
 
@@ -190,7 +201,9 @@ PAPER_RATIOS = {  # "Building on Efficient Foundations" (Wei et al., 2024), 32% 
     "blockshuffle": (0.30, 0.38, 0.41, 0.43),
     "blockdense": (0.30, 0.40, 0.41, 0.45),
 }
-CASES = [(kind, size, ratio) for kind, ratios in PAPER_RATIOS.items() for size, ratio in zip("s m l xl".split(), ratios)]
+CASES = [
+    (kind, size, ratio) for kind, ratios in PAPER_RATIOS.items() for size, ratio in zip("s m l xl".split(), ratios)
+]
 
 
 @pytest.mark.parametrize("kind, size, ratio", CASES)
@@ -234,15 +247,23 @@ def test_fixed_steps_and_explicit_fractions():
     "call, message",
     [
         (lambda: same_flops_ratio(preset("s")), "needs structured FFNs"),
-        (lambda: sgt_steps(preset("s", structure="lowrank", ratio=0.32), 100, mode="fixed_steps", ratio=0.3),
-         "sgt.ratio=0.3 applies to sgt.mode='same_flops' only"),
+        (
+            lambda: sgt_steps(preset("s", structure="lowrank", ratio=0.32), 100, mode="fixed_steps", ratio=0.3),
+            "sgt.ratio=0.3 applies to sgt.mode='same_flops' only",
+        ),
         (lambda: sgt_steps(preset("s", structure="lowrank", ratio=0.32), 100, mode="steps"), "sgt.mode='steps'"),
-        (lambda: sgt_steps(preset("s", structure="lowrank", ratio=0.32), 100, guided_fraction=1.5),
-         r"sgt.guided_fraction=1.5 must be in \(0, 1\]"),
-        (lambda: same_flops_ratio(preset("s", structure="lowrank", ratio=0.63), guided_fraction=1.0, stochastic=False),
-         "no same-FLOPs run exists"),
+        (
+            lambda: sgt_steps(preset("s", structure="lowrank", ratio=0.32), 100, guided_fraction=1.5),
+            r"sgt.guided_fraction=1.5 must be in \(0, 1\]",
+        ),
+        (
+            lambda: same_flops_ratio(
+                preset("s", structure="lowrank", ratio=0.63), guided_fraction=1.0, stochastic=False
+            ),
+            "no same-FLOPs run exists",
+        ),
     ],
-)  # fmt: skip
+)
 def test_accounting_errors_name_the_setting(call, message):
     with pytest.raises(ValueError, match=message):
         call()
@@ -292,8 +313,12 @@ SGT_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "sgt").g
 
 def test_every_paper_size_and_32_percent_structure_has_both_modes():
     names = {p.stem for p in SGT_CONFIGS}
-    expected = {f"{size}_{kind}32_{mode}" for size in ("s", "m", "l", "xl") for kind in PAPER_RATIOS
-                for mode in ("same_flops", "fixed_steps")}  # fmt: skip
+    expected = {
+        f"{size}_{kind}32_{mode}"
+        for size in ("s", "m", "l", "xl")
+        for kind in PAPER_RATIOS
+        for mode in ("same_flops", "fixed_steps")
+    }
     assert names == expected
 
 
@@ -326,11 +351,18 @@ def _run(**sections):
     from megatron_sffn.config.train import TrainConfig
 
     config = {
-        "run_dir": "r", "data": {"path": "d"},
-        "model": {"hidden_size": 64, "num_layers": 3, "num_attention_heads": 4, "vocab_size": 128, "seq_length": 16,
-                  "ffn": {"structure": "lowrank", "rank": 16}},
+        "run_dir": "r",
+        "data": {"path": "d"},
+        "model": {
+            "hidden_size": 64,
+            "num_layers": 3,
+            "num_attention_heads": 4,
+            "vocab_size": 128,
+            "seq_length": 16,
+            "ffn": {"structure": "lowrank", "rank": 16},
+        },
         "training": {"micro_batch_size": 2, "global_batch_size": 8, "train_steps": 100},
-    }  # fmt: skip
+    }
     for name, values in sections.items():
         config[name] = {**config.get(name, {}), **values}
     return from_dict(TrainConfig, config, "run.yaml")
@@ -347,7 +379,11 @@ def test_run_length_and_refusals_of_the_sgt_section():
     with pytest.raises(ConfigError, match="sgt.enabled=true needs structured FFNs"):
         _run(sgt={"enabled": True}, model={"ffn": {"structure": "dense"}})
     with pytest.raises(ConfigError, match="sgt.stochastic=true cannot be combined with training.recompute_granularity"):
-        _run(sgt={"enabled": True}, training={"recompute_granularity": "full", "recompute_method": "uniform",
-                                              "recompute_num_layers": 1})  # fmt: skip
-    assert _run(sgt={"enabled": True, "stochastic": False}, training={
-        "recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}).sgt.enabled
+        _run(
+            sgt={"enabled": True},
+            training={"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+        )
+    assert _run(
+        sgt={"enabled": True, "stochastic": False},
+        training={"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+    ).sgt.enabled

@@ -27,14 +27,16 @@ def run():
     return launch(
         "tests.workers.sgt_checks",
         ["guided_mlp_tp2_matches_tp1", "guided_training_tp2_matches_tp1", "guided_training_pp2_matches_dp2"],
-        nproc=2, timeout=600,
+        nproc=2,
+        timeout=600,
         kwargs={
             "guided_training_tp2_matches_tp1": {"structure": {"structure": "lowrank", "rank": 16}},
             # Layers 0 and 1 dense: the first of two pipeline stages holds no guide at all.
-            "guided_training_pp2_matches_dp2": {"structure": {"structure": "blockshuffle", "blocks": 4,
-                                                              "dense_layers": [0, 1]}},
+            "guided_training_pp2_matches_dp2": {
+                "structure": {"structure": "blockshuffle", "blocks": 4, "dense_layers": [0, 1]}
+            },
         },
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("case", GUIDED_CASES, ids=lambda c: c.name)

@@ -43,8 +43,9 @@ def dataset(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("data"))
 
 
-def _sgt_run(tmp: Path, dataset: Path, name: str, *, nproc: int = 2, env_faults: dict | None = None,
-             **sections) -> tuple[Path, str]:  # fmt: skip
+def _sgt_run(
+    tmp: Path, dataset: Path, name: str, *, nproc: int = 2, env_faults: dict | None = None, **sections
+) -> tuple[Path, str]:
     sections = {"training": {"train_steps": BASE_STEPS}, "sgt": SGT, **sections}
     return traced_run(tmp, dataset, name, nproc=nproc, env_faults=env_faults, **sections)
 
@@ -61,8 +62,14 @@ def _guide_keys(checkpoint: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, dataset) -> tuple[Path, str]:
     tmp = tmp_path_factory.mktemp("reference")
-    trace, out = _sgt_run(tmp, dataset, "ref", logging={"tensorboard": True, "log_interval": 1},
-                          eval={"interval": 2, "at_end": True}, checkpoint={"save_interval": 100})  # fmt: skip
+    trace, out = _sgt_run(
+        tmp,
+        dataset,
+        "ref",
+        logging={"tensorboard": True, "log_interval": 1},
+        eval={"interval": 2, "at_end": True},
+        checkpoint={"save_interval": 100},
+    )
     return trace, out
 
 
@@ -104,16 +111,27 @@ def test_final_checkpoint_has_no_guides_and_evaluates_as_structured_model(refere
     measured = [r for r in read_trace(trace / "rank0.jsonl") if "eval_step" in r]
     assert [r["eval_step"] for r in measured] == [2, 4, 6, 8, TOTAL]
     report = tmp_path / "eval.json"
-    done = subprocess.run([sys.executable, "-m", "megatron_sffn.evaluate", str(run_dir), "--json", str(report)],
-                          cwd=REPO_ROOT, env=train_env(), capture_output=True, text=True, timeout=180)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "megatron_sffn.evaluate", str(run_dir), "--json", str(report)],
+        cwd=REPO_ROOT,
+        env=train_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     assert json.loads(report.read_text())["val_loss"] == pytest.approx(measured[-1]["val_loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize("stop_after", [2, 7], ids=["during-guidance", "after-switch-off-and-restart"])
 def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, dataset, reference, stop_after):
-    trace, out = _sgt_run(tmp_path, dataset, "run", env_faults={"SFFN_FAULT_SIGNAL_AT_STEP": str(stop_after)},
-                          checkpoint={"save_interval": 100})  # fmt: skip
+    trace, out = _sgt_run(
+        tmp_path,
+        dataset,
+        "run",
+        env_faults={"SFFN_FAULT_SIGNAL_AT_STEP": str(stop_after)},
+        checkpoint={"save_interval": 100},
+    )
     assert f"stopped by SIGTERM after step {stop_after}" in out
     checkpoint = tmp_path / "run" / "checkpoints" / f"step_{stop_after:07d}"
     saved = read_checkpoint_header(checkpoint)["sgt"]

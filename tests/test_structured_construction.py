@@ -83,7 +83,13 @@ def test_configured_std_is_used(std):
 
 
 @pytest.mark.parametrize(
-    "kind,opts", [("dense", {}), ("lowrank", {"rank": 8}), ("blockdense", {"rank": 8, "blocks": 4}), ("blockshuffle", {"blocks": 4})]
+    "kind,opts",
+    [
+        ("dense", {}),
+        ("lowrank", {"rank": 8}),
+        ("blockdense", {"rank": 8, "blocks": 4}),
+        ("blockshuffle", {"blocks": 4}),
+    ],
 )
 def test_bias_is_zero_and_skip_bias_add_returns_output_and_bias(kind, opts):
     layer = build_linear(kind, 32, 64, skip_bias_add=True, **opts)
@@ -119,7 +125,12 @@ def test_parameter_counts_match_paper_formulas(n, m, rank, blocks):
         "blockdense": rank * (m + n // blocks),
         "blockshuffle": min(n, m) * (n + m) // blocks,
     }
-    sizes = {"dense": {}, "lowrank": {"rank": rank}, "blockdense": {"rank": rank, "blocks": blocks}, "blockshuffle": {"blocks": blocks}}
+    sizes = {
+        "dense": {},
+        "lowrank": {"rank": rank},
+        "blockdense": {"rank": rank, "blocks": blocks},
+        "blockshuffle": {"blocks": blocks},
+    }
     for kind, formula in expected.items():
         layer = build_linear(kind, n, m, init_method="normal", device="meta", **sizes[kind])
         assert layer.num_params() - m == layer.weight_params() == formula, kind
@@ -156,7 +167,13 @@ def test_bad_arguments_raise_value_error_naming_the_values(kind, n, m, opts, pat
 
 
 @pytest.mark.parametrize(
-    "kind,opts", [("dense", {}), ("lowrank", {"rank": 8}), ("blockdense", {"rank": 8, "blocks": 4}), ("blockshuffle", {"blocks": 4})]
+    "kind,opts",
+    [
+        ("dense", {}),
+        ("lowrank", {"rank": 8}),
+        ("blockdense", {"rank": 8, "blocks": 4}),
+        ("blockshuffle", {"blocks": 4}),
+    ],
 )
 def test_reset_parameters_is_deterministic_per_seed(kind, opts):
     layer = build_linear(kind, 32, 64, **opts)

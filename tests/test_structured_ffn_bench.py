@@ -94,9 +94,31 @@ def test_unreachable_ratio_names_the_values(ffn_bench):
 def test_command_line_with_glibc_memory_reuse(tmp_path):
     """Run as users do (a script, its own process: the malloc setting is process-wide)."""
     result = subprocess.run(
-        [sys.executable, str(BENCH), "--width", "64", "--tokens", "16", "--repeats", "1", "--warmup", "0",
-         "--structures", "lowrank", "--ratios", "0.32", "--keep-freed-memory", "--threads", "1", "--clock", "process"],
-        capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            str(BENCH),
+            "--width",
+            "64",
+            "--tokens",
+            "16",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--structures",
+            "lowrank",
+            "--ratios",
+            "0.32",
+            "--keep-freed-memory",
+            "--threads",
+            "1",
+            "--clock",
+            "process",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert "[ffn_bench] repeat 1/1 lowrank 32% (R=16)" in result.stderr  # progress goes to stderr

@@ -93,7 +93,12 @@ def test_layer_matches_dense_reference(kind, opts, n, m, leading, dtype):
     y_ref = x.detach() @ compose_dense(layer, ref).T + ref["bias"]
     y_ref.backward(g)
     for name in factor_names(layer) + ["bias"]:
-        torch.testing.assert_close(dict(layer.named_parameters())[name].grad, ref[name].grad, **tol, msg=lambda text: f"{name}: {text}")
+        torch.testing.assert_close(
+            dict(layer.named_parameters())[name].grad,
+            ref[name].grad,
+            **tol,
+            msg=lambda text, name=name: f"{name}: {text}",
+        )
 
 
 @pytest.mark.parametrize("kind,opts", STRUCTURES, ids=IDS)

@@ -159,13 +159,15 @@ def model_checks():
         kwargs={
             "attention_matches_reference": {"names": ["gqa", "mha", "six_heads"]},
             "parameter_counts": {"names": ["gqa", "mha"]},
-            "greedy_decode_matches_full_forward": {"models": {
-                "all": {"model": "gqa"},
-                "hybrid": {"model": "six_heads", "supra": {"every": 2}},
-                "retnet_mha": {"model": "mha", "supra": {"decay": "retnet", "chunk_size": 3}},
-            }},
+            "greedy_decode_matches_full_forward": {
+                "models": {
+                    "all": {"model": "gqa"},
+                    "hybrid": {"model": "six_heads", "supra": {"every": 2}},
+                    "retnet_mha": {"model": "mha", "supra": {"decay": "retnet", "chunk_size": 3}},
+                }
+            },
         },
-    )  # fmt: skip
+    )
     return run.results[0]
 
 
@@ -214,8 +216,14 @@ def test_score_flops_are_what_the_chunked_form_computes(chunk):
     """The accounting's per-token count equals the matmul FLOPs torch counts in the chunked form."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=4, seq_length=64, attention="supra",
-                      supra={"chunk_size": chunk})  # fmt: skip
+    cfg = ModelConfig(
+        hidden_size=64,
+        num_layers=2,
+        num_attention_heads=4,
+        seq_length=64,
+        attention="supra",
+        supra={"chunk_size": chunk},
+    )
     q, k, v = qkv(1, 4, cfg.seq_length, cfg.kv_channels)
     with FlopCounterMode(display=False) as counter:
         chunked_decay_attention(q, k, v, log_decays("lightning", 4), chunk)

@@ -43,10 +43,27 @@ def softmax_run(tmp_path_factory, dataset) -> Path:
     return tmp / "run"
 
 
-def _uptrain(tmp: Path, dataset: Path, softmax: Path, *, name: str = "up", nproc: int = 1,
-             overrides: tuple[str, ...] = (), model: dict | None = None, **kwargs) -> tuple[Path, str]:
-    return _trained(tmp, dataset, name, nproc=nproc, training={"train_steps": STEPS}, model=model or GQA,
-                    overrides=(*SUPRA, f"checkpoint.load={softmax}", *overrides), **kwargs)  # fmt: skip
+def _uptrain(
+    tmp: Path,
+    dataset: Path,
+    softmax: Path,
+    *,
+    name: str = "up",
+    nproc: int = 1,
+    overrides: tuple[str, ...] = (),
+    model: dict | None = None,
+    **kwargs,
+) -> tuple[Path, str]:
+    return _trained(
+        tmp,
+        dataset,
+        name,
+        nproc=nproc,
+        training={"train_steps": STEPS},
+        model=model or GQA,
+        overrides=(*SUPRA, f"checkpoint.load={softmax}", *overrides),
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -86,21 +103,32 @@ def test_dense_softmax_checkpoint_starts_a_hybrid(tmp_path, dataset):
     """Identical dense layers are stored stacked; a hybrid keys its layers apart and must still load them all."""
     dense = {"ffn": {"structure": "dense"}}
     _trained(tmp_path, dataset, "dense", training={"train_steps": 3}, model=dense)
-    trace, out = _uptrain(tmp_path, dataset, tmp_path / "dense", name="hybrid", model=dense,
-                          overrides=("model.supra.every=2", "training.train_steps=3"))  # fmt: skip
+    trace, out = _uptrain(
+        tmp_path,
+        dataset,
+        tmp_path / "dense",
+        name="hybrid",
+        model=dense,
+        overrides=("model.supra.every=2", "training.train_steps=3"),
+    )
     assert "4 new tensors (feature_map.bias in local layers 1, 3; feature_map.weight in local layers 1, 3)" in out
     assert len(_losses(trace, 0)) == 3
 
 
 def test_checkpoint_of_another_shape_is_refused_before_set_up(tmp_path, dataset, softmax_run):
-    config = run_config(tmp_path / "up", dataset, model={**GQA, "attention": "supra", "num_layers": 2},
-                        checkpoint={"load": str(softmax_run)})  # fmt: skip
+    config = run_config(
+        tmp_path / "up",
+        dataset,
+        model={**GQA, "attention": "supra", "num_layers": 2},
+        checkpoint={"load": str(softmax_run)},
+    )
     with pytest.raises(ValueError, match=r"model.num_layers: checkpoint 4, this run 2"):
         preflight(from_dict(TrainConfig, config), world_size=1)
     assert not (tmp_path / "up").exists()
     # SUPRA options do not matter to a softmax run.
-    softmax = run_config(tmp_path / "up", dataset, model={**GQA, "supra": {"chunk_size": 8}},
-                         checkpoint={"load": str(softmax_run)})  # fmt: skip
+    softmax = run_config(
+        tmp_path / "up", dataset, model={**GQA, "supra": {"chunk_size": 8}}, checkpoint={"load": str(softmax_run)}
+    )
     preflight(from_dict(TrainConfig, softmax), world_size=1)
 
 
@@ -110,8 +138,17 @@ def test_evaluation_right_after_the_swap_is_the_same_at_tp2(tmp_path, softmax_ru
     for nproc in (1, 2):
         out = tmp_path / f"tp{nproc}.json"
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-        command = [sys.executable, *launcher, "-m", "megatron_sffn.evaluate", str(softmax_run),
-                   "model.attention=supra", f"parallel.tensor_parallel={nproc}", "--json", str(out)]  # fmt: skip
+        command = [
+            sys.executable,
+            *launcher,
+            "-m",
+            "megatron_sffn.evaluate",
+            str(softmax_run),
+            "model.attention=supra",
+            f"parallel.tensor_parallel={nproc}",
+            "--json",
+            str(out),
+        ]
         done = subprocess.run(command, cwd=REPO_ROOT, env=train_env(), capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
         losses.append(json.loads(out.read_text())["val_loss"])

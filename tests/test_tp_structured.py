@@ -16,11 +16,18 @@ import torch.nn.functional as F
 
 from megatron_sffn.config import FFNConfig, ModelConfig
 from megatron_sffn.parallel.comm import ShapeOnlyGroup
-from megatron_sffn.parallel.mlp_spec import STRUCTURED_LINEARS, mlp_spec
-from megatron_sffn.parallel.plan import FFNShape, TPStrategy, choose_strategy, rank_cost
 from megatron_sffn.parallel.grads import TP_AVERAGED
 from megatron_sffn.parallel.layout import TPLayout, padded_tokens, shard_ranges
-from megatron_sffn.parallel.plan import candidate_strategies, dense_equivalent, require_shardable
+from megatron_sffn.parallel.mlp_spec import STRUCTURED_LINEARS, mlp_spec
+from megatron_sffn.parallel.plan import (
+    FFNShape,
+    TPStrategy,
+    candidate_strategies,
+    choose_strategy,
+    dense_equivalent,
+    rank_cost,
+    require_shardable,
+)
 from megatron_sffn.structured import build_linear, counts
 from tests.workers.tp_structured import (
     CASES,
@@ -117,7 +124,9 @@ def _splittable(case: Case, tp: int) -> bool:
 
 
 # Each structured case at TP=2 and TP=4 where its blocks allow (errors are tested below).
-SPLIT_CASES = [pytest.param(c, tp, id=f"{c.name}-tp{tp}") for c in STRUCTURED_CASES for tp in (2, 4) if _splittable(c, tp)]
+SPLIT_CASES = [
+    pytest.param(c, tp, id=f"{c.name}-tp{tp}") for c in STRUCTURED_CASES for tp in (2, 4) if _splittable(c, tp)
+]
 
 
 @pytest.mark.parametrize("case, tp", SPLIT_CASES)
@@ -265,8 +274,12 @@ def test_auto_strategy_matches_the_documented_choices():
 def test_spec_factory_keeps_layer_zero_dense_and_passes_structure_options():
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    cfg = ModelConfig(hidden_size=HIDDEN, num_layers=3, num_attention_heads=2,
-                      ffn=FFNConfig(structure="blockdense", rank=8, blocks=2, init="normal"))  # fmt: skip
+    cfg = ModelConfig(
+        hidden_size=HIDDEN,
+        num_layers=3,
+        num_attention_heads=2,
+        ffn=FFNConfig(structure="blockdense", rank=8, blocks=2, init="normal"),
+    )
     dense = mlp_spec(cfg, 0)
     assert dense.submodules.linear_fc1 is ColumnParallelLinear and dense.submodules.linear_fc2 is RowParallelLinear
     structured = mlp_spec(cfg, 2, tp_strategy="replicated/reduce")
@@ -285,10 +298,17 @@ def _build(case: Case, tp: int, **config_overrides):
 @pytest.mark.parametrize(
     "case, tp, message",
     [
-        (Case("blockdense", rank=12, blocks=4), 8, "blockdense: blocks=4 is not divisible by tensor_model_parallel_size=8"),
+        (
+            Case("blockdense", rank=12, blocks=4),
+            8,
+            "blockdense: blocks=4 is not divisible by tensor_model_parallel_size=8",
+        ),
         (Case("blockshuffle", blocks=2), 4, "blockshuffle: blocks=2 is not divisible by tensor_model_parallel_size=4"),
-        (Case("blockshuffle", blocks=8), 8,
-         "blockshuffle: hidden_size/blocks=4 is not divisible by tensor_model_parallel_size=8"),
+        (
+            Case("blockshuffle", blocks=8),
+            8,
+            "blockshuffle: hidden_size/blocks=4 is not divisible by tensor_model_parallel_size=8",
+        ),
         (Case("lowrank", rank=8), 3, "ffn_hidden_size=128 is not divisible by tensor_model_parallel_size=3"),
         (Case("lowrank", rank=8, strategy="split/reduce"), 2, "lowrank: tp_strategy='split/reduce'; expected"),
     ],

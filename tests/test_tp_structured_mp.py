@@ -27,8 +27,13 @@ TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module")
 def run():
-    checks = ["tp2_matches_tp1", "checkpoint_reshard", "blockshuffle_ffn_matches_spec", "blockshuffle_subset_matches_spec",
-              "block_major_checkpoint_refused"]  # fmt: skip
+    checks = [
+        "tp2_matches_tp1",
+        "checkpoint_reshard",
+        "blockshuffle_ffn_matches_spec",
+        "blockshuffle_subset_matches_spec",
+        "block_major_checkpoint_refused",
+    ]
     return launch("tests.workers.tp_structured", checks, nproc=2, timeout=420)
 
 

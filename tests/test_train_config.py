@@ -34,7 +34,13 @@ def build(**sections) -> TrainConfig:
 def test_defaults_are_the_paper_recipe():
     cfg = build()
     opt = cfg.optimizer
-    assert (opt.adam_beta1, opt.adam_beta2, opt.adam_eps, opt.weight_decay, opt.clip_grad) == (0.9, 0.999, 1e-8, 0.1, 1.0)
+    assert (opt.adam_beta1, opt.adam_beta2, opt.adam_eps, opt.weight_decay, opt.clip_grad) == (
+        0.9,
+        0.999,
+        1e-8,
+        0.1,
+        1.0,
+    )
     assert opt.min_lr_ratio == 0.1 and opt.decay_style == "cosine"
     assert opt.warmup_fraction == 0.1 and opt.warmup_steps is None
     assert cfg.parallel.tensor_parallel == cfg.parallel.pipeline_parallel == 1
@@ -64,7 +70,10 @@ def test_device_dependent_choices():
     assert build(training={"precision": "fp32"}).training.resolved_precision(on_gpu=True) == "fp32"
     assert (cfg.parallel.resolved_backend(True), cfg.parallel.resolved_backend(False)) == ("nccl", "gloo")
     assert build(parallel={"backend": "gloo"}).parallel.resolved_backend(True) == "gloo"
-    assert (cfg.parallel.resolved_distributed_optimizer(True), cfg.parallel.resolved_distributed_optimizer(False)) == (True, False)
+    assert (cfg.parallel.resolved_distributed_optimizer(True), cfg.parallel.resolved_distributed_optimizer(False)) == (
+        True,
+        False,
+    )
     forced = build(parallel={"use_distributed_optimizer": False})
     assert forced.parallel.resolved_distributed_optimizer(True) is False
 
@@ -74,7 +83,10 @@ def test_layout_at_launch():
     assert cfg.data_parallel_size(8) == 4
     assert cfg.num_micro_batches(8) == 2  # 16 = 2 micro x 2 per replica x 4 replicas
     assert cfg.num_micro_batches(2) == 8
-    with pytest.raises(ValueError, match=r"world size 3 is not divisible by parallel.tensor_parallel=2 x parallel.pipeline_parallel=1 = 2"):
+    with pytest.raises(
+        ValueError,
+        match=r"world size 3 is not divisible by parallel.tensor_parallel=2 x parallel.pipeline_parallel=1 = 2",
+    ):
         cfg.validate_layout(3)
     with pytest.raises(
         ValueError,
@@ -87,7 +99,9 @@ def test_every_data_reader_owns_whole_lanes():
     cfg = build(data={"lanes": 12, "num_workers": 3}, training={"micro_batch_size": 1, "global_batch_size": 16})
     cfg.validate_layout(1)
     cfg.validate_layout(4)  # 4 replicas x 3 workers = 12 readers
-    with pytest.raises(ValueError, match=r"data.lanes=12 is not a multiple of data-parallel size 8 x data.num_workers=3 = 24"):
+    with pytest.raises(
+        ValueError, match=r"data.lanes=12 is not a multiple of data-parallel size 8 x data.num_workers=3 = 24"
+    ):
         cfg.validate_layout(8)
     in_process = build(data={"lanes": 4, "num_workers": 0}, training={"micro_batch_size": 1, "global_batch_size": 16})
     in_process.validate_layout(4)  # no workers: the rank itself is the one reader
@@ -96,25 +110,51 @@ def test_every_data_reader_owns_whole_lanes():
 @pytest.mark.parametrize(
     "sections, fragment",
     [
-        ({"training": {"train_steps": None}}, "set exactly one of train_steps or train_tokens, got train_steps=None train_tokens=None"),
-        ({"training": {"train_tokens": 5000}}, "set exactly one of train_steps or train_tokens, got train_steps=10 train_tokens=5000"),
-        ({"training": {"train_steps": None, "train_tokens": 100}}, "training.train_tokens=100 is less than one step of 256 tokens"),
+        (
+            {"training": {"train_steps": None}},
+            "set exactly one of train_steps or train_tokens, got train_steps=None train_tokens=None",
+        ),
+        (
+            {"training": {"train_tokens": 5000}},
+            "set exactly one of train_steps or train_tokens, got train_steps=10 train_tokens=5000",
+        ),
+        (
+            {"training": {"train_steps": None, "train_tokens": 100}},
+            "training.train_tokens=100 is less than one step of 256 tokens",
+        ),
         ({"training": {"train_steps": 0}}, "train_steps=0 must be positive"),
         ({"training": {"micro_batch_size": 3}}, "global_batch_size=8 is not divisible by micro_batch_size=3"),
-        ({"training": {"precision": "fp16"}}, "run.yaml:training.precision: 'fp16' is not one of ['auto', 'bf16', 'fp32']"),
-        ({"training": {"recompute_granularity": "full"}}, "recompute_granularity='full' needs recompute_method"),
-        ({"training": {"recompute_method": "block"}}, "recompute_method='block' / recompute_num_layers=None need recompute_granularity"),
         (
-            {"training": {"recompute_granularity": "selective", "recompute_method": "uniform", "recompute_num_layers": 1}},
+            {"training": {"precision": "fp16"}},
+            "run.yaml:training.precision: 'fp16' is not one of ['auto', 'bf16', 'fp32']",
+        ),
+        ({"training": {"recompute_granularity": "full"}}, "recompute_granularity='full' needs recompute_method"),
+        (
+            {"training": {"recompute_method": "block"}},
+            "recompute_method='block' / recompute_num_layers=None need recompute_granularity",
+        ),
+        (
+            {
+                "training": {
+                    "recompute_granularity": "selective",
+                    "recompute_method": "uniform",
+                    "recompute_num_layers": 1,
+                }
+            },
             "recompute_granularity='selective' takes no recompute_method",
         ),
         (
-            {"training": {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 3},
-             "parallel": {"pipeline_parallel": 2}},  # fmt: skip
+            {
+                "training": {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 3},
+                "parallel": {"pipeline_parallel": 2},
+            },
             "training.recompute_num_layers=3 exceeds the 2 layers per pipeline stage",
         ),
         ({"parallel": {"pipeline_parallel": 3}}, "model.num_layers=4 is not divisible by parallel.pipeline_parallel=3"),
-        ({"parallel": {"tensor_parallel": 8}}, "model.num_attention_heads=4 is not divisible by parallel.tensor_parallel=8"),
+        (
+            {"parallel": {"tensor_parallel": 8}},
+            "model.num_attention_heads=4 is not divisible by parallel.tensor_parallel=8",
+        ),
         (
             {"model": {**BASE["model"], "num_query_groups": 2}, "parallel": {"tensor_parallel": 4}},
             "model.num_query_groups=2 is not divisible by parallel.tensor_parallel=4",
@@ -124,33 +164,50 @@ def test_every_data_reader_owns_whole_lanes():
             "model.ffn_hidden_size=250 is not divisible by parallel.tensor_parallel=4",
         ),
         (
-            {"model": {**BASE["model"], "ffn": {"structure": "blockshuffle", "blocks": 2}}, "parallel": {"tensor_parallel": 4}},
+            {
+                "model": {**BASE["model"], "ffn": {"structure": "blockshuffle", "blocks": 2}},
+                "parallel": {"tensor_parallel": 4},
+            },
             "model.ffn (structure=blockshuffle, rank=None, blocks=2, tp_strategy=auto) cannot be split over "
             "parallel.tensor_parallel=4: blockshuffle: blocks=2 is not divisible by tensor_model_parallel_size=4",
         ),
         (
-            {"model": {**BASE["model"], "ffn": {"structure": "blockdense", "blocks": 2, "rank": 32}}, "parallel": {"tensor_parallel": 4}},
+            {
+                "model": {**BASE["model"], "ffn": {"structure": "blockdense", "blocks": 2, "rank": 32}},
+                "parallel": {"tensor_parallel": 4},
+            },
             "parallel.tensor_parallel=4: blockdense: blocks=2 is not divisible by tensor_model_parallel_size=4",
         ),
         (
-            {"model": {**BASE["model"], "ffn": {"structure": "blockshuffle", "blocks": 32}}, "parallel": {"tensor_parallel": 4}},
+            {
+                "model": {**BASE["model"], "ffn": {"structure": "blockshuffle", "blocks": 32}},
+                "parallel": {"tensor_parallel": 4},
+            },
             "blockshuffle: hidden_size/blocks=2 is not divisible by tensor_model_parallel_size=4",
         ),
         (
-            {"model": {**BASE["model"], "ffn": {"structure": "lowrank", "rank": 16, "tp_strategy": "sideways"}},
-             "parallel": {"tensor_parallel": 2}},
+            {
+                "model": {**BASE["model"], "ffn": {"structure": "lowrank", "rank": 16, "tp_strategy": "sideways"}},
+                "parallel": {"tensor_parallel": 2},
+            },
             "lowrank: tp_strategy='sideways'; expected 'auto' or one of",
         ),
         ({"parallel": {"tensor_parallel": 0}}, "tensor_parallel=0 must be positive"),
         ({"parallel": {"backend": "mpi"}}, "run.yaml:parallel.backend: 'mpi' is not one of"),
         ({"data": {"path": None}}, "set exactly one of path (a prepared dataset directory) or raw"),
         ({"data": {"raw": ["a.parquet"]}}, "set exactly one of path"),
-        ({"data": {"path": None, "raw": ["a.parquet"]}}, "raw=['a.parquet'] is tokenized on the fly and needs tokenizer"),
+        (
+            {"data": {"path": None, "raw": ["a.parquet"]}},
+            "raw=['a.parquet'] is tokenized on the fly and needs tokenizer",
+        ),
         ({"data": {"path": None, "raw": [], "tokenizer": "t.json"}}, "raw=[] lists no files"),
         ({"data": {"num_workers": -1}}, "num_workers=-1 must be >= 0"),
         ({"data": {"lanes": 0}}, "lanes=0 must be positive"),
         ({"data": {"shard_url_template": "s3://b/x.tar"}}, "shard_url_template='s3://b/x.tar' must contain {path}"),
-        ({"optimizer": {"warmup_fraction": 0.1, "warmup_steps": 5}}, "set at most one of warmup_fraction=0.1 and warmup_steps=5"),
+        (
+            {"optimizer": {"warmup_fraction": 0.1, "warmup_steps": 5}},
+            "set at most one of warmup_fraction=0.1 and warmup_steps=5",
+        ),
         ({"optimizer": {"warmup_fraction": 1.5}}, "warmup_fraction=1.5 must be in [0, 1)"),
         ({"optimizer": {"lr": 0}}, "lr=0.0 must be positive"),
         ({"optimizer": {"adam_beta2": 1.0}}, "adam_beta2=1.0 must be in [0, 1)"),
@@ -185,7 +242,13 @@ def test_overrides_and_resolved_round_trip(tmp_path):
     cfg = load_config(
         TrainConfig,
         path,
-        ["parallel.tensor_parallel=2", "optimizer.lr=1e-3", "model.ffn.structure=lowrank", "model.ffn.rank=16", "training.train_steps=20"],
+        [
+            "parallel.tensor_parallel=2",
+            "optimizer.lr=1e-3",
+            "model.ffn.structure=lowrank",
+            "model.ffn.rank=16",
+            "training.train_steps=20",
+        ],
     )
     assert cfg.parallel.tensor_parallel == 2 and cfg.optimizer.lr == 1e-3 and cfg.model.ffn.rank == 16
     assert resolved_train_steps(cfg) == 20

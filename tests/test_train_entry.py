@@ -34,12 +34,18 @@ def _never_called(*args, **kwargs):
 CASES = [
     # (overrides, world size, expected message fragments)
     (["training.trian_steps=5"], 1, ["training.trian_steps", "unknown key"]),
-    (["training.global_batch_size=8", "training.micro_batch_size=2"], 3,
-     ["training.global_batch_size=8", "data-parallel size 3"]),
+    (
+        ["training.global_batch_size=8", "training.micro_batch_size=2"],
+        3,
+        ["training.global_batch_size=8", "data-parallel size 3"],
+    ),
     (["parallel.tensor_parallel=2"], 3, ["world size 3", "parallel.tensor_parallel=2"]),
     (["parallel.pipeline_parallel=3"], 3, ["model.num_layers=4", "parallel.pipeline_parallel=3"]),
-    (["model.num_attention_heads=3", "model.kv_channels=16", "parallel.tensor_parallel=2"], 2,
-     ["num_attention_heads=3", "parallel.tensor_parallel=2"]),
+    (
+        ["model.num_attention_heads=3", "model.kv_channels=16", "parallel.tensor_parallel=2"],
+        2,
+        ["num_attention_heads=3", "parallel.tensor_parallel=2"],
+    ),
     (["model.seq_length=32"], 1, ["model.seq_length=32", "context_length=16"]),
     (["model.vocab_size=64"], 1, ["model.vocab_size=64", "128"]),
     (["data.lanes=6"], 4, ["data.lanes=6", "data-parallel size 4"]),
@@ -49,16 +55,24 @@ CASES = [
     (["optimizer.warmup_steps=2", "optimizer.warmup_fraction=0.1"], 1, ["warmup_fraction=0.1", "warmup_steps=2"]),
     (["optimizer.warmup_steps=6"], 1, ["warmup of 6 steps", "6 steps", "optimizer.warmup_steps"]),
     # the checks that need the sharding plan, the SGT accounting or the EST draws
-    (["model.ffn.structure=blockshuffle", "model.ffn.blocks=2", "parallel.tensor_parallel=4"], 4,
-     ["model.ffn (structure=blockshuffle", "blocks=2", "parallel.tensor_parallel=4"]),
-    (["sgt.enabled=true", "sgt.mode=same_flops", "sgt.guided_fraction=1.0", "sgt.stochastic=false"], 1,
-     ["sgt: ", "guided_fraction=1.0", "no same-FLOPs run exists"]),
+    (
+        ["model.ffn.structure=blockshuffle", "model.ffn.blocks=2", "parallel.tensor_parallel=4"],
+        4,
+        ["model.ffn (structure=blockshuffle", "blocks=2", "parallel.tensor_parallel=4"],
+    ),
+    (
+        ["sgt.enabled=true", "sgt.mode=same_flops", "sgt.guided_fraction=1.0", "sgt.stochastic=false"],
+        1,
+        ["sgt: ", "guided_fraction=1.0", "no same-FLOPs run exists"],
+    ),
     (["est.enabled=true", "est.tensor_strata=3"], 1, ["est.tensor_strata=3", "model.num_attention_heads=4"]),
     pytest.param(
-        ["parallel.use_distributed_optimizer=true"], 1, ["parallel.use_distributed_optimizer=true", "fused Adam"],
+        ["parallel.use_distributed_optimizer=true"],
+        1,
+        ["parallel.use_distributed_optimizer=true", "fused Adam"],
         marks=pytest.mark.skipif(fused_adam_available(), reason="Transformer Engine or Apex is installed"),
     ),
-]  # fmt: skip
+]
 
 
 def _case_id(case) -> str:

@@ -31,11 +31,10 @@ from pathlib import Path
 
 import pytest
 
-from megatron_sffn.training.trace import read_trace
 from megatron_sffn.data.on_the_fly import build_text_train_loader, text_settings
 from megatron_sffn.data.streaming import StreamLayout
 from megatron_sffn.training.checkpointing import read_checkpoint_header
-from megatron_sffn.training.trace import sample_digests
+from megatron_sffn.training.trace import read_trace, sample_digests
 from tests.workers.train_checks import (
     REPO_ROOT,
     SEQ,
@@ -57,8 +56,17 @@ def dataset(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("data"))
 
 
-def _trained(tmp: Path, dataset: Path, name: str, *, nproc: int = 1, env_faults: dict | None = None,
-             expect_rc: int = 0, overrides: tuple[str, ...] = (), **sections) -> tuple[Path, str]:
+def _trained(
+    tmp: Path,
+    dataset: Path,
+    name: str,
+    *,
+    nproc: int = 1,
+    env_faults: dict | None = None,
+    expect_rc: int = 0,
+    overrides: tuple[str, ...] = (),
+    **sections,
+) -> tuple[Path, str]:
     """Run (or resume) the run ``name`` under ``tmp``; returns (trace dir, output)."""
     run_dir, trace = tmp / name, tmp / f"{name}.trace"
     config = write_config(tmp / f"{name}.yaml", run_config(run_dir, dataset, **sections))
@@ -79,8 +87,14 @@ def _losses(trace: Path, rank: int) -> list[float]:
 @pytest.fixture(scope="module")
 def dp2_reference(tmp_path_factory, dataset) -> Path:
     """Uninterrupted run on two data-parallel ranks."""
-    trace, _ = _trained(tmp_path_factory.mktemp("dp2"), dataset, "ref", nproc=2,
-                        training={"train_steps": STEPS}, logging={"tensorboard": True, "log_interval": 2})  # fmt: skip
+    trace, _ = _trained(
+        tmp_path_factory.mktemp("dp2"),
+        dataset,
+        "ref",
+        nproc=2,
+        training={"train_steps": STEPS},
+        logging={"tensorboard": True, "log_interval": 2},
+    )
     return trace
 
 
@@ -118,8 +132,9 @@ def test_reference_run_writes_tensorboard_scalars(dp2_reference):
 def stopped_at_step_4(tmp_path_factory, dataset) -> Path:
     """A DP=2 run that rank 0's SIGTERM stopped after step 4: its run directory and trace, kept pristine."""
     tmp = tmp_path_factory.mktemp("stopped")
-    trace, out = _trained(tmp, dataset, "run", nproc=2, env_faults={"SFFN_FAULT_SIGNAL_AT_STEP": "4"},
-                          training={"train_steps": STEPS})  # fmt: skip
+    trace, out = _trained(
+        tmp, dataset, "run", nproc=2, env_faults={"SFFN_FAULT_SIGNAL_AT_STEP": "4"}, training={"train_steps": STEPS}
+    )
     assert "stopped by SIGTERM after step 4" in out
     assert (tmp / "run/checkpoints/latest").read_text().strip() == "step_0000004"
     assert sorted(_steps(trace)) == [1, 2, 3, 4]
@@ -155,8 +170,9 @@ def test_resume_at_another_layout_continues_the_run(tmp_path, dataset, dp2_refer
 
 @pytest.mark.parametrize("layout", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"])
 def test_model_parallel_layouts_match_data_parallel(tmp_path, dataset, dp2_reference, layout):
-    trace, out = _trained(tmp_path, dataset, "run", nproc=2, overrides=(layout,),
-                          training={"train_steps": STEPS}, eval={"at_end": True})  # fmt: skip
+    trace, out = _trained(
+        tmp_path, dataset, "run", nproc=2, overrides=(layout,), training={"train_steps": STEPS}, eval={"at_end": True}
+    )
     reference = _losses(dp2_reference, 0)
     last_rank = _losses(trace, 1)
     assert last_rank == pytest.approx(reference, rel=1e-5, abs=1e-5)
@@ -169,10 +185,21 @@ def _check_tp2_checkpoint_evaluates_at_tp1(tmp_path: Path, trace: Path) -> None:
     assert measured["eval_step"] == STEPS
     report = tmp_path / "eval.json"
     done = subprocess.run(
-        [sys.executable, "-m", "megatron_sffn.evaluate", str(tmp_path / "run"),
-         "parallel.tensor_parallel=1", "--json", str(report)],
-        cwd=REPO_ROOT, env=train_env(), capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "megatron_sffn.evaluate",
+            str(tmp_path / "run"),
+            "parallel.tensor_parallel=1",
+            "--json",
+            str(report),
+        ],
+        cwd=REPO_ROOT,
+        env=train_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     result = json.loads(report.read_text())
     assert result["saved_layout"]["tensor_parallel"] == 2 and result["layout"]["tensor_parallel"] == 1
@@ -183,14 +210,22 @@ def _check_tp2_checkpoint_evaluates_at_tp1(tmp_path: Path, trace: Path) -> None:
 
 
 def test_sigkill_during_save_leaves_latest_loadable(tmp_path, dataset, single_reference):
-    config = write_config(tmp_path / "run.yaml", run_config(tmp_path / "run", dataset, training={"train_steps": 6},
-                                                            checkpoint={"save_interval": 2}))  # fmt: skip
+    config = write_config(
+        tmp_path / "run.yaml",
+        run_config(tmp_path / "run", dataset, training={"train_steps": 6}, checkpoint={"save_interval": 2}),
+    )
     trace = tmp_path / "trace"
     log_path = tmp_path / "killed.log"
     env = train_env(trace, SFFN_FAULT_PAUSE_IN_SAVE="4:300")
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(train_command(config, 1), cwd=REPO_ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            train_command(config, 1),
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 180
         try:
             while "SAVE-PAUSED" not in log_path.read_text():
@@ -221,9 +256,15 @@ def test_sigkill_during_save_leaves_latest_loadable(tmp_path, dataset, single_re
 
 
 def test_nonfinite_steps_are_skipped_and_a_streak_stops_the_run(tmp_path, dataset, single_reference):
-    trace, out = _trained(tmp_path, dataset, "run", debug={"nonfinite_steps": [3, 5, 6]},  # the config's section
-                          expect_rc=1, training={"train_steps": 6, "max_consecutive_nonfinite": 2},
-                          checkpoint={"save_interval": 1})  # fmt: skip
+    trace, out = _trained(
+        tmp_path,
+        dataset,
+        "run",
+        debug={"nonfinite_steps": [3, 5, 6]},  # the config's section
+        expect_rc=1,
+        training={"train_steps": 6, "max_consecutive_nonfinite": 2},
+        checkpoint={"save_interval": 1},
+    )
     assert "step 6: 2 consecutive steps had a non-finite loss or gradient" in out
     assert "training.max_consecutive_nonfinite=2" in out
     steps, reference = _steps(trace), _steps(single_reference)
@@ -240,10 +281,17 @@ def test_nonfinite_steps_are_skipped_and_a_streak_stops_the_run(tmp_path, datase
 
 
 def test_activation_recomputation_keeps_losses(tmp_path, dataset, single_reference):
-    trace, _ = _trained(tmp_path, dataset, "run", training={
-        "train_steps": 3, "recompute_granularity": "full", "recompute_method": "uniform",
-        "recompute_num_layers": 1,
-    })  # fmt: skip
+    trace, _ = _trained(
+        tmp_path,
+        dataset,
+        "run",
+        training={
+            "train_steps": 3,
+            "recompute_granularity": "full",
+            "recompute_method": "uniform",
+            "recompute_num_layers": 1,
+        },
+    )
     recomputed, reference = _steps(trace), _steps(single_reference)
     for step in (1, 2, 3):
         assert recomputed[step]["loss"] == pytest.approx(reference[step]["loss"], abs=1e-6)
@@ -267,8 +315,9 @@ def test_raw_text_run_resumes_at_dp2_and_dp1_exactly_with_skip_counters_summed(t
     data = {"path": None, "raw": [glob], "tokenizer": tokenizer, "lanes": 4, "bad_documents": "skip"}
     sections = {"data": data, "training": {"train_steps": STEPS}, "checkpoint": {"save_interval": 4}}
     reference, _ = _trained(tmp_path, tmp_path, "ref", **sections)
-    stopped, out = _trained(tmp_path, tmp_path, "run", nproc=2, env_faults={"SFFN_FAULT_SIGNAL_AT_STEP": "4"},
-                            **sections)  # fmt: skip
+    stopped, out = _trained(
+        tmp_path, tmp_path, "run", nproc=2, env_faults={"SFFN_FAULT_SIGNAL_AT_STEP": "4"}, **sections
+    )
     assert "stopped by SIGTERM after step 4" in out
     shutil.copy(files[0], tmp_path / "corpus" / "part-2.jsonl")  # the glob matches more now; resumes keep the list
     for resumed, nproc in (("dp2", 2), ("dp1", 1)):

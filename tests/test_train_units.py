@@ -181,12 +181,22 @@ def _debug_of(env: dict[str, str], *overrides: str) -> DebugConfig:
 
 
 def test_fault_environment_becomes_the_debug_section_and_names_bad_values(tmp_path):
-    debug = _debug_of({
-        "SFFN_FAULT_NONFINITE_STEPS": "3, 5", "SFFN_FAULT_SIGNAL_AT_STEP": "4:SIGUSR1",
-        "SFFN_FAULT_PAUSE_IN_SAVE": "6:2.5", "SFFN_STEP_TRACE": str(tmp_path / "yes"),
-    })  # fmt: skip
-    assert debug == DebugConfig(step_trace=str(tmp_path / "yes"), nonfinite_steps=[3, 5], signal_at_step=4,
-                                signal="SIGUSR1", pause_in_save_step=6, pause_in_save_s=2.5)  # fmt: skip
+    debug = _debug_of(
+        {
+            "SFFN_FAULT_NONFINITE_STEPS": "3, 5",
+            "SFFN_FAULT_SIGNAL_AT_STEP": "4:SIGUSR1",
+            "SFFN_FAULT_PAUSE_IN_SAVE": "6:2.5",
+            "SFFN_STEP_TRACE": str(tmp_path / "yes"),
+        }
+    )
+    assert debug == DebugConfig(
+        step_trace=str(tmp_path / "yes"),
+        nonfinite_steps=[3, 5],
+        signal_at_step=4,
+        signal="SIGUSR1",
+        pause_in_save_step=6,
+        pause_in_save_s=2.5,
+    )
     assert _debug_of({}) == DebugConfig() and debug_overrides({"SFFN_FAULT_NONFINITE_STEPS": " "}) == []
     assert _debug_of({"SFFN_FAULT_SIGNAL_AT_STEP": "4"}).signal == "SIGTERM"
     assert _debug_of({"SFFN_FAULT_SIGNAL_AT_STEP": "4"}, "debug.signal_at_step=7").signal_at_step == 7  # override wins

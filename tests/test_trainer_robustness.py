@@ -182,11 +182,18 @@ def _tree(root: Path) -> dict[str, tuple[int, bytes]]:
     "overrides, fragments",
     [
         (["model.ffn.rank=8"], ["holds a different model", "model.ffn.rank: checkpoint 16, this run 8"]),
-        (["training.train_steps=9"], ["another learning-rate schedule", "train_steps: checkpoint 6, this run 9",
-                                      "training.schedule_on_resume=keep", "training.schedule_on_resume=refit"]),
+        (
+            ["training.train_steps=9"],
+            [
+                "another learning-rate schedule",
+                "train_steps: checkpoint 6, this run 9",
+                "training.schedule_on_resume=keep",
+                "training.schedule_on_resume=refit",
+            ],
+        ),
         (["optimizer.lr=0.01"], ["lr: checkpoint 0.003, this run 0.01", "at update 5"]),
     ],
-)  # fmt: skip
+)
 def test_a_mismatching_resume_is_refused_in_the_preflight_and_changes_nothing(
     tmp_path, dataset, monkeypatch, capsys, overrides, fragments
 ):
@@ -250,8 +257,9 @@ def test_ctrl_c_requests_a_stop_and_a_second_one_exits_at_once():
         "time.sleep(5)\n"
         "print('not reached')\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=train_env(), capture_output=True,
-                          text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, env=train_env(), capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 130, done.stderr
     assert done.stdout == "first handled\n"
     assert "Ctrl-C again to exit at once" in done.stderr and "second stop request (SIGINT): exiting now" in done.stderr
@@ -273,12 +281,21 @@ def test_known_harmless_warnings_are_filtered_narrowly():
 
     te = "Transformer Engine and Apex are not installed. Falling back to Torch optimizers."
     assert not emitted(te, UserWarning, "megatron.core.optimizer")
-    assert not emitted("full scope is deprecated. Use empty cuda_graph_scope to capture the whole layer.",
-                       UserWarning, "megatron.core.transformer.transformer_config")  # fmt: skip
-    assert not emitted("`load_state_dict` is deprecated and will be removed in future versions. Please use `load`.",
-                       FutureWarning, "megatron.core.dist_checkpointing.strategies.torch")  # fmt: skip
-    assert not emitted("`torch.distributed.reduce_scatter_tensor` is deprecated. Please use ...", FutureWarning,
-                       "torch.distributed.c10d_logger")  # fmt: skip
+    assert not emitted(
+        "full scope is deprecated. Use empty cuda_graph_scope to capture the whole layer.",
+        UserWarning,
+        "megatron.core.transformer.transformer_config",
+    )
+    assert not emitted(
+        "`load_state_dict` is deprecated and will be removed in future versions. Please use `load`.",
+        FutureWarning,
+        "megatron.core.dist_checkpointing.strategies.torch",
+    )
+    assert not emitted(
+        "`torch.distributed.reduce_scatter_tensor` is deprecated. Please use ...",
+        FutureWarning,
+        "torch.distributed.c10d_logger",
+    )
     assert emitted(te, UserWarning, "some_other_library")  # the same words from elsewhere still show
     assert emitted("a real problem", UserWarning, "megatron.core.optimizer")  # other megatron warnings still show
     note = missing_accelerators_note()
@@ -290,8 +307,9 @@ def test_known_harmless_warnings_are_filtered_narrowly():
 
 @pytest.mark.parametrize("script", ["single_node.sh", "multi_node.sh"])
 def test_help_lists_every_environment_variable_the_script_reads(script):
-    done = subprocess.run(["bash", str(LAUNCH / script), "--help"], capture_output=True, text=True, timeout=30,
-                          env=launch_env(None))  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(LAUNCH / script), "--help"], capture_output=True, text=True, timeout=30, env=launch_env(None)
+    )
     assert done.returncode == 0, done.stderr
     sources = (LAUNCH / script).read_text() + (LAUNCH / "common.sh").read_text()
     read = set(re.findall(r"\$\{([A-Z][A-Z0-9_]+)(?::-|:\+|\}|##)", sources)) - {"SFFN_ARGS", "SFFN_DRY_RUN"}
@@ -305,8 +323,14 @@ def test_help_lists_every_environment_variable_the_script_reads(script):
 def test_a_layout_error_stops_the_launch_before_torchrun(tmp_path, dataset):
     """Only the world size reveals it; the preflight runs once, with the launch's world size."""
     config = write_config(tmp_path / "run.yaml", run_config(tmp_path / "run", dataset))
-    done = subprocess.run(["bash", str(LAUNCH / "single_node.sh"), str(config)], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=120, env=launch_env(None, NPROC="3"))  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(LAUNCH / "single_node.sh"), str(config)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=launch_env(None, NPROC="3"),
+    )
     assert done.returncode == 2, done.stdout + done.stderr
     assert "data-parallel size 3" in done.stderr and "per-rank logs" not in done.stderr
     assert not (tmp_path / "run").exists()
@@ -317,8 +341,14 @@ def test_a_layout_error_stops_the_launch_before_torchrun(tmp_path, dataset):
 
 def _start(config: Path, env: dict[str, str], log: Path, *overrides: str) -> subprocess.Popen:
     with open(log, "w", encoding="utf-8") as out:
-        return subprocess.Popen(["bash", str(LAUNCH / "single_node.sh"), str(config), *overrides], cwd=REPO_ROOT,
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            ["bash", str(LAUNCH / "single_node.sh"), str(config), *overrides],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def _wait_for(predicate, proc: subprocess.Popen, log: Path, what: str) -> None:
@@ -357,16 +387,26 @@ def _workers_of(config: Path) -> list[psutil.Process]:
 @pytest.mark.slow
 def test_sigterm_to_torchrun_saves_exits_zero_and_guards_the_run_directory(tmp_path, dataset, monkeypatch, capsys):
     run_dir, trace, log = tmp_path / "run", tmp_path / "trace", tmp_path / "launch.log"
-    raw = run_config(run_dir, dataset, training={"train_steps": 5000}, checkpoint={"save_interval": 10_000},
-                     logging={"log_interval": 1000})  # fmt: skip
+    raw = run_config(
+        run_dir,
+        dataset,
+        training={"train_steps": 5000},
+        checkpoint={"save_interval": 10_000},
+        logging={"log_interval": 1000},
+    )
     config = write_config(tmp_path / "run.yaml", raw)
     proc = _start(config, launch_env(trace, NPROC="2"), log)
     try:
         _wait_for(lambda: len(_trained_steps(trace)) >= 3, proc, log, "step 3")
         # A second launch on the same run directory: refused by the preflight, before torchrun.
-        second = subprocess.run(["bash", str(LAUNCH / "single_node.sh"), str(config)], cwd=REPO_ROOT,
-                                env=launch_env(None, NPROC="2"), capture_output=True, text=True,
-                                timeout=180)  # fmt: skip
+        second = subprocess.run(
+            ["bash", str(LAUNCH / "single_node.sh"), str(config)],
+            cwd=REPO_ROOT,
+            env=launch_env(None, NPROC="2"),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert second.returncode == 2, second.stderr
         assert f"in use by another job (host {socket.gethostname()}, pid " in second.stderr
         assert "per-rank logs" not in second.stderr
@@ -388,16 +428,21 @@ def test_sigterm_to_torchrun_saves_exits_zero_and_guards_the_run_directory(tmp_p
     before = _tree(run_dir)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(loop, "run_training", _never_called)
-    for overrides, fragment in ((["model.ffn.rank=8"], "model.ffn.rank: checkpoint 16, this run 8"),
-                                ([f"training.train_steps={last + 2}"], "train_steps: checkpoint 5000, this run")):
+    for overrides, fragment in (
+        (["model.ffn.rank=8"], "model.ffn.rank: checkpoint 16, this run 8"),
+        ([f"training.train_steps={last + 2}"], "train_steps: checkpoint 5000, this run"),
+    ):
         assert train.main([str(config), *overrides]) == 2
         assert fragment in capsys.readouterr().err
     assert _tree(run_dir) == before
     monkeypatch.delenv("WORLD_SIZE")
 
     # schedule_on_resume=keep: two more steps at the rates of the saved 5000-step schedule.
-    done = run_train(config, overrides=[f"training.train_steps={last + 2}", "training.schedule_on_resume=keep"],
-                     env=train_env(tmp_path / "trace2"))  # fmt: skip
+    done = run_train(
+        config,
+        overrides=[f"training.train_steps={last + 2}", "training.schedule_on_resume=keep"],
+        env=train_env(tmp_path / "trace2"),
+    )
     assert done.returncode == 0, done.stdout[-6000:]
     resumed = {r["step"]: r["lr"] for r in read_trace(tmp_path / "trace2" / "rank0.jsonl") if "step" in r}
     assert sorted(resumed) == [last + 1, last + 2]

@@ -32,11 +32,16 @@ def step_forward_flops(cfg: ModelConfig, draws: list[LayerDraw]) -> ForwardFlops
     per_group = cfg.num_attention_heads // cfg.num_query_groups
     layers = [
         layer_forward_flops(
-            cfg, d.layer, heads=d.heads.count if d.heads is not None else None, kv_groups=d.kv_groups(per_group),
+            cfg,
+            d.layer,
+            heads=d.heads.count if d.heads is not None else None,
+            kv_groups=d.kv_groups(per_group),
             hidden=d.hidden.count if d.hidden is not None else None,
-        ) if d.active else layer_forward_flops(cfg, d.layer, heads=0, kv_groups=0, hidden=0)
+        )
+        if d.active
+        else layer_forward_flops(cfg, d.layer, heads=0, kv_groups=0, hidden=0)
         for d in draws
-    ]  # fmt: skip
+    ]
     return sum_forward_flops(layers, _logits(cfg))
 
 
@@ -47,8 +52,10 @@ def expected_kv_groups(heads: int, groups: int, strata: int, keep_per_stratum: i
     for group in range(groups):
         empty = 1.0
         for stratum in range(strata):  # the group's heads that fall in this stratum
-            inside = len(set(range(group * per_group, (group + 1) * per_group))
-                         & set(range(stratum * width, (stratum + 1) * width)))  # fmt: skip
+            inside = len(
+                set(range(group * per_group, (group + 1) * per_group))
+                & set(range(stratum * width, (stratum + 1) * width))
+            )
             empty *= math.comb(width - inside, keep_per_stratum) / math.comb(width, keep_per_stratum)
         expected += 1.0 - empty
     return expected
@@ -61,8 +68,10 @@ def expected_forward_flops(cfg: ModelConfig, plan: ESTPlan, rates: StageRates) -
         keep = kept_count(rates.p_H, heads // plan.tensor_strata)
         heads, kv_groups = keep * plan.tensor_strata, expected_kv_groups(heads, kv_groups, plan.tensor_strata, keep)
     hidden = round(rates.p_M * cfg.ffn_hidden_size) if rates.p_M < 1.0 else None
-    layers = [layer_forward_flops(cfg, layer, heads=heads, kv_groups=kv_groups, hidden=hidden)
-              for layer in range(cfg.num_layers)]  # fmt: skip
+    layers = [
+        layer_forward_flops(cfg, layer, heads=heads, kv_groups=kv_groups, hidden=hidden)
+        for layer in range(cfg.num_layers)
+    ]
     return rates.p_L * sum_forward_flops(layers, 0).total + _logits(cfg)
 
 

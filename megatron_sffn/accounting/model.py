@@ -92,8 +92,10 @@ def _ffn_weights(cfg: ModelConfig, kind: str, hidden: int | None = None) -> int:
     """
     if hidden == 0:
         return 0
-    return sum(counts.weight_params(kind, n, m, cfg.ffn.rank, cfg.ffn.blocks, middle=min(full))
-               for (n, m), full in zip(cfg.ffn_shapes(hidden), cfg.ffn_shapes()))  # fmt: skip
+    return sum(
+        counts.weight_params(kind, n, m, cfg.ffn.rank, cfg.ffn.blocks, middle=min(full))
+        for (n, m), full in zip(cfg.ffn_shapes(hidden), cfg.ffn_shapes())
+    )
 
 
 def ffn_weight_params(cfg: ModelConfig) -> int:

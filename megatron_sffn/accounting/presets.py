@@ -26,16 +26,24 @@ _SHAPES: dict[str, dict[str, Any]] = {
     "l": dict(hidden_size=1536, num_layers=24, num_attention_heads=12, kv_channels=128),
     "xl": dict(hidden_size=2048, num_layers=24, num_attention_heads=16, kv_channels=128),
     "m-wide": dict(
-        hidden_size=1024, num_layers=24, ffn_hidden_size=4864,
-        num_attention_heads=8, num_query_groups=4, kv_channels=64,
+        hidden_size=1024,
+        num_layers=24,
+        ffn_hidden_size=4864,
+        num_attention_heads=8,
+        num_query_groups=4,
+        kv_channels=64,
         ffn=dict(structure="lowrank", rank=512),
     ),
     "l-wide": dict(
-        hidden_size=1536, num_layers=24, ffn_hidden_size=7424,
-        num_attention_heads=12, num_query_groups=4, kv_channels=64,
+        hidden_size=1536,
+        num_layers=24,
+        ffn_hidden_size=7424,
+        num_attention_heads=12,
+        num_query_groups=4,
+        kv_channels=64,
         ffn=dict(structure="lowrank", rank=768),
     ),
-}  # fmt: skip
+}
 
 PRESETS = tuple(_SHAPES)
 PAPER_SIZES = ("s", "m", "l", "xl")
@@ -134,7 +142,6 @@ def preset(
             raise ValueError(f"preset {name!r} has no paper BlockDense block count; pass blocks explicitly")
         blocks = PAPER_BLOCKDENSE_BLOCKS[name]
     return with_structure(cfg, structure, ratio=ratio, rank=rank, blocks=blocks, rank_multiple=rank_multiple)
-
 
 
 def with_structure(

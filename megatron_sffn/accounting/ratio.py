@@ -140,9 +140,7 @@ class _TargetMissed(ValueError):
         self.detail = detail
 
 
-def _solve_rank(
-    kind: str, d: int, f: int, ratio: float, blocks: int | None, multiple: int, gated: bool
-) -> FFNSizes:
+def _solve_rank(kind: str, d: int, f: int, ratio: float, blocks: int | None, multiple: int, gated: bool) -> FFNSizes:
     # Both counts are linear in R (R·(n+m) and R·(m + n/B)), so the ratio per
     # unit of R is read off one valid R and the exact solution follows.
     step = math.lcm(multiple, blocks or 1)

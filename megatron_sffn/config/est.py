@@ -96,7 +96,10 @@ class ESTConfig:
             raise ValueError(f"stage_ends={ends} must list two fractions: the ends of stages 1 and 2")
         if not 0.0 <= ends[0] <= ends[1] <= 1.0:
             raise ValueError(f"stage_ends={ends}: stages out of order; expected 0 <= stage 1 end <= stage 2 end <= 1")
-        for key, value in (("seed", self.seed), ("tensor_strata", self.tensor_strata),
-                           ("layer_strata", self.layer_strata)):  # fmt: skip
+        for key, value in (
+            ("seed", self.seed),
+            ("tensor_strata", self.tensor_strata),
+            ("layer_strata", self.layer_strata),
+        ):
             if value is not None and value < (0 if key == "seed" else 1):
                 raise ValueError(f"{key}={value} must be {'>= 0' if key == 'seed' else 'positive'} (or null)")

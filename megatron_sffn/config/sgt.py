@@ -46,7 +46,9 @@ class SGTConfig:
 
     def __post_init__(self) -> None:
         if self.guided_fraction is not None and not 0.0 < self.guided_fraction <= 1.0:
-            raise ValueError(f"guided_fraction={self.guided_fraction} must be in (0, 1] (or null for the mode's default)")
+            raise ValueError(
+                f"guided_fraction={self.guided_fraction} must be in (0, 1] (or null for the mode's default)"
+            )
         if self.ratio is not None:
             if self.mode != "same_flops":
                 raise ValueError(f"ratio={self.ratio} applies to mode='same_flops' only (mode={self.mode!r})")

@@ -292,10 +292,14 @@ class DebugConfig:
 
     def __post_init__(self) -> None:
         _require_positive(signal_at_step=self.signal_at_step, pause_in_save_step=self.pause_in_save_step)
-        _require(all(step > 0 for step in self.nonfinite_steps),
-                 f"nonfinite_steps={self.nonfinite_steps} must list positive steps")  # fmt: skip
-        _require(self.signal in signal.Signals.__members__,
-                 f"signal={self.signal!r}: unknown signal (expected a name such as SIGTERM or SIGUSR1)")  # fmt: skip
+        _require(
+            all(step > 0 for step in self.nonfinite_steps),
+            f"nonfinite_steps={self.nonfinite_steps} must list positive steps",
+        )
+        _require(
+            self.signal in signal.Signals.__members__,
+            f"signal={self.signal!r}: unknown signal (expected a name such as SIGTERM or SIGUSR1)",
+        )
         _require(self.pause_in_save_s >= 0.0, f"pause_in_save_s={self.pause_in_save_s} must be >= 0")
 
 
@@ -365,8 +369,10 @@ class TrainConfig:
         (whether its steps can be solved is the accounting's: :mod:`megatron_sffn.planning.checks`)."""
         if not self.sgt.enabled:
             return
-        _require(self.model.ffn.structure != "dense",
-                 "sgt.enabled=true needs structured FFNs, but model.ffn.structure='dense'")  # fmt: skip
+        _require(
+            self.model.ffn.structure != "dense",
+            "sgt.enabled=true needs structured FFNs, but model.ffn.structure='dense'",
+        )
         _require(
             not (self.sgt.stochastic and self.training.recompute_granularity == "full"),
             "sgt.stochastic=true cannot be combined with training.recompute_granularity='full': a recomputed layer "
@@ -379,10 +385,16 @@ class TrainConfig:
         drawn at this layout is the EST package's: :mod:`megatron_sffn.planning.checks`)."""
         if not self.est.enabled:
             return
-        _require(not self.sgt.enabled, "est.enabled=true cannot be combined with sgt.enabled=true (both change "
-                 "what each step computes); enable one of them")  # fmt: skip
-        _require(self.model.attention == "softmax", f"est.enabled=true needs model.attention=softmax, got "
-                 f"{self.model.attention!r}: subnetworks of SUPRA's linear attention are not defined")  # fmt: skip
+        _require(
+            not self.sgt.enabled,
+            "est.enabled=true cannot be combined with sgt.enabled=true (both change "
+            "what each step computes); enable one of them",
+        )
+        _require(
+            self.model.attention == "softmax",
+            f"est.enabled=true needs model.attention=softmax, got "
+            f"{self.model.attention!r}: subnetworks of SUPRA's linear attention are not defined",
+        )
 
     def tokens_per_step(self) -> int:
         return self.training.global_batch_size * self.model.seq_length
@@ -429,4 +441,3 @@ class TrainConfig:
         """Gradient-accumulation micro-batches per replica per step."""
         self.validate_layout(world_size)
         return self.training.global_batch_size // (self.training.micro_batch_size * self.data_parallel_size(world_size))
-

@@ -40,7 +40,7 @@ def record_inputs(patterns: list[str], run_dir: str | Path) -> list[SourceFile]:
         fresh = expand_inputs(patterns)
     except (OSError, ValueError) as exc:
         log.warning("data.raw %s cannot be listed again (%s); using the %d files recorded in %s",
-                    patterns, exc, len(recorded), path)  # fmt: skip
+                    patterns, exc, len(recorded), path)
         return recorded
     if fresh != recorded:
         now, then = {f.path for f in fresh}, {f.path for f in recorded}
@@ -48,7 +48,7 @@ def record_inputs(patterns: list[str], run_dir: str | Path) -> list[SourceFile]:
             "data.raw %s now resolves to %d files (new: %s; gone: %s); this run keeps the %d files "
             "recorded in %s at its first start", patterns, len(fresh), _some(now - then), _some(then - now),
             len(recorded), path,
-        )  # fmt: skip
+        )
     return recorded
 
 

@@ -73,7 +73,7 @@ class Subset:
     def local_strata(self, rank: int = 0, parts: int = 1) -> torch.Tensor:
         """The kept positions of the strata that part ``rank`` of ``parts`` contiguous parts holds."""
         per = self.strata // parts
-        return self.kept[rank * per:(rank + 1) * per]
+        return self.kept[rank * per : (rank + 1) * per]
 
     def indices(self, rank: int = 0, parts: int = 1) -> torch.Tensor:
         """Kept units of part ``rank`` of ``parts``, as indices into that part's own units.
@@ -93,8 +93,9 @@ class Subset:
         return (rows.transpose(1, 2) * b + torch.arange(b)).reshape(-1)
 
 
-def draw_subset(seed: int, step: int, kind: int, layer: int, *, total: int, strata: int, keep: int,
-                groups: int = 1) -> Subset:  # fmt: skip
+def draw_subset(
+    seed: int, step: int, kind: int, layer: int, *, total: int, strata: int, keep: int, groups: int = 1
+) -> Subset:
     """``keep`` units of each of ``strata`` equal strata of ``total``, uniformly at random from the counters.
 
     ``groups``: see :class:`Subset` (BlockShuffle cells: ``strata`` = B²).

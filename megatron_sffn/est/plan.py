@@ -82,13 +82,22 @@ class ESTPlan:
             heads = hidden = None
             if rates.p_H < 1.0:
                 keep = kept_count(rates.p_H, self.heads // self.tensor_strata)
-                heads = draw_subset(self.seed, step, HEADS, layer, total=self.heads, strata=self.tensor_strata,
-                                    keep=keep)  # fmt: skip
+                heads = draw_subset(
+                    self.seed, step, HEADS, layer, total=self.heads, strata=self.tensor_strata, keep=keep
+                )
             if rates.p_M < 1.0:
                 strata = self.hidden_strata[layer]
                 keep = kept_count(rates.p_M, self.hidden // strata)
-                hidden = draw_subset(self.seed, step, HIDDEN, layer, total=self.hidden, strata=strata, keep=keep,
-                                     groups=self.hidden_groups[layer])  # fmt: skip
+                hidden = draw_subset(
+                    self.seed,
+                    step,
+                    HIDDEN,
+                    layer,
+                    total=self.hidden,
+                    strata=strata,
+                    keep=keep,
+                    groups=self.hidden_groups[layer],
+                )
             draws.append(LayerDraw(layer, True, heads, hidden, rates.p_H, rates.p_M))
         return draws
 
@@ -122,8 +131,9 @@ def _hidden_strata(model: ModelConfig, tensor_strata: int, tensor_key: str) -> l
     if model.ffn.structure == "blockdense":
         structured = _HiddenStrata(b, 1, f"hidden units of each of the model.ffn.blocks={b} blocks", "model.ffn.blocks")
     elif model.ffn.structure == "blockshuffle":
-        structured = _HiddenStrata(b * b, b, "hidden units (one fc2 block's rows of one fc1 group)",
-                                   f"model.ffn.blocks²={b}²")  # fmt: skip
+        structured = _HiddenStrata(
+            b * b, b, "hidden units (one fc2 block's rows of one fc1 group)", f"model.ffn.blocks²={b}²"
+        )
     return [structured if model.ffn.is_structured(layer) else tensor for layer in range(model.num_layers)]
 
 
@@ -133,23 +143,46 @@ def _strata(est: ESTConfig, tensor_parallel: int, pipeline_parallel: int) -> tup
     return tensor, layer
 
 
-def plan_problems(model: ModelConfig, est: ESTConfig, tensor_parallel: int = 1, pipeline_parallel: int = 1
-                  ) -> list[str]:  # fmt: skip
+def plan_problems(
+    model: ModelConfig, est: ESTConfig, tensor_parallel: int = 1, pipeline_parallel: int = 1
+) -> list[str]:
     """Why ``est`` cannot be drawn for ``model`` at this layout, each naming its keys (empty: it can)."""
     problems = []
     tensor, layer = _strata(est, tensor_parallel, pipeline_parallel)
-    tensor_key = "est.tensor_strata" if est.tensor_strata is not None else "est.tensor_strata (null: parallel.tensor_parallel)"
-    layer_key = "est.layer_strata" if est.layer_strata is not None else "est.layer_strata (null: parallel.pipeline_parallel)"
-    for key, strata, size, name in ((tensor_key, tensor, tensor_parallel, "parallel.tensor_parallel"),
-                                    (layer_key, layer, pipeline_parallel, "parallel.pipeline_parallel")):  # fmt: skip
+    tensor_key = (
+        "est.tensor_strata" if est.tensor_strata is not None else "est.tensor_strata (null: parallel.tensor_parallel)"
+    )
+    layer_key = (
+        "est.layer_strata" if est.layer_strata is not None else "est.layer_strata (null: parallel.pipeline_parallel)"
+    )
+    for key, strata, size, name in (
+        (tensor_key, tensor, tensor_parallel, "parallel.tensor_parallel"),
+        (layer_key, layer, pipeline_parallel, "parallel.pipeline_parallel"),
+    ):
         if strata % size:
             problems.append(f"{key}={strata} is not a multiple of {name}={size}: ranks would do unequal work")
-    units = [("model.num_attention_heads", model.num_attention_heads, tensor, tensor_key,
-              [("est.stage1.p_H", est.stage1.p_H), ("est.stage2.p_H", est.stage2.p_H)], "heads"),
-             ("model.num_layers", model.num_layers, layer, layer_key, [("est.stage1.p_L", est.stage1.p_L)], "layers")]
+    units = [
+        (
+            "model.num_attention_heads",
+            model.num_attention_heads,
+            tensor,
+            tensor_key,
+            [("est.stage1.p_H", est.stage1.p_H), ("est.stage2.p_H", est.stage2.p_H)],
+            "heads",
+        ),
+        ("model.num_layers", model.num_layers, layer, layer_key, [("est.stage1.p_L", est.stage1.p_L)], "layers"),
+    ]
     for hidden in dict.fromkeys(_hidden_strata(model, tensor, tensor_key)):
-        units.append(("model.ffn_hidden_size", model.ffn_hidden_size, hidden.strata, hidden.key,
-                      [("est.stage1.p_M", est.stage1.p_M), ("est.stage2.p_M", est.stage2.p_M)], hidden.what))  # fmt: skip
+        units.append(
+            (
+                "model.ffn_hidden_size",
+                model.ffn_hidden_size,
+                hidden.strata,
+                hidden.key,
+                [("est.stage1.p_M", est.stage1.p_M), ("est.stage2.p_M", est.stage2.p_M)],
+                hidden.what,
+            )
+        )
     for size_key, size, strata, strata_key, rates, what in units:
         if size % strata:
             problems.append(f"{strata_key}={strata} does not divide {size_key}={size}")
@@ -166,8 +199,15 @@ def plan_problems(model: ModelConfig, est: ESTConfig, tensor_parallel: int = 1, 
     return problems
 
 
-def build_plan(model: ModelConfig, est: ESTConfig, *, total_steps: int, seed: int, tensor_parallel: int = 1,
-               pipeline_parallel: int = 1) -> ESTPlan:  # fmt: skip
+def build_plan(
+    model: ModelConfig,
+    est: ESTConfig,
+    *,
+    total_steps: int,
+    seed: int,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+) -> ESTPlan:
     """The plan of a run of ``total_steps``; raises ValueError with every problem of :func:`plan_problems`."""
     problems = plan_problems(model, est, tensor_parallel, pipeline_parallel)
     if problems:

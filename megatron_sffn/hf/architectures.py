@@ -38,24 +38,42 @@ class Family:
 
 
 STARCODER2 = Family(
-    "starcoder2", "Starcoder2ForCausalLM", "LayerNorm", "gelu", ("gelu_pytorch_tanh", "gelu_new"),
-    "norm_epsilon", ("c_fc",), "c_proj",
-)  # fmt: skip
+    "starcoder2",
+    "Starcoder2ForCausalLM",
+    "LayerNorm",
+    "gelu",
+    ("gelu_pytorch_tanh", "gelu_new"),
+    "norm_epsilon",
+    ("c_fc",),
+    "c_proj",
+)
 LLAMA = Family(
     "llama", "LlamaForCausalLM", "RMSNorm", "swiglu", ("silu",), "rms_norm_eps", ("gate_proj", "up_proj"), "down_proj"
 )
 MISTRAL = Family(
-    "mistral", "MistralForCausalLM", "RMSNorm", "swiglu", ("silu",), "rms_norm_eps", ("gate_proj", "up_proj"),
+    "mistral",
+    "MistralForCausalLM",
+    "RMSNorm",
+    "swiglu",
+    ("silu",),
+    "rms_norm_eps",
+    ("gate_proj", "up_proj"),
     "down_proj",
-)  # fmt: skip
+)
 FAMILIES = {f.model_type: f for f in (STARCODER2, LLAMA, MISTRAL)}
 
 # Config attributes of features we do not build; any of them set (truthy) is refused.
 _UNSUPPORTED_FEATURES = (
-    "num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size",  # mixture of experts
-    "use_qk_norm", "qk_layernorm", "qk_norm",  # norms on queries and keys
-    "attn_logit_softcapping", "final_logit_softcapping",
-)  # fmt: skip
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+    "moe_intermediate_size",  # mixture of experts
+    "use_qk_norm",
+    "qk_layernorm",
+    "qk_norm",  # norms on queries and keys
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+)
 _DROPOUT_FIELDS = ("attention_dropout", "residual_dropout", "embedding_dropout")
 
 
@@ -125,10 +143,12 @@ def model_config_from_hf(hf_config, hf_dir: Path | str, *, seq_length: int | Non
     window = getattr(hf_config, "sliding_window", None)
     if window is not None and window < context:
         raise _refuse(
-            hf_dir, "sliding_window", window,
+            hf_dir,
+            "sliding_window",
+            window,
             f"shorter than the context {context} (attention is over the whole context); "
             f"import with --seq-length {window} or less",
-        )  # fmt: skip
+        )
     bias = _linear_bias(hf_config, family, hf_dir)
     heads = hf_config.num_attention_heads
     return ModelConfig(
@@ -160,9 +180,11 @@ def _linear_bias(hf_config, family: Family, hf_dir: Path | str) -> bool:
     attention, mlp = bool(hf_config.attention_bias), bool(hf_config.mlp_bias)
     if attention != mlp:
         raise _refuse(
-            hf_dir, "attention_bias", attention,
+            hf_dir,
+            "attention_bias",
+            attention,
             f"with mlp_bias={mlp}: biases on the attention linears but not the FFN's (or the reverse) are not built",
-        )  # fmt: skip
+        )
     return attention
 
 
@@ -207,10 +229,18 @@ def hf_config_for(model_cfg: ModelConfig, *, bos_token_id: int | None, eos_token
     )
     if family is STARCODER2:
         return Starcoder2Config(
-            **common, hidden_act="gelu_pytorch_tanh", norm_epsilon=model_cfg.layernorm_epsilon, sliding_window=None,
-            use_bias=model_cfg.linear_bias, residual_dropout=0.0, embedding_dropout=0.0,
-        )  # fmt: skip
+            **common,
+            hidden_act="gelu_pytorch_tanh",
+            norm_epsilon=model_cfg.layernorm_epsilon,
+            sliding_window=None,
+            use_bias=model_cfg.linear_bias,
+            residual_dropout=0.0,
+            embedding_dropout=0.0,
+        )
     return LlamaConfig(
-        **common, hidden_act="silu", rms_norm_eps=model_cfg.layernorm_epsilon,
-        attention_bias=model_cfg.linear_bias, mlp_bias=model_cfg.linear_bias,
-    )  # fmt: skip
+        **common,
+        hidden_act="silu",
+        rms_norm_eps=model_cfg.layernorm_epsilon,
+        attention_bias=model_cfg.linear_bias,
+        mlp_bias=model_cfg.linear_bias,
+    )

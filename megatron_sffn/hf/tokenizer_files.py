@@ -57,9 +57,11 @@ def export_tokenizer(tokenizer: HFJsonTokenizer, out_dir: Path, *, model_max_len
 
     special = special_tokens(tokenizer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_file=str(tokenizer.path), bos_token=special.bos, eos_token=special.eos,
+        tokenizer_file=str(tokenizer.path),
+        bos_token=special.bos,
+        eos_token=special.eos,
         model_max_length=model_max_length,
-    )  # fmt: skip
+    )
     fast.save_pretrained(str(out_dir))
     return special
 
@@ -75,7 +77,9 @@ def import_tokenizer(hf_dir: Path, out_file: Path) -> HFJsonTokenizer:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
         except (OSError, ValueError) as exc:
-            raise FileNotFoundError(f"{hf_dir}: no {TOKENIZER_JSON} and no tokenizer transformers can load ({exc})")
+            raise FileNotFoundError(
+                f"{hf_dir}: no {TOKENIZER_JSON} and no tokenizer transformers can load ({exc})"
+            ) from exc
         if not tokenizer.is_fast:
             raise ValueError(f"{hf_dir}: the tokenizer has no fast (tokenizers) form to save as {TOKENIZER_JSON}")
         tokenizer.backend_tokenizer.save(str(out_file))

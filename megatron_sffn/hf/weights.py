@@ -63,9 +63,13 @@ def _qkv_split_merge(cfg: ModelConfig) -> tuple[Split, Merge]:
         q, k, v = parts
         rest = q.shape[1:]
         grouped = torch.cat(
-            [q.reshape(groups, per_group, head, *rest), k.reshape(groups, 1, head, *rest),
-             v.reshape(groups, 1, head, *rest)], dim=1,
-        )  # fmt: skip
+            [
+                q.reshape(groups, per_group, head, *rest),
+                k.reshape(groups, 1, head, *rest),
+                v.reshape(groups, 1, head, *rest),
+            ],
+            dim=1,
+        )
         return grouped.reshape(-1, *rest)
 
     return split, merge
@@ -91,14 +95,17 @@ def links(cfg: ModelConfig, family: Family) -> list[Link]:
         attn = f"{theirs}.self_attn"
         table += [Link(f"{ours}.input_layernorm", a, (f"{theirs}.input_layernorm.{a}",)) for a in norm_attrs]
         table += [
-            Link(f"{ours}.self_attention.linear_qkv", a, tuple(f"{attn}.{p}_proj.{a}" for p in "qkv"), qkv_split,
-                 qkv_merge)
+            Link(
+                f"{ours}.self_attention.linear_qkv",
+                a,
+                tuple(f"{attn}.{p}_proj.{a}" for p in "qkv"),
+                qkv_split,
+                qkv_merge,
+            )
             for a in linear_attrs
-        ]  # fmt: skip
-        table += [Link(f"{ours}.self_attention.linear_proj", a, (f"{attn}.o_proj.{a}",)) for a in linear_attrs]
-        table += [
-            Link(f"{ours}.pre_mlp_layernorm", a, (f"{theirs}.post_attention_layernorm.{a}",)) for a in norm_attrs
         ]
+        table += [Link(f"{ours}.self_attention.linear_proj", a, (f"{attn}.o_proj.{a}",)) for a in linear_attrs]
+        table += [Link(f"{ours}.pre_mlp_layernorm", a, (f"{theirs}.post_attention_layernorm.{a}",)) for a in norm_attrs]
         fc1_names = [tuple(f"{theirs}.mlp.{p}.{a}" for p in family.ffn_in) for a in linear_attrs]
         table += [
             Link(f"{ours}.mlp.linear_fc1", a, names, fc1_split, fc1_merge) for a, names in zip(linear_attrs, fc1_names)

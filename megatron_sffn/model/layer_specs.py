@@ -117,12 +117,12 @@ def layer_spec(model_cfg: ModelConfig, layer: int, provider, subnetworks: bool =
     separate modules, because a sliced QKV or fc1 product cannot apply a
     fused norm.  Parameters and checkpoint keys are the same either way.
     """
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
-    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
     from ..parallel.mlp_spec import mlp_spec
 

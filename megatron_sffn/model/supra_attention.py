@@ -106,9 +106,15 @@ def supra_attention_class() -> type:
         def _new_linear(self, width: int, rank: int):
             """Column-parallel ``width → width`` map with torch's default init of weight and bias."""
             linear = ColumnParallelLinear(
-                width, width, config=self.config, init_method=torch_default_linear_init, bias=True,
-                gather_output=False, skip_bias_add=False, tp_group=self.pg_collection.tp,
-            )  # fmt: skip
+                width,
+                width,
+                config=self.config,
+                init_method=torch_default_linear_init,
+                bias=True,
+                gather_output=False,
+                skip_bias_add=False,
+                tp_group=self.pg_collection.tp,
+            )
             bound = 1.0 / math.sqrt(width)
             full = torch.empty(width).uniform_(-bound, bound)
             with torch.no_grad():
@@ -122,9 +128,10 @@ def supra_attention_class() -> type:
         def new_parameter_names(self) -> list[str]:
             """The parameters SUPRA adds to a softmax layer (names relative to this module)."""
             return [
-                f"{sub}.{name}" for sub in self.new_submodule_names()
+                f"{sub}.{name}"
+                for sub in self.new_submodule_names()
                 for name, _ in getattr(self, sub).named_parameters()
-            ]  # fmt: skip
+            ]
 
         def _features(self, x: torch.Tensor, linear) -> torch.Tensor:
             """``ReLU(W x + b)`` of the full all-head vector, this rank's heads: [s, b, heads, d]."""
@@ -211,6 +218,8 @@ def new_submodule_prefixes(model: torch.nn.Module) -> list[str]:
     """State-dict prefixes (``decoder.layers.0.self_attention.feature_map.``) of what SUPRA layers add to ``model``."""
     cls = supra_attention_class()
     return [
-        f"{prefix}.{name}." for prefix, module in model.named_modules() if isinstance(module, cls)
+        f"{prefix}.{name}."
+        for prefix, module in model.named_modules()
+        if isinstance(module, cls)
         for name in module.new_submodule_names()
-    ]  # fmt: skip
+    ]

@@ -52,6 +52,7 @@ from .premerge import PreMergeMixin
 if TYPE_CHECKING:
     from .subnetwork import HiddenSelection
 
+
 class TPStructuredLinear(GuideMixin, PreMergeMixin, MegatronModule):
     """Base of the fc1/fc2 classes; ``kind`` is the structure, ``role`` is "fc1" or "fc2".
 
@@ -140,9 +141,15 @@ class TPStructuredLinear(GuideMixin, PreMergeMixin, MegatronModule):
     # -- construction ---------------------------------------------------------
     def _draw_full_factors(self, init: str | None, std: float) -> dict[str, torch.Tensor]:
         pure = build_linear(
-            self.kind, self.input_size, self.output_size, rank=self.shape.rank, blocks=self.shape.blocks,
-            bias=False, init_method=init, std=std,
-        )  # fmt: skip
+            self.kind,
+            self.input_size,
+            self.output_size,
+            rank=self.shape.rank,
+            blocks=self.shape.blocks,
+            bias=False,
+            init_method=init,
+            std=std,
+        )
         return {name: t.detach() for name, t in self._full_from_pure(pure).items()}
 
     def local_view(self, factor: str, full: torch.Tensor) -> torch.Tensor:
@@ -181,7 +188,9 @@ class TPStructuredLinear(GuideMixin, PreMergeMixin, MegatronModule):
         out = self._guided(x, self._structured_or_merged(x))
         return self._with_bias(out.reshape(*lead, out.shape[-1]), self.bias)
 
-    def forward_hidden_subset(self, x: torch.Tensor, selection: HiddenSelection) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward_hidden_subset(
+        self, x: torch.Tensor, selection: HiddenSelection
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Only the selected hidden units: fc1 returns their outputs, fc2 reads them (scaled by 1/p).
 
         Evolving subnetwork training's smaller products (see :mod:`.subnetwork`); the guide of

@@ -19,8 +19,14 @@ STRUCTURED_LINEARS = {
 }
 
 
-def mlp_spec(model_cfg: ModelConfig, layer_number: int, *, tp_strategy: str | None = None, provider: Any = None,
-             fuse_norm: bool = True):  # fmt: skip
+def mlp_spec(
+    model_cfg: ModelConfig,
+    layer_number: int,
+    *,
+    tp_strategy: str | None = None,
+    provider: Any = None,
+    fuse_norm: bool = True,
+):
     """``ModuleSpec`` of the MLP of layer ``layer_number`` (0-based).
 
     Structured layers get this package's fc1/fc2 with the FFN's options as
@@ -44,8 +50,13 @@ def mlp_spec(model_cfg: ModelConfig, layer_number: int, *, tp_strategy: str | No
         return ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2))
     ffn = model_cfg.ffn
     fc1, fc2 = STRUCTURED_LINEARS[ffn.structure]
-    params = {"rank": ffn.rank, "blocks": ffn.blocks, "init": ffn.init, "std": model_cfg.init_std,
-              "tp_strategy": tp_strategy or ffn.tp_strategy}  # fmt: skip
+    params = {
+        "rank": ffn.rank,
+        "blocks": ffn.blocks,
+        "init": ffn.init,
+        "std": model_cfg.init_std,
+        "tp_strategy": tp_strategy or ffn.tp_strategy,
+    }
     return ModuleSpec(
         module=MLP,
         submodules=MLPSubmodules(

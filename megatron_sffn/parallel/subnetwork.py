@@ -62,8 +62,9 @@ class HeadSelection:
     scale: float
 
     @classmethod
-    def build(cls, heads: torch.Tensor, heads_per_group: int, head_dim: int, scale: float,
-              device: torch.device) -> HeadSelection:  # fmt: skip
+    def build(
+        cls, heads: torch.Tensor, heads_per_group: int, head_dim: int, scale: float, device: torch.device
+    ) -> HeadSelection:
         """From the sorted local indices of the kept query heads (megatron's per-group qkv layout)."""
         group = heads // heads_per_group
         kept_groups = group.unique()
@@ -88,8 +89,12 @@ class HiddenSelection:
 
     @classmethod
     def build(cls, subset: Subset, rank: int, size: int, scale: float, device: torch.device) -> HiddenSelection:
-        return cls(subset.indices(rank, size).to(device), subset.local_strata(rank, size).to(device), scale,
-                   subset.total // size)  # fmt: skip
+        return cls(
+            subset.indices(rank, size).to(device),
+            subset.local_strata(rank, size).to(device),
+            scale,
+            subset.total // size,
+        )
 
     def fc1_rows(self, gated: bool) -> torch.Tensor:
         """fc1's output rows: the kept units, and for a gated fc1 (``[gate_r, value_r]``) both halves."""
@@ -113,18 +118,42 @@ class SubnetworkSelfAttention(SelfAttention):
             return
         rank, size = _rank_and_size(self.pg_collection.tp)
         per_group = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
-        self.selection = HeadSelection.build(subset.indices(rank, size), per_group, self.hidden_size_per_attention_head,
-                                             1.0 / p_heads, self.linear_qkv.weight.device)  # fmt: skip
+        self.selection = HeadSelection.build(
+            subset.indices(rank, size),
+            per_group,
+            self.hidden_size_per_attention_head,
+            1.0 / p_heads,
+            self.linear_qkv.weight.device,
+        )
 
-    def forward(self, hidden_states, attention_mask=None, key_value_states=None, inference_context=None,
-                rotary_pos_emb=None, *args, packed_seq_params=None, **kwargs):  # fmt: skip
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        key_value_states=None,
+        inference_context=None,
+        rotary_pos_emb=None,
+        *args,
+        packed_seq_params=None,
+        **kwargs,
+    ):
         if self.selection is None:
-            return super().forward(hidden_states, attention_mask, key_value_states, inference_context,
-                                   rotary_pos_emb, *args, packed_seq_params=packed_seq_params, **kwargs)  # fmt: skip
+            return super().forward(
+                hidden_states,
+                attention_mask,
+                key_value_states,
+                inference_context,
+                rotary_pos_emb,
+                *args,
+                packed_seq_params=packed_seq_params,
+                **kwargs,
+            )
         unsupported = (inference_context, packed_seq_params, key_value_states, kwargs.get("attention_bias"))
         if any(value is not None for value in unsupported):
-            raise ValueError("a head subset is a training-time selection: no inference context, packed "
-                             "sequences, cross attention or attention bias")  # fmt: skip
+            raise ValueError(
+                "a head subset is a training-time selection: no inference context, packed "
+                "sequences, cross attention or attention bias"
+            )
         return self._selected_forward(hidden_states, attention_mask, rotary_pos_emb)
 
     def _selected_forward(self, hidden_states: torch.Tensor, attention_mask, rotary_pos_emb):
@@ -148,9 +177,13 @@ class SubnetworkSelfAttention(SelfAttention):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # SDPA: [b, heads, s, dim]
         causal = attention_mask is None and seq > 1
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if attention_mask is None else ~attention_mask, is_causal=causal,
+            q,
+            k,
+            v,
+            attn_mask=None if attention_mask is None else ~attention_mask,
+            is_causal=causal,
             scale=self.config.softmax_scale or 1.0 / math.sqrt(head_dim),
-        )  # fmt: skip
+        )
         context = out.permute(2, 0, 1, 3).reshape(seq, batch, sel.heads * head_dim)
         output = F.linear(context, take(proj.weight, sel.proj_columns, 1) * sel.scale)
         return reduce_from_tensor_model_parallel_region(output, group=self.pg_collection.tp), proj.bias

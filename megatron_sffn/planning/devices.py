@@ -59,8 +59,9 @@ DEVICES: tuple[DeviceSpec, ...] = (
     DeviceSpec(r"\bL40S\b", "L40S", "NVIDIA L40S (L40S datasheet)", 362.05, 91.6, 48.0),
     DeviceSpec(r"\bL40\b", "L40", "NVIDIA L40 (L40 datasheet)", 181.05, 90.5, 48.0),
     DeviceSpec(r"\bL4\b", "L4", "NVIDIA L4 (L4 datasheet)", 121.0, 30.3, 24.0),
-    DeviceSpec(r"\bRTX 4090\b", "RTX 4090", "NVIDIA GeForce RTX 4090 (Ada Lovelace architecture whitepaper)",
-               165.2, 82.6, 24.0),  # fmt: skip
+    DeviceSpec(
+        r"\bRTX 4090\b", "RTX 4090", "NVIDIA GeForce RTX 4090 (Ada Lovelace architecture whitepaper)", 165.2, 82.6, 24.0
+    ),
     # AMD Instinct: MI300X, MI325X and MI250X datasheets (fp32: vector peak).
     DeviceSpec(r"\bMI300X\b", "MI300X", "AMD Instinct MI300X (MI300X datasheet)", 1307.4, 163.4, 192.0),
     DeviceSpec(r"\bMI325X\b", "MI325X", "AMD Instinct MI325X (MI325X datasheet)", 1307.4, 163.4, 256.0),
@@ -173,8 +174,11 @@ def detect_gpu() -> tuple[str, int] | None:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=20, check=True,
-        ).stdout  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     first = out.strip().splitlines()[0] if out.strip() else ""

@@ -112,8 +112,14 @@ def _ffn_params_per_rank(model: ModelConfig, kind: str, tp: int) -> int:
 
 def ffn_shape(model: ModelConfig, kind: str) -> FFNShape:
     """The FFN as the TP sharding plan sees it (``kind`` of one layer: dense or the model's structure)."""
-    return FFNShape(kind, model.hidden_size, model.ffn_hidden_size, model.ffn.rank, model.ffn.blocks,
-                    gated=model.activation == "swiglu")  # fmt: skip
+    return FFNShape(
+        kind,
+        model.hidden_size,
+        model.ffn_hidden_size,
+        model.ffn.rank,
+        model.ffn.blocks,
+        gated=model.activation == "swiglu",
+    )
 
 
 def _layer_params_per_rank(model: ModelConfig, layer: int, tp: int) -> int:
@@ -164,8 +170,9 @@ def _supra_attention_bytes_per_token(model: ModelConfig, tp: int, element_bytes:
     return kept + 2 * width * _FP32 + width * e  # pre- and post-GroupNorm outputs, projection input
 
 
-def layer_activation_bytes_per_token(model: ModelConfig, layer: int, tp: int, element_bytes: int,
-                                     selective_recompute: bool = False) -> int:
+def layer_activation_bytes_per_token(
+    model: ModelConfig, layer: int, tp: int, element_bytes: int, selective_recompute: bool = False
+) -> int:
     """Bytes one decoder layer keeps per token for the backward pass (see the module docstring)."""
     d, e = model.hidden_size, element_bytes
     (_, fc1_out), _ = model.ffn_shapes()
@@ -178,12 +185,20 @@ def layer_activation_bytes_per_token(model: ModelConfig, layer: int, tp: int, el
         attention += model.num_attention_heads // tp * _FP32
         if selective_recompute:
             attention -= model.attention_width // tp * e + model.num_attention_heads // tp * _FP32
-    ffn = (fc1_out + model.ffn_hidden_size) // tp * e + saved_features_per_token(ffn_shape(model, kind), tp, model.ffn.tp_strategy) * e
+    ffn = (fc1_out + model.ffn_hidden_size) // tp * e + saved_features_per_token(
+        ffn_shape(model, kind), tp, model.ffn.tp_strategy
+    ) * e
     return norms + attention + ffn
 
 
-def stage_activation_bytes(cfg: TrainConfig, stage: int, element_bytes: int, recompute: str | None,
-                           method: str | None = None, recompute_layers: int | None = None) -> int:
+def stage_activation_bytes(
+    cfg: TrainConfig,
+    stage: int,
+    element_bytes: int,
+    recompute: str | None,
+    method: str | None = None,
+    recompute_layers: int | None = None,
+) -> int:
     """Activations of one micro-batch on one rank of ``stage`` under a recomputation setting."""
     model, tp, pp = cfg.model, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
     tokens = cfg.training.micro_batch_size * model.seq_length
@@ -198,7 +213,7 @@ def stage_activation_bytes(cfg: TrainConfig, stage: int, element_bytes: int, rec
         kept = n * checkpoint_input + sum(per_layer[n:])
         return tokens * max(kept, n * checkpoint_input + max(per_layer))
     chunks = math.ceil(len(per_layer) / recompute_layers)  # uniform: one input per chunk, one chunk rebuilt
-    rebuilt = max(sum(per_layer[i:i + recompute_layers]) for i in range(0, len(per_layer), recompute_layers))
+    rebuilt = max(sum(per_layer[i : i + recompute_layers]) for i in range(0, len(per_layer), recompute_layers))
     return tokens * (chunks * checkpoint_input + rebuilt)
 
 

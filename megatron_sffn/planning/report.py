@@ -139,17 +139,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Print the layout, cost, memory and expected time of a run without starting it.",
     )
     add_config_arguments(parser)
-    parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
-                        help="processes of the launch (default: $WORLD_SIZE or 1)")
-    parser.add_argument("--nproc-per-node", type=int, default=None,
-                        help="processes sharing one machine's RAM in a CPU plan (default: the world size)")
-    parser.add_argument("--device", default=None,
-                        help="'cpu' or a GPU name such as 'H100 SXM' or 'A100-SXM4-40GB' "
-                             "(default: this machine's GPU from nvidia-smi, else its CPU)")
-    parser.add_argument("--device-memory-gib", type=float, default=None,
-                        help="memory of one device, overriding nvidia-smi and the table")
-    parser.add_argument("--assume-mfu", type=float, default=DEFAULT_ASSUMED_MFU,
-                        help=f"model FLOPs utilisation to expect (default {DEFAULT_ASSUMED_MFU})")
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=int(os.environ.get("WORLD_SIZE", "1")),
+        help="processes of the launch (default: $WORLD_SIZE or 1)",
+    )
+    parser.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        help="processes sharing one machine's RAM in a CPU plan (default: the world size)",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="'cpu' or a GPU name such as 'H100 SXM' or 'A100-SXM4-40GB' "
+        "(default: this machine's GPU from nvidia-smi, else its CPU)",
+    )
+    parser.add_argument(
+        "--device-memory-gib",
+        type=float,
+        default=None,
+        help="memory of one device, overriding nvidia-smi and the table",
+    )
+    parser.add_argument(
+        "--assume-mfu",
+        type=float,
+        default=DEFAULT_ASSUMED_MFU,
+        help=f"model FLOPs utilisation to expect (default {DEFAULT_ASSUMED_MFU})",
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of the report")
     return parser.parse_intermixed_args(argv)
 
@@ -175,4 +194,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     for problem in plan.problems:
         print(f"error: refused: {problem}", file=sys.stderr, flush=True)
     return 2 if plan.problems else 0
-

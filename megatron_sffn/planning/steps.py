@@ -17,8 +17,14 @@ def run_sgt_steps(cfg: TrainConfig) -> sgt_accounting.SGTSteps | None:
     sgt = cfg.sgt
     if not sgt.enabled:
         return None
-    return sgt_accounting.sgt_steps(cfg.model, cfg.resolved_base_steps(), mode=sgt.mode, ratio=sgt.ratio,
-                                    guided_fraction=sgt.guided_fraction, stochastic=sgt.stochastic)  # fmt: skip
+    return sgt_accounting.sgt_steps(
+        cfg.model,
+        cfg.resolved_base_steps(),
+        mode=sgt.mode,
+        ratio=sgt.ratio,
+        guided_fraction=sgt.guided_fraction,
+        stochastic=sgt.stochastic,
+    )
 
 
 def resolved_train_steps(cfg: TrainConfig) -> int:
@@ -36,6 +42,11 @@ def est_plan(cfg: TrainConfig) -> ESTPlan | None:
     """The run's EST schedule and draws (None when ``est.enabled`` is false)."""
     if not cfg.est.enabled:
         return None
-    return build_plan(cfg.model, cfg.est, total_steps=resolved_train_steps(cfg), seed=cfg.training.seed,
-                      tensor_parallel=cfg.parallel.tensor_parallel,
-                      pipeline_parallel=cfg.parallel.pipeline_parallel)  # fmt: skip
+    return build_plan(
+        cfg.model,
+        cfg.est,
+        total_steps=resolved_train_steps(cfg),
+        seed=cfg.training.seed,
+        tensor_parallel=cfg.parallel.tensor_parallel,
+        pipeline_parallel=cfg.parallel.pipeline_parallel,
+    )

@@ -65,7 +65,11 @@ def validate_structure(
 
 
 def weight_params(
-    kind: str, in_features: int, out_features: int, rank: int | None = None, blocks: int | None = None,
+    kind: str,
+    in_features: int,
+    out_features: int,
+    rank: int | None = None,
+    blocks: int | None = None,
     middle: int | None = None,
 ) -> int:
     """Number of weight entries (= multiply-adds per token), bias excluded.

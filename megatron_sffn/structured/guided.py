@@ -81,8 +81,9 @@ def guide_draw(seed: int, step: int, micro_batch: int, layer: int) -> float:
     state = 0
     for counter in (seed, step, micro_batch, layer):
         if counter < 0:
-            raise ValueError(f"guide draw counters must be >= 0, got seed={seed} step={step} "
-                             f"micro_batch={micro_batch} layer={layer}")  # fmt: skip
+            raise ValueError(
+                f"guide draw counters must be >= 0, got seed={seed} step={step} micro_batch={micro_batch} layer={layer}"
+            )
         state = _splitmix64(state ^ (counter & _MASK64))
     return (state >> 11) / float(1 << 53)
 

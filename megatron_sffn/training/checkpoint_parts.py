@@ -103,12 +103,12 @@ class OptimizerState:
     model_chunks: list
 
     def state_dict(self) -> dict[str, Any]:
-        return self.optimizer().sharded_state_dict(sharded_model_state(self.model_chunks),
-                                                   metadata=_OPTIMIZER_METADATA)  # fmt: skip
+        return self.optimizer().sharded_state_dict(sharded_model_state(self.model_chunks), metadata=_OPTIMIZER_METADATA)
 
     def sharded_template(self, header: dict[str, Any]) -> dict[str, Any]:
-        return self.optimizer().sharded_state_dict(sharded_model_state(self.model_chunks), is_loading=True,
-                                                   metadata=_OPTIMIZER_METADATA)  # fmt: skip
+        return self.optimizer().sharded_state_dict(
+            sharded_model_state(self.model_chunks), is_loading=True, metadata=_OPTIMIZER_METADATA
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer().load_state_dict(state)

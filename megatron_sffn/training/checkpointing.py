@@ -87,8 +87,14 @@ def save_run_config(config: TrainConfig, path: Path) -> None:
     save_config(dataclasses.replace(config, debug=DebugConfig()), path)
 
 
-def write_checkpoint(dirs: CheckpointDirs, state: Mapping[str, Stateful], *, step: int, config: TrainConfig,
-                     lr_schedule: LRSchedule | None = None) -> Path:  # fmt: skip
+def write_checkpoint(
+    dirs: CheckpointDirs,
+    state: Mapping[str, Stateful],
+    *,
+    step: int,
+    config: TrainConfig,
+    lr_schedule: LRSchedule | None = None,
+) -> Path:
     """Collective: write every part of ``state`` under its key into the uncommitted directory of ``step``.
 
     ``lr_schedule``: the schedule the run follows (default: the config's).
@@ -133,8 +139,13 @@ def save_weights_checkpoint(dirs: CheckpointDirs, *, config: TrainConfig, model:
     resume).
     """
     progress = TrainProgress()
-    objects = {"model": sharded_model_state(model), "progress": progress.state_dict(), "data": None, "sgt": None,
-               "weights_only": True}  # fmt: skip
+    objects = {
+        "model": sharded_model_state(model),
+        "progress": progress.state_dict(),
+        "data": None,
+        "sgt": None,
+        "weights_only": True,
+    }
     partial = _write(dirs, progress.step, objects)
     if dist.get_rank() == 0:
         save_config(config, partial / CONFIG_FILE)
@@ -256,14 +267,18 @@ def check_module_markers(path: str | Path, model: list) -> None:
     loaded = dist_checkpointing.load(requested, str(path))  # also returns the checkpoint's common objects
     for key in requested:
         modules[key.removesuffix(_EXTRA_STATE)].set_extra_state(loaded[key])
+
+
 def require_same_plan(mine: dict[str, Any], saved: dict[str, Any] | None, where: str, method: str, key: str) -> None:
     """A run resumes under the training plan its checkpoint was saved with, or its trajectory silently changes.
 
     ``method`` names the regime in messages ("self-guided training"), ``key`` its enabling config key.
     """
     if saved is None:
-        raise ValueError(f"{where} was saved without {method}; this run has {key}=true ({mine}). "
-                         f"Resume it with {key}=false or start a new run directory")  # fmt: skip
+        raise ValueError(
+            f"{where} was saved without {method}; this run has {key}=true ({mine}). "
+            f"Resume it with {key}=false or start a new run directory"
+        )
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in mine.items() if saved.get(k) != v]
     if diffs:
         raise ValueError(f"{where} was saved under another {method} plan:\n  " + "\n  ".join(diffs))

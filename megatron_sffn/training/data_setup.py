@@ -113,19 +113,29 @@ def _layout(config: TrainConfig, dp_rank: int, dp_size: int) -> StreamLayout:
 def _text_settings(config: TrainConfig) -> TextSettings:
     """The raw files' settings, the same for both loaders so that training never sees a held-out document."""
     data = config.data
-    return text_settings(raw_sources(config), data.tokenizer, config.model.seq_length,
-                         bad_documents=data.bad_documents, skip_bad_files=data.skip_bad_shards)
+    return text_settings(
+        raw_sources(config),
+        data.tokenizer,
+        config.model.seq_length,
+        bad_documents=data.bad_documents,
+        skip_bad_files=data.skip_bad_shards,
+    )
 
 
-def build_validation(config: TrainConfig, *, dp_rank: int, dp_size: int, micro_batches_per_step: int,
-                     manifest: Manifest | None = None) -> ValidationLoader:
+def build_validation(
+    config: TrainConfig, *, dp_rank: int, dp_size: int, micro_batches_per_step: int, manifest: Manifest | None = None
+) -> ValidationLoader:
     """This rank's validation pass, padded to whole groups of ``micro_batches_per_step`` (pipeline calls)."""
     data, layout = config.data, _layout(config, dp_rank, dp_size)
     if data.raw is not None:
         return build_text_validation_loader(_text_settings(config), layout, batches_multiple_of=micro_batches_per_step)
-    return build_validation_loader(manifest or check_dataset(config), layout, skip_bad_shards=data.skip_bad_shards,
-                                   batches_multiple_of=micro_batches_per_step,
-                                   shard_url_template=data.shard_url_template)
+    return build_validation_loader(
+        manifest or check_dataset(config),
+        layout,
+        skip_bad_shards=data.skip_bad_shards,
+        batches_multiple_of=micro_batches_per_step,
+        shard_url_template=data.shard_url_template,
+    )
 
 
 def build_run_data(config: TrainConfig, *, dp_rank: int, dp_size: int, micro_batches_per_step: int) -> RunData:
@@ -134,8 +144,14 @@ def build_run_data(config: TrainConfig, *, dp_rank: int, dp_size: int, micro_bat
     if data.raw is not None:
         train = build_text_train_loader(_text_settings(config), layout, seed=data.seed, lanes=data.lanes)
     else:
-        train = build_train_loader(manifest, layout, seed=data.seed, lanes=data.lanes,
-                                   skip_bad_shards=data.skip_bad_shards, shard_url_template=data.shard_url_template)
+        train = build_train_loader(
+            manifest,
+            layout,
+            seed=data.seed,
+            lanes=data.lanes,
+            skip_bad_shards=data.skip_bad_shards,
+            shard_url_template=data.shard_url_template,
+        )
     validation = build_validation(
         config, dp_rank=dp_rank, dp_size=dp_size, micro_batches_per_step=micro_batches_per_step, manifest=manifest
     )

@@ -104,5 +104,7 @@ class EvolvingSubnetworks:
             require_same_plan(self.plan.state_dict(), saved, where, "evolving subnetwork training", "est.enabled")
             return
         if saved is not None and completed_steps < int(saved["stage2_steps"]):
-            raise ValueError(f"{where} was saved during evolving subnetwork training (step {completed_steps}, stages "
-                             f"1-2 end at step {saved['stage2_steps']}); resume it with its est settings")  # fmt: skip
+            raise ValueError(
+                f"{where} was saved during evolving subnetwork training (step {completed_steps}, stages "
+                f"1-2 end at step {saved['stage2_steps']}); resume it with its est settings"
+            )

@@ -51,8 +51,14 @@ def evaluate(
     try:
         with torch.no_grad():
             for group in _groups(islice(iter(batches), max_batches), micro_batches_per_call):
-                local = run_schedule(model, group, forward_step, seq_length=seq_length,
-                                     micro_batch_size=micro_batch_size, forward_only=True)
+                local = run_schedule(
+                    model,
+                    group,
+                    forward_step,
+                    seq_length=seq_length,
+                    micro_batch_size=micro_batch_size,
+                    forward_only=True,
+                )
                 if local is not None:
                     loss_sum, count = loss_sum + local[0], count + local[1]
     finally:

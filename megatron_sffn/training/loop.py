@@ -123,13 +123,17 @@ class Trainer:
         self.faults = FaultPlan(config.debug, self.model, self.rank)
         # Self-guided training's guides get their own DDP and optimizer, chained with the model's.
         self.guidance = build_guidance(
-            config, self.model, build_optimizer(config, numerics, self.model),
-            micro_batches=self.num_micro_batches, dp_rank=parallel_state.get_data_parallel_rank(),
-        )  # fmt: skip
+            config,
+            self.model,
+            build_optimizer(config, numerics, self.model),
+            micro_batches=self.num_micro_batches,
+            dp_rank=parallel_state.get_data_parallel_rank(),
+        )
         self.subnetworks = EvolvingSubnetworks(est_plan(config), config.model, self.model)
         start = self.start
-        self.lr_schedule = (resume_schedule(start.checkpoint, config) if start is not None and start.resuming
-                            else LRSchedule.of(config))  # fmt: skip
+        self.lr_schedule = (
+            resume_schedule(start.checkpoint, config) if start is not None and start.resuming else LRSchedule.of(config)
+        )
         if self.lr_schedule != LRSchedule.of(config):
             say(f"training.schedule_on_resume=keep: following the checkpoint's schedule ({self.lr_schedule})")
         self.scheduler = self.guidance.bind_scheduler(self.lr_schedule.build(self.guidance.optimizer, config.optimizer))
@@ -233,19 +237,30 @@ class Trainer:
         params_norm = params_l2_norm(self.model) if reporting or self.trace.enabled else None
         if self.trace.enabled:
             self.trace.write(
-                step=step, loss=result.loss, lr=learning_rate, grad_norm=result.grad_norm, params_norm=params_norm,
-                skipped=result.nonfinite, tokens_sha256=tokens_digest(micro_batches),
+                step=step,
+                loss=result.loss,
+                lr=learning_rate,
+                grad_norm=result.grad_norm,
+                params_norm=params_norm,
+                skipped=result.nonfinite,
+                tokens_sha256=tokens_digest(micro_batches),
                 sample_sha256=sample_digests(micro_batches),
-            )  # fmt: skip
+            )
         if result.nonfinite:
             say(f"step {step}: non-finite loss or gradient, update skipped")
         record_step(p, result.nonfinite, self.config.training.max_consecutive_nonfinite)
         self.metrics.train_step(
-            step, loss=result.loss, learning_rate=learning_rate, consumed_tokens=p.consumed_tokens,
-            skipped_steps=p.skipped_steps, grad_norm=result.grad_norm, params_norm=params_norm,
-            data_seconds=waited, extra_scalars={**self.guidance.metrics(), **self.subnetworks.metrics()},
+            step,
+            loss=result.loss,
+            learning_rate=learning_rate,
+            consumed_tokens=p.consumed_tokens,
+            skipped_steps=p.skipped_steps,
+            grad_norm=result.grad_norm,
+            params_norm=params_norm,
+            data_seconds=waited,
+            extra_scalars={**self.guidance.metrics(), **self.subnetworks.metrics()},
             flops_per_token=self.subnetworks.training_flops_per_token(),
-        )  # fmt: skip
+        )
         if self.guidance.end_step(step):
             say(f"self-guided training: guides switched off after step {step} (alpha reached 0)")
         return result
@@ -272,8 +287,13 @@ class Trainer:
     def save(self) -> Path:
         with self.metrics.excluded():
             step = self.progress.step
-            written = write_checkpoint(self.dirs, self.checkpoint_parts(str(self.dirs.partial_path(step))), step=step,
-                                       config=self.config, lr_schedule=self.lr_schedule)  # fmt: skip
+            written = write_checkpoint(
+                self.dirs,
+                self.checkpoint_parts(str(self.dirs.partial_path(step))),
+                step=step,
+                config=self.config,
+                lr_schedule=self.lr_schedule,
+            )
             self.faults.maybe_pause_in_save(step, written)
             path = commit_checkpoint(self.dirs, step, keep_last=self.config.checkpoint.keep_last)
         self.last_checkpoint = path
@@ -337,8 +357,10 @@ class Trainer:
         """Same-FLOPs SGT: rewind the data stream to the guided phase's first sample; returns the new iterator."""
         batches.close()  # stops the old iterator's loader workers
         self.replay.restart(self.data.train, self.data.state_dict())
-        say(f"self-guided training: steps {self.progress.step + 1}..{self.train_steps} re-read the data of the "
-            f"guided phase from its first sample")  # fmt: skip
+        say(
+            f"self-guided training: steps {self.progress.step + 1}..{self.train_steps} re-read the data of the "
+            f"guided phase from its first sample"
+        )
         return iter(self.data.train)
 
 

@@ -74,6 +74,7 @@ from ..planning.steps import resolved_train_steps
 
 TENSORBOARD_SUBDIR = "tensorboard"
 _GIB = 1024**3
+_print_flushed = functools.partial(print, flush=True)  # the console line appears as each step ends
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -195,10 +196,11 @@ class IntervalMetrics:
             "memory/peak_bytes": self.peak_memory_bytes,
             "time/step_s": self.step_seconds,
             "time/data_loading_s": self.data_seconds,
-            "time/data_loading_share": (self.data_seconds / self.step_seconds
-                                        if self.data_seconds is not None and self.step_seconds else None),
+            "time/data_loading_share": (
+                self.data_seconds / self.step_seconds if self.data_seconds is not None and self.step_seconds else None
+            ),
             **(self.gpu_memory or {}),
-        }  # fmt: skip
+        }
         return {tag: float(v) for tag, v in values.items() if v is not None}
 
 
@@ -223,7 +225,7 @@ class MetricsLogger:
         tensorboard_dir: str | Path | None,
         enabled: bool = True,
         clock: Callable[[], float] = time.perf_counter,
-        print_fn: Callable[[str], None] = functools.partial(print, flush=True),
+        print_fn: Callable[[str], None] = _print_flushed,
     ) -> None:
         if world_size <= 0 or log_interval <= 0 or train_steps <= 0:
             raise ValueError(

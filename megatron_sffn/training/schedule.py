@@ -83,8 +83,9 @@ class LRSchedule:
     @classmethod
     def of(cls, config: TrainConfig) -> "LRSchedule":
         opt = config.optimizer
-        return cls(opt.lr, opt.min_lr_ratio, opt.decay_style, resolved_warmup_steps(config),
-                   resolved_train_steps(config))  # fmt: skip
+        return cls(
+            opt.lr, opt.min_lr_ratio, opt.decay_style, resolved_warmup_steps(config), resolved_train_steps(config)
+        )
 
     @classmethod
     def saved_in(cls, checkpoint: Path) -> "LRSchedule":
@@ -99,13 +100,15 @@ class LRSchedule:
         write_text_atomic(checkpoint / SCHEDULE_FILE, json.dumps(dataclasses.asdict(self)) + "\n")
 
     def differences(self, other: "LRSchedule") -> list[str]:
-        return [f"{f.name}: checkpoint {getattr(self, f.name)!r}, this run {getattr(other, f.name)!r}"
-                for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]  # fmt: skip
+        return [
+            f"{f.name}: checkpoint {getattr(self, f.name)!r}, this run {getattr(other, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
 
     def build(self, optimizer, opt_cfg: OptimizerConfig):
         """megatron's scheduler for this schedule (weight decay and the rest from ``opt_cfg``)."""
-        opt_cfg = dataclasses.replace(opt_cfg, lr=self.lr, min_lr_ratio=self.min_lr_ratio,
-                                      decay_style=self.decay_style)  # fmt: skip
+        opt_cfg = dataclasses.replace(opt_cfg, lr=self.lr, min_lr_ratio=self.min_lr_ratio, decay_style=self.decay_style)
         return build_lr_scheduler(optimizer, opt_cfg, self.train_steps, self.warmup_steps)
 
     def lr_of_update(self, step: int) -> float:
@@ -136,11 +139,14 @@ def resume_schedule(checkpoint: Path, config: TrainConfig) -> LRSchedule:
         return saved
     jump = ""
     if step is not None and saved.lr_of_update(step + 1) != wanted.lr_of_update(step + 1):
-        jump = (f"; at update {step + 1} the rate would jump from {saved.lr_of_update(step + 1):.3g} (the "
-                f"checkpoint's schedule) to {wanted.lr_of_update(step + 1):.3g}")  # fmt: skip
+        jump = (
+            f"; at update {step + 1} the rate would jump from {saved.lr_of_update(step + 1):.3g} (the "
+            f"checkpoint's schedule) to {wanted.lr_of_update(step + 1):.3g}"
+        )
     raise ValueError(
         f"{checkpoint} was trained with another learning-rate schedule than this run's: "
-        + "; ".join(saved.differences(wanted)) + jump
+        + "; ".join(saved.differences(wanted))
+        + jump
         + ". Set training.schedule_on_resume=keep to continue the checkpoint's schedule (steps past its end run "
         "at its final rate) or training.schedule_on_resume=refit to follow this run's schedule from the resumed step"
     )

@@ -130,8 +130,9 @@ class SelfGuidance:
     trainer needs no special case.
     """
 
-    def __init__(self, plan: GuidancePlan | None, model_chunks: list, model_optimizer, *, micro_batches: int,
-                 dp_rank: int) -> None:  # fmt: skip
+    def __init__(
+        self, plan: GuidancePlan | None, model_chunks: list, model_optimizer, *, micro_batches: int, dp_rank: int
+    ) -> None:
         self.plan = plan
         self.model_chunks = model_chunks
         self.model_optimizer = model_optimizer
@@ -170,9 +171,7 @@ class SelfGuidance:
         )
         self.guide_ddp.broadcast_params()
         guide_optimizer = get_megatron_optimizer(self.model_optimizer.config, [self.guide_ddp])
-        self.optimizer = ChainedOptimizer(
-            _sub_optimizers(self.model_optimizer) + _sub_optimizers(guide_optimizer)
-        )
+        self.optimizer = ChainedOptimizer(_sub_optimizers(self.model_optimizer) + _sub_optimizers(guide_optimizer))
         self._plain_finalize = config.finalize_model_grads_func
         config.finalize_model_grads_func = self._finalize
 
@@ -260,8 +259,9 @@ class SelfGuidance:
             return
         global_index = self.dp_rank * self.micro_batches + index
         for slot in self.slots:
-            weight = drawn_alpha(self._alpha, self.plan.seed, self._step, global_index, slot.key,
-                                 stochastic=self.plan.stochastic)  # fmt: skip
+            weight = drawn_alpha(
+                self._alpha, self.plan.seed, self._step, global_index, slot.key, stochastic=self.plan.stochastic
+            )
             slot.linear.guide_alpha = weight
             self._draws += 1
             self._uses += weight > 0.0
@@ -298,12 +298,13 @@ class SelfGuidance:
 def refuse_guided_checkpoint(saved: dict[str, Any] | None, completed_steps: int, where: str) -> None:
     """A run without SGT cannot continue a checkpoint that still carries guides (and their optimizer)."""
     if saved is not None and completed_steps < int(saved["guided_steps"]):
-        raise ValueError(f"{where} was saved during self-guided training (step {completed_steps} of a "
-                         f"{saved['guided_steps']}-step guided phase); resume it with its sgt settings {saved}")  # fmt: skip
+        raise ValueError(
+            f"{where} was saved during self-guided training (step {completed_steps} of a "
+            f"{saved['guided_steps']}-step guided phase); resume it with its sgt settings {saved}"
+        )
 
 
-def build_guidance(config, model_chunks: list, model_optimizer, *, micro_batches: int, dp_rank: int
-                   ) -> SelfGuidance:  # fmt: skip
+def build_guidance(config, model_chunks: list, model_optimizer, *, micro_batches: int, dp_rank: int) -> SelfGuidance:
     """The run's guidance, its guides attached (collective); inert when ``config.sgt`` is off."""
     steps = run_sgt_steps(config)
     plan = None

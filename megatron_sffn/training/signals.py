@@ -57,8 +57,11 @@ class StopRequest:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is not None and signal.SIGINT in (signum, self.received):
             # A second Ctrl-C; under torchrun it arrives as SIGTERM (torchrun aborts its wait and terminates).
-            print(f"[train] second stop request ({signal.Signals(signum).name}): exiting now, without saving",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"[train] second stop request ({signal.Signals(signum).name}): exiting now, without saving",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(EXIT_INTERRUPTED)  # no unwinding: a collective in flight would only hang
         if self.received is None:
             self.received = signal.Signals(signum)

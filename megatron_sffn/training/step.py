@@ -50,9 +50,7 @@ def make_forward_step(before_micro_batch: Callable[[int], None] | None = None) -
         if before_micro_batch is not None:
             before_micro_batch(next(indices))
         batch = next(data_iterator)
-        output = model(
-            batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
-        )
+        output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
         return output, partial(lm_loss, batch["loss_mask"])
 
     return forward_step
@@ -147,8 +145,9 @@ def train_step(
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     forward_step = make_forward_step(before_micro_batch)
-    local_loss = run_schedule(model, micro_batches, forward_step, seq_length=seq_length,
-                              micro_batch_size=micro_batch_size, forward_only=False)
+    local_loss = run_schedule(
+        model, micro_batches, forward_step, seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False
+    )
     loss_flag, grad_flag = local_nonfinite_flags(local_loss[0] if local_loss else None, [*model, *extra_grad_chunks])
     loss_sum, count, bad_loss, bad_grad, stop = reduce_step_numbers(local_loss, [loss_flag, grad_flag, stop_flag])
     nonfinite = bad_loss > 0 or bad_grad > 0
@@ -157,6 +156,9 @@ def train_step(
         _, grad_norm, _ = optimizer.step()
     loss = loss_sum / count if count > 0 else math.nan
     return StepResult(
-        loss=loss, tokens_in_loss=int(count), nonfinite=nonfinite,
-        grad_norm=None if grad_norm is None else float(grad_norm), stop_requested=stop > 0,
-    )  # fmt: skip
+        loss=loss,
+        tokens_in_loss=int(count),
+        nonfinite=nonfinite,
+        grad_norm=None if grad_norm is None else float(grad_norm),
+        stop_requested=stop > 0,
+    )

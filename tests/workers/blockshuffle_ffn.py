@@ -82,15 +82,18 @@ def spec_weights(case: SpecCase, seed: int = 0) -> dict[str, torch.Tensor]:
         return torch.randn(*shape, generator=gen) / shape[-1] ** 0.5
 
     return {
-        "linear_fc1.w1": draw(b, d // b, d // b), "linear_fc1.w2": draw(b, f // b, d // b),
+        "linear_fc1.w1": draw(b, d // b, d // b),
+        "linear_fc1.w2": draw(b, f // b, d // b),
         "linear_fc1.bias": 0.5 * torch.randn(f, generator=gen),
-        "linear_fc2.w1": draw(b, d // b, f // b), "linear_fc2.w2": draw(b, d // b, d // b),
+        "linear_fc2.w1": draw(b, d // b, f // b),
+        "linear_fc2.w2": draw(b, d // b, d // b),
         "linear_fc2.bias": 0.5 * torch.randn(d, generator=gen),
-    }  # fmt: skip
+    }
 
 
-def spec_ffn(weights: dict[str, torch.Tensor], x: torch.Tensor, hidden_mask: torch.Tensor | None = None
-             ) -> torch.Tensor:  # fmt: skip
+def spec_ffn(
+    weights: dict[str, torch.Tensor], x: torch.Tensor, hidden_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """The paper's FFN on ``x (..., d)`` from explicit matrices; ``hidden_mask`` multiplies the hidden units."""
     fc1 = blockshuffle_matrix(weights["linear_fc1.w1"], weights["linear_fc1.w2"])
     fc2 = blockshuffle_matrix(weights["linear_fc2.w1"], weights["linear_fc2.w2"])
@@ -175,8 +178,11 @@ def compare_with_spec(mlp, case: SpecCase, finish_grads=None, hidden: HiddenDraw
     if finish_grads is not None:
         finish_grads(mlp)
 
-    errors = {"output": _relative_error(y.detach(), y_ref.detach()), "loss": _relative_error(loss, loss_ref),
-              "input_grad": _relative_error(x_mlp.grad, x_ref.grad)}  # fmt: skip
+    errors = {
+        "output": _relative_error(y.detach(), y_ref.detach()),
+        "loss": _relative_error(loss, loss_ref),
+        "input_grad": _relative_error(x_mlp.grad, x_ref.grad),
+    }
     for role in ("linear_fc1", "linear_fc2"):
         linear = getattr(mlp, role)
         expected_views = _module_view(linear, {k: reference[f"{role}.{k}"].grad for k in ("w1", "w2")})
@@ -195,8 +201,9 @@ def build_spec_mlp(case: SpecCase, tp_group: Any, subnetwork: bool = False):
     from megatron_sffn.parallel.subnetwork import SubnetworkMLP
     from tests.workers.tp_structured import Case, build_mlp
 
-    model_case = Case("blockshuffle", blocks=case.blocks, strategy=case.strategy, hidden=case.hidden,
-                      ffn_hidden=case.ffn_hidden)  # fmt: skip
+    model_case = Case(
+        "blockshuffle", blocks=case.blocks, strategy=case.strategy, hidden=case.hidden, ffn_hidden=case.ffn_hidden
+    )
     return build_mlp(model_case, tp_group, mlp_class=SubnetworkMLP if subnetwork else None)
 
 
@@ -206,8 +213,13 @@ SUBSET_RATES = [0.5, 0.25]
 
 def subset_cases(strategies: tuple[str, ...] = ("auto",)) -> list[tuple[SpecCase, float]]:
     """Each width, B in {2, 4}, each strategy, with the rates of :data:`SUBSET_RATES`."""
-    return [(SpecCase(d, f, b, s), rate) for d, f in WIDTHS for b in SUBSET_BLOCKS for s in strategies
-            for rate in SUBSET_RATES]  # fmt: skip
+    return [
+        (SpecCase(d, f, b, s), rate)
+        for d, f in WIDTHS
+        for b in SUBSET_BLOCKS
+        for s in strategies
+        for rate in SUBSET_RATES
+    ]
 
 
 def subset_case_name(case: SpecCase, rate: float) -> str:
@@ -220,8 +232,9 @@ def hidden_draw(case: SpecCase, rate: float, step: int = 3, layer: int = 1) -> H
 
     b = case.blocks
     keep = kept_count(rate, case.ffn_hidden // b // b)
-    return HiddenDraw(draw_subset(11, step, HIDDEN, layer, total=case.ffn_hidden, strata=b * b, keep=keep, groups=b),
-                      rate)  # fmt: skip
+    return HiddenDraw(
+        draw_subset(11, step, HIDDEN, layer, total=case.ffn_hidden, strata=b * b, keep=keep, groups=b), rate
+    )
 
 
 def blockshuffle_subset_matches_spec() -> dict[str, dict[str, float]]:
@@ -235,7 +248,8 @@ def blockshuffle_subset_matches_spec() -> dict[str, dict[str, float]]:
     for case, rate in subset_cases(("replicated/reduce", "split/reduce")):
         mlp = build_spec_mlp(case, None, subnetwork=True)
         results[subset_case_name(case, rate)] = compare_with_spec(
-            mlp, case, lambda m: average_token_split_grads([m], group), hidden_draw(case, rate))
+            mlp, case, lambda m: average_token_split_grads([m], group), hidden_draw(case, rate)
+        )
     return results
 
 
@@ -253,7 +267,6 @@ def blockshuffle_ffn_matches_spec() -> dict[str, dict[str, float]]:
     return results
 
 
-
 def block_major_mlp(tp_group: Any):
     """An MLP that writes checkpoints the way BlockShuffle did with block-major hidden units.
 
@@ -268,8 +281,10 @@ def block_major_mlp(tp_group: Any):
     class BlockMajorFC1(BlockShuffleFC1):
         def _factor_specs(self):
             b, d = self.shape.blocks, self.input_size
-            return {"w1": FactorSpec((b, b, d // b // b, d // b), SHARDED, 0, strided=True),
-                    "w2": FactorSpec((b, self.output_size // b, d // b), SHARDED, 0, strided=True)}  # fmt: skip
+            return {
+                "w1": FactorSpec((b, b, d // b // b, d // b), SHARDED, 0, strided=True),
+                "w2": FactorSpec((b, self.output_size // b, d // b), SHARDED, 0, strided=True),
+            }
 
         def get_extra_state(self) -> None:
             return None
@@ -278,8 +293,9 @@ def block_major_mlp(tp_group: Any):
         def get_extra_state(self) -> None:
             return None
 
-    return build_mlp(Case("blockshuffle", blocks=4), tp_group, linears=(BlockMajorFC1, BlockMajorFC2),
-                     perform_initialization=False)  # fmt: skip
+    return build_mlp(
+        Case("blockshuffle", blocks=4), tp_group, linears=(BlockMajorFC1, BlockMajorFC2), perform_initialization=False
+    )
 
 
 def block_major_checkpoint_refused() -> dict[str, str]:

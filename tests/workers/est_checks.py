@@ -38,8 +38,9 @@ def _loss_and_grads(model, cfg) -> tuple[float, dict[str, torch.Tensor]]:
     tokens, positions, labels = _tokens(cfg)
     loss = model(tokens, positions, attention_mask=None, labels=labels).float().mean()
     loss.backward()
-    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
-             for n, p in model.named_parameters()}  # fmt: skip
+    grads = {
+        n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone() for n, p in model.named_parameters()
+    }
     return loss.item(), grads
 
 
@@ -49,6 +50,7 @@ def _mask_hooks(model, draws, cfg) -> list:
     head_dim = cfg.kv_channels
     for layer, draw in zip(model.decoder.layers, draws):
         if not draw.active:
+
             def passthrough(module, args, kwargs, output):
                 return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0], output[1]
 
@@ -58,8 +60,11 @@ def _mask_hooks(model, draws, cfg) -> list:
             mask = torch.zeros(cfg.num_attention_heads)
             mask[draw.heads.indices()] = 1.0 / draw.p_H
             column_mask = mask.repeat_interleave(head_dim)
-            hooks.append(layer.self_attention.linear_proj.register_forward_pre_hook(
-                lambda module, args, m=column_mask: (args[0] * m,)))  # fmt: skip
+            hooks.append(
+                layer.self_attention.linear_proj.register_forward_pre_hook(
+                    lambda module, args, m=column_mask: (args[0] * m,)
+                )
+            )
         if draw.hidden is not None:
             mask = torch.zeros(cfg.ffn_hidden_size)
             mask[draw.hidden.indices()] = 1.0 / draw.p_M
@@ -93,17 +98,19 @@ def masked_reference(cases: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
             hook.remove()
         skipped = [d.layer for d in draws if not d.active]
         dropped_rows_zero = all(
-            grads[f"decoder.layers.{d.layer}.mlp.linear_fc2.weight"].abs().sum().item() == 0.0 for d in draws
+            grads[f"decoder.layers.{d.layer}.mlp.linear_fc2.weight"].abs().sum().item() == 0.0
+            for d in draws
             if not d.active and f"decoder.layers.{d.layer}.mlp.linear_fc2.weight" in grads
-        )  # fmt: skip
+        )
         out[name] = {
-            "loss": loss, "ref_loss": ref_loss,
+            "loss": loss,
+            "ref_loss": ref_loss,
             "grad_error": max(_relative(grads[k], ref_grads[k]) for k in grads if ref_grads[k].abs().max() > 0),
             "zero_grads_agree": all(bool((grads[k] == 0).all()) == bool((ref_grads[k] == 0).all()) for k in grads),
-            "skipped": skipped, "kv_groups": [d.kv_groups(cfg.num_attention_heads // cfg.num_query_groups)
-                                              for d in draws if d.active],
+            "skipped": skipped,
+            "kv_groups": [d.kv_groups(cfg.num_attention_heads // cfg.num_query_groups) for d in draws if d.active],
             "skipped_layer_grads_zero": dropped_rows_zero,
-        }  # fmt: skip
+        }
     return out
 
 
@@ -136,10 +143,17 @@ def adamw_outside_subnetwork(lr: float = 1e-2, weight_decay: float = 0.1) -> dic
     initialize_model_parallel(1, 1)
     seed_model_parallel(SEED)
     config = transformer_config(cfg)
-    model = DistributedDataParallel(config=config, module=build_gpt_model(cfg, config=config, subnetworks=True),
-                                    ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))  # fmt: skip
-    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=lr, weight_decay=weight_decay,
-                                                       adam_beta1=0.9, adam_beta2=0.95, clip_grad=0.0), [model])  # fmt: skip
+    model = DistributedDataParallel(
+        config=config,
+        module=build_gpt_model(cfg, config=config, subnetworks=True),
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+    )
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=0.9, adam_beta2=0.95, clip_grad=0.0
+        ),
+        [model],
+    )
     layers = model.module.decoder.layers
     plan = build_plan(cfg, ESTConfig(enabled=True, stage1=RATES), total_steps=10, seed=5)
     draws = plan.draw(1)
@@ -162,10 +176,18 @@ def adamw_outside_subnetwork(lr: float = 1e-2, weight_decay: float = 0.1) -> dic
         before = {k: p.detach().clone() for k, p in watched.items()}
         grads = {k: p.main_grad.detach().clone() for k, p in watched.items()}
         optimizer.step()
-        state = {k: {m: optimizer.optimizer.state[p][m].clone() for m in ("exp_avg", "exp_avg_sq")}
-                 for k, p in watched.items()}  # fmt: skip
-        history.append({"before": before, "grad": grads, "after": {k: p.detach().clone() for k, p in watched.items()},
-                        "state": state})  # fmt: skip
+        state = {
+            k: {m: optimizer.optimizer.state[p][m].clone() for m in ("exp_avg", "exp_avg_sq")}
+            for k, p in watched.items()
+        }
+        history.append(
+            {
+                "before": before,
+                "grad": grads,
+                "after": {k: p.detach().clone() for k, p in watched.items()},
+                "state": state,
+            }
+        )
     rows = {"skipped_layer_qkv": slice(None), "dropped_hidden_u": dropped_units}
     errors = {}
     for key, index in rows.items():

@@ -39,11 +39,17 @@ def tiny_model(structure: str, gqa: bool, tp: int, seed: int = 1234, supra_layer
     """
     initialize_model_parallel(tp, 1)
     seed_model_parallel(seed)
-    attention = {} if supra_layers is None else {
-        "attention": "supra", "supra": {"chunk_size": 4, "layers": None if supra_layers == "all" else supra_layers},
-    }  # fmt: skip
-    cfg = ModelConfig(**TINY, num_query_groups=2 if gqa else None, **attention,
-                      ffn={"structure": structure, **STRUCTURES[structure]})  # fmt: skip
+    attention = (
+        {}
+        if supra_layers is None
+        else {
+            "attention": "supra",
+            "supra": {"chunk_size": 4, "layers": None if supra_layers == "all" else supra_layers},
+        }
+    )
+    cfg = ModelConfig(
+        **TINY, num_query_groups=2 if gqa else None, **attention, ffn={"structure": structure, **STRUCTURES[structure]}
+    )
     model = build_gpt_model(cfg)
     # Random biases, so that a bias applied twice or not at all would show.
     with torch.no_grad():
@@ -110,8 +116,9 @@ def supra_cached_equals_recompute(configs: list[list]) -> dict[str, Any]:
         result["state_bytes"] = {
             n: decoder.generate(PROMPTS, SamplingParams(max_new_tokens=n)).state_bytes for n in (2, 20)
         }
-        result["supra_layers"] = sum(type(layer.self_attention).__name__ == "SupraSelfAttention"
-                                     for layer in model.decoder.layers)  # fmt: skip
+        result["supra_layers"] = sum(
+            type(layer.self_attention).__name__ == "SupraSelfAttention" for layer in model.decoder.layers
+        )
         result["heads_per_rank"] = model.decoder.layers[0].self_attention.num_attention_heads_per_partition
         results[f"{supra_layers}-{structure}-tp{tp}"] = result
     return results
@@ -148,8 +155,13 @@ def sampling_is_reproducible() -> dict[str, Any]:
         params = SamplingParams(max_new_tokens=12, temperature=temperature, top_k=50, top_p=0.95, seed=seed)
         return [c.token_ids for c in decoder.generate(PROMPTS, params).completions]
 
-    return {"seed1": draw(1), "seed1_again": draw(1), "seed2": draw(2),
-            "greedy": draw(1, 0.0), "greedy_other_seed": draw(2, 0.0)}  # fmt: skip
+    return {
+        "seed1": draw(1),
+        "seed1_again": draw(1),
+        "seed2": draw(2),
+        "greedy": draw(1, 0.0),
+        "greedy_other_seed": draw(2, 0.0),
+    }
 
 
 def pre_merge_modes(structures: list[str]) -> dict[str, Any]:
@@ -163,8 +175,9 @@ def pre_merge_modes(structures: list[str]) -> dict[str, Any]:
         decoder = Decoder(model, eos_id=None, context_length=32)
         runs, uses = {}, {}
         for mode in ("off", "on", "auto", "mixed"):
-            report = apply_pre_merge(model, "on" if mode == "mixed" else mode, cache_dir=cache,
-                                     calibration_max_tokens=64)
+            report = apply_pre_merge(
+                model, "on" if mode == "mixed" else mode, cache_dir=cache, calibration_max_tokens=64
+            )
             if mode == "mixed":  # decode steps (3 tokens) merged, prefill (6 tokens) structured
                 for layer in structured_linears(model):
                     layer.merge_threshold = len(PROMPTS)
@@ -175,9 +188,7 @@ def pre_merge_modes(structures: list[str]) -> dict[str, Any]:
         reference = [(c.token_ids, c.logits) for c in runs["off"].completions]
         state_keys = list(model.state_dict()) + list(model.sharded_state_dict())
         layers = structured_linears(model)
-        expected_bytes = sum(
-            layer.input_size * layer.output_size // tp * 4 for layer in layers
-        )
+        expected_bytes = sum(layer.input_size * layer.output_size // tp * 4 for layer in layers)
         results[structure] = {
             "modes": {mode: _compare(runs[mode], reference) for mode in ("on", "auto", "mixed")},
             "uses": uses,

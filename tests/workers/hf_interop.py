@@ -24,25 +24,56 @@ PROBE = torch.tensor([[5, 17, 3, 88, 42, 9, 61, 2, 33, 70, 11, 95], [1, 2, 3, 4,
 # Tiny transformers configs, GQA in each; rope bases off the default so that rope_base is carried.
 HF_MODELS: dict[str, dict[str, Any]] = {
     "starcoder2": dict(
-        model_type="starcoder2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, use_bias=True, norm_epsilon=1e-5, tie_word_embeddings=True, sliding_window=None,
+        model_type="starcoder2",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        use_bias=True,
+        norm_epsilon=1e-5,
+        tie_word_embeddings=True,
+        sliding_window=None,
         rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
     ),
     "llama": dict(
-        model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=24, intermediate_size=96, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        model_type="llama",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        intermediate_size=96,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
     ),
     "llama-biases-tied": dict(
-        model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=96, rms_norm_eps=1e-5, tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
+        model_type="llama",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        mlp_bias=True,
     ),
     "mistral": dict(
-        model_type="mistral", hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-        head_dim=8, intermediate_size=96, rms_norm_eps=1e-6, tie_word_embeddings=False, sliding_window=SEQ,
+        model_type="mistral",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=96,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        sliding_window=SEQ,
         rope_parameters={"rope_type": "default", "rope_theta": 20000.0},
     ),
-}  # fmt: skip
+}
 
 # Our models to export: the paper's architecture, dense and each structure.
 OURS: dict[str, dict[str, Any]] = {
@@ -51,12 +82,22 @@ OURS: dict[str, dict[str, Any]] = {
     "blockdense": dict(ffn={"structure": "blockdense", "rank": 32, "blocks": 2}),
     "blockshuffle": dict(ffn={"structure": "blockshuffle", "blocks": 4}),
     "swiglu-rmsnorm-untied": dict(
-        activation="swiglu", normalization="RMSNorm", linear_bias=False, tie_embeddings=False,
+        activation="swiglu",
+        normalization="RMSNorm",
+        linear_bias=False,
+        tie_embeddings=False,
         ffn={"structure": "lowrank", "rank": 16},
     ),
-}  # fmt: skip
-OUR_BASE = dict(hidden_size=64, num_layers=3, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=256,
-                vocab_size=VOCAB, seq_length=SEQ)  # fmt: skip
+}
+OUR_BASE = dict(
+    hidden_size=64,
+    num_layers=3,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=256,
+    vocab_size=VOCAB,
+    seq_length=SEQ,
+)
 
 
 def hf_config(name: str):
@@ -214,11 +255,15 @@ def save_our_model(name: str, run_dir: Path, tp: int, seed: int) -> torch.Tensor
     tokenizer_dir = run_dir / "tok"
     if int(os.environ.get("RANK", "0")) == 0:
         write_tokenizer(tokenizer_dir)
-    config = from_dict(TrainConfig, {
-        "run_dir": str(run_dir), "model": to_dict(cfg),
-        "data": {"path": str(run_dir / "data"), "tokenizer": str(tokenizer_dir / "tokenizer.json")},
-        "training": {"micro_batch_size": 1, "global_batch_size": 1, "train_steps": 1},
-    })  # fmt: skip
+    config = from_dict(
+        TrainConfig,
+        {
+            "run_dir": str(run_dir),
+            "model": to_dict(cfg),
+            "data": {"path": str(run_dir / "data"), "tokenizer": str(tokenizer_dir / "tokenizer.json")},
+            "training": {"micro_batch_size": 1, "global_batch_size": 1, "train_steps": 1},
+        },
+    )
     initialize_model_parallel(tp, 1)
     seed_model_parallel(seed)
     model = build_gpt_model(cfg, backend="local").eval()
@@ -261,12 +306,22 @@ def imports_match_transformers(root: str) -> dict[str, dict[str, Any]]:
             "diff": _max_diff(our_logits(model), reference),
             "scale": reference.abs().max().item(),
             "params": (count_parameters(cfg).total, sum(p.numel() for p in model.parameters())),
-            "model": {k: getattr(cfg, k) for k in ("normalization", "activation", "linear_bias", "tie_embeddings",
-                                                   "rope_base", "num_query_groups", "kv_channels")},
+            "model": {
+                k: getattr(cfg, k)
+                for k in (
+                    "normalization",
+                    "activation",
+                    "linear_bias",
+                    "tie_embeddings",
+                    "rope_base",
+                    "num_query_groups",
+                    "kv_channels",
+                )
+            },
             "files": sorted(p.name for p in run_dir.iterdir()),
             "generator": generator_greedy(run_dir, model, "off"),
             "generator_hf": hf_greedy_batch(hf_dir),
-        }  # fmt: skip
+        }
     return out
 
 
@@ -401,8 +456,14 @@ def evaluate_imported_at_tp2(root: str, data: str, name: str = "mistral") -> dic
     from megatron_sffn.training.checkpointing import CONFIG_FILE, check_same_model, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(Path(root) / "runs" / name)
-    overrides = [f"data.path={data}", "data.tokenizer=null", "parallel.tensor_parallel=2", "eval.max_batches=null",
-                 "training.micro_batch_size=2", "training.global_batch_size=4"]  # fmt: skip
+    overrides = [
+        f"data.path={data}",
+        "data.tokenizer=null",
+        "parallel.tensor_parallel=2",
+        "eval.max_batches=null",
+        "training.micro_batch_size=2",
+        "training.global_batch_size=4",
+    ]
     config = load_config(TrainConfig, checkpoint / CONFIG_FILE, overrides)
     check_same_model(checkpoint, config)
     report = evaluate_checkpoint(checkpoint, config)
@@ -422,10 +483,22 @@ def train_from_import_at_tp2(root: str, data: str, name: str = "llama") -> float
 
     imported = Path(root) / "runs" / name
     run_dir = Path(root) / "continued" / name
-    overrides = [f"run_dir={run_dir}", f"data.path={data}", "data.tokenizer=null", f"checkpoint.load={imported}",
-                 "parallel.tensor_parallel=2", "training.micro_batch_size=2", "training.global_batch_size=4",
-                 "training.train_steps=1", "optimizer.lr=1e-7", "optimizer.warmup_fraction=0.0", "eval.at_end=false",
-                 "eval.interval=null", "logging.tensorboard=false", "checkpoint.save_interval=1"]  # fmt: skip
+    overrides = [
+        f"run_dir={run_dir}",
+        f"data.path={data}",
+        "data.tokenizer=null",
+        f"checkpoint.load={imported}",
+        "parallel.tensor_parallel=2",
+        "training.micro_batch_size=2",
+        "training.global_batch_size=4",
+        "training.train_steps=1",
+        "optimizer.lr=1e-7",
+        "optimizer.warmup_fraction=0.0",
+        "eval.at_end=false",
+        "eval.interval=null",
+        "logging.tensorboard=false",
+        "checkpoint.save_interval=1",
+    ]
     run_training(load_config(TrainConfig, imported / "config.yaml", overrides))
     model, _ = load_run(run_dir, tp=2)
     return _max_diff(our_logits(model), torch.load(Path(root) / "hf" / name / "reference_logits.pt"))

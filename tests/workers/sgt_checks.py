@@ -53,7 +53,7 @@ def _gather_full(param: torch.Tensor, group) -> torch.Tensor:
     dist.all_gather(parts, param.detach().contiguous(), group=group)
     axis, stride = param.partition_dim, param.partition_stride
     total = param.shape[axis] * group.size()
-    full = torch.empty(*param.shape[:axis], total, *param.shape[axis + 1:], dtype=param.dtype)
+    full = torch.empty(*param.shape[:axis], total, *param.shape[axis + 1 :], dtype=param.dtype)
     for rank, part in enumerate(parts):
         offset = 0
         for piece in shard_ranges(total, TPLayout(rank, group.size()), stride):
@@ -107,8 +107,13 @@ def guided_mlp_tp2_matches_tp1() -> dict[str, dict[str, float]]:
             y1, loss1, dx1 = run_mlp(reference, x, target)
             y2, loss2, dx2 = run_mlp(parallel, x, target)
             average_token_split_grads([parallel], group)
-            errors.update({f"{alpha}:output": _relative_error(y2, y1), f"{alpha}:loss": _relative_error(loss2, loss1),
-                           f"{alpha}:input_grad": _relative_error(dx2, dx1)})  # fmt: skip
+            errors.update(
+                {
+                    f"{alpha}:output": _relative_error(y2, y1),
+                    f"{alpha}:loss": _relative_error(loss2, loss1),
+                    f"{alpha}:input_grad": _relative_error(dx2, dx1),
+                }
+            )
             full = dict(reference.named_parameters())
             for name, param in parallel.named_parameters():
                 errors[f"{alpha}:grad:{name}"] = _relative_error(
@@ -137,15 +142,29 @@ def _train_config(tp: int, pp: int, structure: dict[str, Any]):
     from megatron_sffn.config.loading import from_dict
     from megatron_sffn.config.train import TrainConfig
 
-    return from_dict(TrainConfig, {
-        "run_dir": "unused", "data": {"path": "unused"},
-        "model": {"hidden_size": 64, "num_layers": 4, "num_attention_heads": 4, "vocab_size": VOCAB,
-                  "seq_length": SEQ, "ffn": structure},
-        "training": {"micro_batch_size": MICRO_BATCH_SIZE, "global_batch_size": MICRO_BATCHES * MICRO_BATCH_SIZE,
-                     "train_steps": STEPS, "seed": 5},
-        "optimizer": {"lr": 3e-3, "warmup_steps": 1},
-        "parallel": {"tensor_parallel": tp, "pipeline_parallel": pp},
-    })  # fmt: skip
+    return from_dict(
+        TrainConfig,
+        {
+            "run_dir": "unused",
+            "data": {"path": "unused"},
+            "model": {
+                "hidden_size": 64,
+                "num_layers": 4,
+                "num_attention_heads": 4,
+                "vocab_size": VOCAB,
+                "seq_length": SEQ,
+                "ffn": structure,
+            },
+            "training": {
+                "micro_batch_size": MICRO_BATCH_SIZE,
+                "global_batch_size": MICRO_BATCHES * MICRO_BATCH_SIZE,
+                "train_steps": STEPS,
+                "seed": 5,
+            },
+            "optimizer": {"lr": 3e-3, "warmup_steps": 1},
+            "parallel": {"tensor_parallel": tp, "pipeline_parallel": pp},
+        },
+    )
 
 
 def _global_batches(step: int) -> list[dict[str, Any]]:
@@ -162,8 +181,10 @@ def _record_forward_alphas(guidance, log: list) -> list:
     """Hooks recording the mixing weight each guided linear actually used in each forward."""
     handles = []
     for slot in guidance.slots:
+
         def hook(module, args, key=slot.key):
             log.append((key, module.guide_alpha if module.guide is not None else 0.0))
+
         handles.append(slot.linear.register_forward_pre_hook(hook))
     return handles
 
@@ -173,8 +194,12 @@ def _train(tp: int, pp: int, structure: dict[str, Any]) -> dict[str, Any]:
 
     from megatron_sffn.model import initialize_model_parallel, seed_model_parallel
     from megatron_sffn.training.model_setup import (
-        Numerics, build_model, build_optimizer, install_schedule_hooks, wrap_data_parallel,
-    )  # fmt: skip
+        Numerics,
+        build_model,
+        build_optimizer,
+        install_schedule_hooks,
+        wrap_data_parallel,
+    )
     from megatron_sffn.training.schedule import build_lr_scheduler
     from megatron_sffn.training.self_guided import GuidancePlan, SelfGuidance
     from megatron_sffn.training.step import make_forward_step, reduce_step_numbers, run_schedule
@@ -187,8 +212,13 @@ def _train(tp: int, pp: int, structure: dict[str, Any]) -> dict[str, Any]:
     install_schedule_hooks(model)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     local = MICRO_BATCHES // dp_size
-    guidance = SelfGuidance(GuidancePlan(GUIDED_STEPS, seed=config.training.seed), model,
-                            build_optimizer(config, numerics, model), micro_batches=local, dp_rank=dp_rank)  # fmt: skip
+    guidance = SelfGuidance(
+        GuidancePlan(GUIDED_STEPS, seed=config.training.seed),
+        model,
+        build_optimizer(config, numerics, model),
+        micro_batches=local,
+        dp_rank=dp_rank,
+    )
     guidance.attach()
     scheduler = guidance.bind_scheduler(build_lr_scheduler(guidance.optimizer, config.optimizer, STEPS, 1))
     guide_refs = [weakref.ref(slot.linear.guide) for slot in guidance.slots]
@@ -201,11 +231,12 @@ def _train(tp: int, pp: int, structure: dict[str, Any]) -> dict[str, Any]:
         for chunk in model:
             chunk.zero_grad_buffer()
         guidance.optimizer.zero_grad()
-        batches = _global_batches(step)[dp_rank * local:(dp_rank + 1) * local]
+        batches = _global_batches(step)[dp_rank * local : (dp_rank + 1) * local]
         log.clear()
         forward_step = make_forward_step(before_micro_batch=guidance.before_micro_batch)
-        local_loss = run_schedule(model, batches, forward_step, seq_length=SEQ, micro_batch_size=MICRO_BATCH_SIZE,
-                                  forward_only=False)
+        local_loss = run_schedule(
+            model, batches, forward_step, seq_length=SEQ, micro_batch_size=MICRO_BATCH_SIZE, forward_only=False
+        )
         loss_sum, count = reduce_step_numbers(local_loss, [])
         guidance.optimizer.step()
         losses.append(loss_sum / count)
@@ -229,8 +260,11 @@ def _train(tp: int, pp: int, structure: dict[str, Any]) -> dict[str, Any]:
         "finalize_is_plain": model[0].config.finalize_model_grads_func.__name__ == "finalize_model_grads",
         "guide_state_keys": [k for k in model[0].module.sharded_state_dict() if "guide" in k],
         "expected_used": [
-            [drawn_alpha(guidance.plan.alpha_for_update(step), 5, step, dp_rank * local + mb, key)
-             for mb in range(local) for key in sorted({s.key for s in guidance.slots})]
+            [
+                drawn_alpha(guidance.plan.alpha_for_update(step), 5, step, dp_rank * local + mb, key)
+                for mb in range(local)
+                for key in sorted({s.key for s in guidance.slots})
+            ]
             for step in range(1, STEPS + 1)
         ],
     }

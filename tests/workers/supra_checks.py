@@ -33,8 +33,9 @@ MODELS = {
 
 
 def model_config(name: str, **supra: Any) -> ModelConfig:
-    return ModelConfig(**MODELS[name], vocab_size=64, seq_length=32, attention="supra",
-                       supra={"chunk_size": 4, **supra})  # fmt: skip
+    return ModelConfig(
+        **MODELS[name], vocab_size=64, seq_length=32, attention="supra", supra={"chunk_size": 4, **supra}
+    )
 
 
 def _build(cfg: ModelConfig):

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 
 from megatron_sffn.config import FFNConfig, ModelConfig
 from megatron_sffn.parallel.comm import record_traffic
-from megatron_sffn.parallel.mlp_spec import mlp_spec
-from megatron_sffn.parallel.plan import FFNShape, rank_cost
 from megatron_sffn.parallel.grads import average_token_split_grads
 from megatron_sffn.parallel.layout import TPLayout, shard_ranges, take_rows
+from megatron_sffn.parallel.mlp_spec import mlp_spec
+from megatron_sffn.parallel.plan import FFNShape, rank_cost
 from tests.workers.blockshuffle_ffn import (  # noqa: F401  (checks of this module's launch)
     block_major_checkpoint_refused,
     blockshuffle_ffn_matches_spec,
@@ -80,16 +80,29 @@ def transformer_config(case: Case, **overrides: Any):
 
     activation = F.silu if case.gated else functools.partial(F.gelu, approximate="tanh")
     options = dict(
-        num_layers=1, hidden_size=case.hidden, ffn_hidden_size=case.ffn_hidden, num_attention_heads=2,
-        use_cpu_initialization=True, add_bias_linear=True, bias_activation_fusion=False,
-        gated_linear_unit=case.gated, activation_func=activation, init_method_std=0.02,
-    )  # fmt: skip
+        num_layers=1,
+        hidden_size=case.hidden,
+        ffn_hidden_size=case.ffn_hidden,
+        num_attention_heads=2,
+        use_cpu_initialization=True,
+        add_bias_linear=True,
+        bias_activation_fusion=False,
+        gated_linear_unit=case.gated,
+        activation_func=activation,
+        init_method_std=0.02,
+    )
     options.update(overrides)
     return TransformerConfig(**options)
 
 
-def build_mlp(case: Case, tp_group: Any, seed: int = SEED, linears: tuple[type, type] | None = None,
-              mlp_class: type | None = None, **config_overrides: Any):  # fmt: skip
+def build_mlp(
+    case: Case,
+    tp_group: Any,
+    seed: int = SEED,
+    linears: tuple[type, type] | None = None,
+    mlp_class: type | None = None,
+    **config_overrides: Any,
+):
     """megatron's MLP for ``case`` built from the spec factory, weights drawn from ``seed``.
 
     ``linears`` replaces the spec's fc1 and fc2 classes (same options), ``mlp_class`` the MLP's.
@@ -97,10 +110,13 @@ def build_mlp(case: Case, tp_group: Any, seed: int = SEED, linears: tuple[type, 
     from megatron.core.transformer.spec_utils import build_module
 
     model_cfg = ModelConfig(
-        hidden_size=case.hidden, num_layers=2, num_attention_heads=2, ffn_hidden_size=case.ffn_hidden,
+        hidden_size=case.hidden,
+        num_layers=2,
+        num_attention_heads=2,
+        ffn_hidden_size=case.ffn_hidden,
         activation="swiglu" if case.gated else "gelu",
         ffn=FFNConfig(structure=case.structure, rank=case.rank, blocks=case.blocks),
-    )  # fmt: skip
+    )
     spec = mlp_spec(model_cfg, 1, tp_strategy=case.strategy)
     if linears is not None:
         spec.submodules.linear_fc1.module, spec.submodules.linear_fc2.module = linears
@@ -227,12 +243,17 @@ def tp2_matches_tp1() -> dict[str, CaseResult]:
             parallel.ddp_config = DistributedDataParallelConfig()
             _allreduce_non_tensor_model_parallel_grads([parallel], parallel.config, group)
         result = CaseResult(strategy=str(getattr(parallel.linear_fc1, "strategy", "dense")))
-        result.errors.update(output=_relative_error(y2, y1), loss=_relative_error(loss2, loss1),
-                             input_grad=_relative_error(dx2, dx1))  # fmt: skip
+        result.errors.update(
+            output=_relative_error(y2, y1), loss=_relative_error(loss2, loss1), input_grad=_relative_error(dx2, dx1)
+        )
         full = dict(reference.named_parameters())
         for name, param in parallel.named_parameters():
-            result.errors[f"weight:{name}"] = _relative_error(param.detach(), full_tensor_slice(param, full[name].detach(), layout))
-            result.errors[f"grad:{name}"] = _relative_error(param.grad, full_tensor_slice(param, full[name].grad, layout))
+            result.errors[f"weight:{name}"] = _relative_error(
+                param.detach(), full_tensor_slice(param, full[name].detach(), layout)
+            )
+            result.errors[f"grad:{name}"] = _relative_error(
+                param.grad, full_tensor_slice(param, full[name].grad, layout)
+            )
         parallel.zero_grad()
         result.measured = measure(parallel, (4, 4))
         result.expected = expected_cost(case, parallel, layout.size)
@@ -300,7 +321,7 @@ def checkpoint_reshard() -> dict[str, dict[str, float]]:
     cpu_compat.enable_if_no_cuda()
     x, _ = inputs((3, 2))
     expected: dict[tuple[int, str], torch.Tensor] = {}
-    results: dict[str, dict[str, float]] = {f"{s.name} -> {l.strategy}": {} for s, l in RESHARD_CASES}
+    results: dict[str, dict[str, float]] = {f"{saved.name} -> {loaded.strategy}": {} for saved, loaded in RESHARD_CASES}
 
     def save_all(tp: int) -> None:
         for index, (saved, loaded) in enumerate(RESHARD_CASES):

@@ -27,8 +27,16 @@ VOCAB = 128
 SEQ = 16
 
 
-def write_dataset(out: Path, *, train_samples: int = 192, val_samples: int = 40, per_shard: int = 32,
-                  seq: int = SEQ, vocab: int = VOCAB, seed: int = 0) -> Path:
+def write_dataset(
+    out: Path,
+    *,
+    train_samples: int = 192,
+    val_samples: int = 40,
+    per_shard: int = 32,
+    seq: int = SEQ,
+    vocab: int = VOCAB,
+    seed: int = 0,
+) -> Path:
     """A prepared dataset of arithmetic sequences ``t[i+1] = (t[i] + stride) mod vocab``."""
     rng = np.random.default_rng(seed)
     splits = {}
@@ -37,13 +45,21 @@ def write_dataset(out: Path, *, train_samples: int = 192, val_samples: int = 40,
         stride = rng.integers(1, 4, size=(count, 1))
         splits[split] = ((start + stride * np.arange(seq + 1)) % vocab).astype(np.uint16)
     tokenizer = TokenizerInfo(spec="synthetic", type="hf-json", vocab_size=vocab, eos_id=0, sha256="0" * 64)
-    write_prepared(out, splits, context_length=seq, per_shard=per_shard, tokenizer=tokenizer,
-                   settings={"synthetic": True, "seed": seed}, created_by="tests/workers/train_checks.py")
+    write_prepared(
+        out,
+        splits,
+        context_length=seq,
+        per_shard=per_shard,
+        tokenizer=tokenizer,
+        settings={"synthetic": True, "seed": seed},
+        created_by="tests/workers/train_checks.py",
+    )
     return out
 
 
-def write_text_corpus(out: Path, *, files: int = 2, documents: int = 60, bad_every: int = 9,
-                      seed: int = 0) -> tuple[list[str], str]:
+def write_text_corpus(
+    out: Path, *, files: int = 2, documents: int = 60, bad_every: int = 9, seed: int = 0
+) -> tuple[list[str], str]:
     """Raw JSONL files of random words with a lone surrogate (a bad document) every ``bad_every`` lines,
     and a word-level ``tokenizer.json`` whose ids fit the tiny model's vocabulary."""
     import json
@@ -79,8 +95,12 @@ def run_config(run_dir: Path, data_dir: Path, **sections: dict[str, Any]) -> dic
     config: dict[str, Any] = {
         "run_dir": str(run_dir),
         "model": {
-            "hidden_size": 64, "num_layers": 4, "num_attention_heads": 4, "vocab_size": VOCAB,
-            "seq_length": SEQ, "ffn": {"structure": "lowrank", "rank": 16},
+            "hidden_size": 64,
+            "num_layers": 4,
+            "num_attention_heads": 4,
+            "vocab_size": VOCAB,
+            "seq_length": SEQ,
+            "ffn": {"structure": "lowrank", "rank": 16},
         },
         "data": {"path": str(data_dir), "num_workers": 0, "seed": 7},
         "optimizer": {"lr": 3e-3, "warmup_steps": 2},
@@ -88,7 +108,7 @@ def run_config(run_dir: Path, data_dir: Path, **sections: dict[str, Any]) -> dic
         "checkpoint": {"save_interval": 100, "keep_last": 2},
         "logging": {"log_interval": 1, "tensorboard": False, "peak_tflops_per_device": 1.0},
         "eval": {"interval": None, "at_end": False},
-    }  # fmt: skip
+    }
     for name, values in sections.items():
         config[name] = {**config.get(name, {}), **values}
     return config
@@ -103,9 +123,16 @@ def train_command(config_path: Path, nproc: int, overrides: list[str] = ()) -> l
     if nproc == 1:
         return [sys.executable, "-m", "megatron_sffn.train", str(config_path), *overrides]
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "megatron_sffn.train", str(config_path), *overrides,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "megatron_sffn.train",
+        str(config_path),
+        *overrides,
+    ]
 
 
 def train_env(trace_dir: Path | None = None, **faults: str) -> dict[str, str]:
@@ -121,23 +148,36 @@ def train_env(trace_dir: Path | None = None, **faults: str) -> dict[str, str]:
     return env
 
 
-def run_train(config_path: Path, *, nproc: int = 1, overrides: list[str] = (), env: dict[str, str] | None = None,
-              timeout: float = 240.0) -> subprocess.CompletedProcess:
+def run_train(
+    config_path: Path,
+    *,
+    nproc: int = 1,
+    overrides: list[str] = (),
+    env: dict[str, str] | None = None,
+    timeout: float = 240.0,
+) -> subprocess.CompletedProcess:
     """Run the trainer to completion (or failure) and return its exit code and output."""
-    proc = subprocess.Popen(train_command(config_path, nproc, list(overrides)), cwd=REPO_ROOT,
-                            env=env or train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        train_command(config_path, nproc, list(overrides)),
+        cwd=REPO_ROOT,
+        env=env or train_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        raise AssertionError(f"trainer timed out after {timeout:.0f} s:\n{out[-6000:]}")
+        raise AssertionError(f"trainer timed out after {timeout:.0f} s:\n{out[-6000:]}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, None)
 
 
-def traced_run(tmp: Path, dataset: Path, name: str, *, nproc: int = 2, env_faults: dict | None = None,
-               **sections: dict[str, Any]) -> tuple[Path, str]:  # fmt: skip
+def traced_run(
+    tmp: Path, dataset: Path, name: str, *, nproc: int = 2, env_faults: dict | None = None, **sections: dict[str, Any]
+) -> tuple[Path, str]:
     """Train :func:`run_config` updated by ``sections`` as run ``name`` under ``tmp``, tracing every step.
 
     Returns the trace directory and the output; fails the test on a non-zero exit.

@@ -93,7 +93,9 @@ class StructurePlan(ABC):
         """Raise a ValueError naming the numbers if the structure's own layout cannot be split ``tp`` ways.
 
         Called after the checks every FFN shares (a valid shape, ``ffn_hidden`` divisible by ``tp``).
+        The default: a structure with no rules of its own.
         """
+        return None
 
 
 def gathered(features: int, tp: int) -> Fraction:
