@@ -31,6 +31,15 @@ ratio of the dense linears and cost nothing else:
 ``dense / ((dense - gelu) / ideal + gelu)``.  No implementation of the same
 function can pass it.
 
+The bound assumes the structured matrix products run as fast per FLOP as the
+dense ones.  ``--matmul-floor`` checks that on the machine at hand: every run
+is recorded by the PyTorch profiler, the time spent inside the BLAS calls
+(``mm``, ``bmm``, ``addmm``, ``baddbmm``; wall time) is summed per run, and
+the ``floor`` columns give ``dense / (matmuls + gelu)``: the speed-up if
+everything but those calls and the GELU were free.  An implementation that
+keeps these products can at most reach it; the ``matmul`` columns are the
+speed-up of the products alone, dense over structured.
+
 On CPU, glibc hands every large tensor fresh pages from the kernel, and
 first-touching them costs more than the work done on them (about 55 ms per
 128 MB on a 2-core development VM, against 31 ms to copy 128 MB into memory
@@ -151,6 +160,18 @@ def make_timer(device: torch.device, clock: str = "wall") -> Callable[[Callable[
     return cpu_time
 
 
+MATMUL_OPS = frozenset({"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addmm_", "aten::baddbmm_"})
+
+
+def matmul_ms(fn: Callable[[], None]) -> float:
+    """Run ``fn`` once under the profiler; the time (ms) its BLAS products took on the calling thread."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS) / 1e3
+
+
 class ActivationWorkload:
     """The FFN's GELU alone on its ``tokens x f`` input, timed like a :class:`Workload`."""
 
@@ -199,6 +220,15 @@ def measure(
     grad_out = torch.randn(args.tokens, args.width, generator=generator, dtype=dtype, device=device)
     x.requires_grad_(True)  # the FFN input gradient is part of a training step
     timer = make_timer(device, args.clock)
+
+    def run(fn: Callable[[], None]) -> tuple[float, float | None]:
+        """(time of one run, its matmul time when ``--matmul-floor`` records it) in ms."""
+        if not args.matmul_floor:
+            return timer(fn), None
+        elapsed: list[float] = []
+        matmuls = matmul_ms(lambda: elapsed.append(timer(fn)))
+        return elapsed[0], matmuls
+
     workloads = {}
     for case in cases:
         progress(f"building {case.label}")
@@ -206,7 +236,8 @@ def measure(
         workloads[case] = Workload(ffn, x, grad_out)
     hidden = torch.randn(args.tokens, args.ffn_hidden, generator=generator, dtype=dtype, device=device)
     workloads[ACTIVATION] = ActivationWorkload(hidden, torch.randn_like(hidden))
-    times: dict[Case | str, dict[str, list[float]]] = {key: {"fwd": [], "fwd_bwd": []} for key in workloads}
+    keys = ("fwd", "fwd_bwd", "mm_fwd", "mm_fwd_bwd")
+    times: dict[Case | str, dict[str, list[float]]] = {key: {k: [] for k in keys} for key in workloads}
     rounds = args.warmup + args.repeats
     for round_index in range(rounds):
         timed = round_index >= args.warmup
@@ -216,14 +247,18 @@ def measure(
             else f"warm-up {round_index + 1}/{args.warmup}"
         )
         for key, work in workloads.items():
-            fwd_bwd = timer(work.forward_backward)
+            fwd_bwd, mm_fwd_bwd = run(work.forward_backward)
             work.clear_grads()
-            fwd = timer(work.forward)
+            fwd, mm_fwd = run(work.forward)
             label = "GELU alone" if key == ACTIVATION else key.label
-            progress(f"{phase} {label}: fwd {fwd:.1f} ms, fwd+bwd {fwd_bwd:.1f} ms")
+            mm_note = f" (matmuls {mm_fwd:.1f} / {mm_fwd_bwd:.1f} ms)" if args.matmul_floor else ""
+            progress(f"{phase} {label}: fwd {fwd:.1f} ms, fwd+bwd {fwd_bwd:.1f} ms{mm_note}")
             if timed:
                 times[key]["fwd"].append(fwd)
                 times[key]["fwd_bwd"].append(fwd_bwd)
+                if args.matmul_floor:
+                    times[key]["mm_fwd"].append(mm_fwd)
+                    times[key]["mm_fwd_bwd"].append(mm_fwd_bwd)
     return times
 
 
@@ -231,9 +266,17 @@ def summarize(cases: Sequence[Case], times: dict[Case | str, dict[str, list[floa
     dense = cases[0]
     base = {key: statistics.median(times[dense][key]) for key in ("fwd", "fwd_bwd")}
     gelu = {key: statistics.median(times[ACTIVATION][key]) for key in ("fwd", "fwd_bwd")}
+    recorded = bool(times[dense]["mm_fwd"])
     rows = []
     for case in cases:
         median = {key: statistics.median(times[case][key]) for key in ("fwd", "fwd_bwd")}
+        floor = {}
+        if recorded:
+            for key in ("fwd", "fwd_bwd"):
+                matmuls = statistics.median(times[case][f"mm_{key}"])
+                floor[f"matmul_{key}_ms"] = matmuls
+                floor[f"matmul_{key}_speedup"] = statistics.median(times[dense][f"mm_{key}"]) / matmuls
+                floor[f"{key}_floor"] = base[key] / (matmuls + gelu[key])
         ideal = dense.weight_params / case.weight_params
         speedup = {key: base[key] / median[key] for key in median}
         bound = {key: base[key] / ((base[key] - gelu[key]) / ideal + gelu[key]) for key in median}
@@ -255,6 +298,7 @@ def summarize(cases: Sequence[Case], times: dict[Case | str, dict[str, list[floa
                 "fwd_bwd_efficiency": speedup["fwd_bwd"] / ideal,
                 "fwd_ms_runs": times[case]["fwd"],
                 "fwd_bwd_ms_runs": times[case]["fwd_bwd"],
+                **floor,
             }
         )
     return rows
@@ -277,6 +321,18 @@ def format_table(rows: Sequence[dict]) -> str:
     lines.append(
         f"GELU alone (tokens x f): fwd {rows[0]['gelu_fwd_ms']:.1f} ms, fwd+bwd {rows[0]['gelu_fwd_bwd_ms']:.1f} ms"
     )
+    if "fwd_floor" in rows[0]:
+        lines += [
+            "",
+            f"{'structure':<13}{'ratio':>7}{'matmul fwd ms':>15}{'fwd+bwd ms':>12}"
+            f"{'matmul speedup fwd':>20}{'fwd+bwd':>9}{'floor fwd':>11}{'fwd+bwd':>9}",
+        ]
+        for r in rows:
+            lines.append(
+                f"{r['structure']:<13}{r['achieved_ratio']:>7.1%}{r['matmul_fwd_ms']:>15.1f}{r['matmul_fwd_bwd_ms']:>12.1f}"
+                f"{r['matmul_fwd_speedup']:>19.2f}x{r['matmul_fwd_bwd_speedup']:>8.2f}x"
+                f"{r['fwd_floor']:>10.2f}x{r['fwd_bwd_floor']:>8.2f}x"
+            )
     return "\n".join(lines)
 
 
@@ -332,6 +388,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="wall",
         help="wall time, or this process's CPU time (robust on a shared machine; needs --threads 1 on cpu)",
     )
+    p.add_argument(
+        "--matmul-floor",
+        action="store_true",
+        help="record every run's BLAS time with the profiler and report the floor (module doc; wall clock, cpu)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     args.ffn_hidden = args.ffn_hidden or 4 * args.width
@@ -350,6 +411,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--warmup={args.warmup} must be >= 0")
     if args.clock == "process" and (args.device != "cpu" or args.threads != 1):
         p.error("--clock process: CPU time equals compute time only for one thread on the CPU; add --threads 1")
+    if args.matmul_floor and (args.device != "cpu" or args.clock != "wall"):
+        p.error("--matmul-floor: the profiler's op times are wall time on the CPU; use --device cpu --clock wall")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     return args

@@ -71,6 +71,41 @@ def test_benchmark_reports_every_case_with_paper_sizes(ffn_bench, tmp_path, caps
     assert all(text in table for text in ("dense", "lowrank", "blockdense", "blockshuffle", "R=16", "B=4"))
 
 
+def test_matmul_floor_sums_the_profiled_products(ffn_bench, capsys):
+    """The floor columns come from the BLAS time of the same runs: positive, below the run time, formula as documented."""
+    rows = ffn_bench.main(
+        ["--width", "64", "--tokens", "32", "--repeats", "2", "--warmup", "0", "--threads", "1"]
+        + ["--structures", "blockshuffle", "--ratios", "0.32", "--matmul-floor"]
+    )
+    dense = rows[0]
+    for row in rows:
+        for key in ("fwd", "fwd_bwd"):
+            matmuls = row[f"matmul_{key}_ms"]
+            assert 0 < matmuls < row[f"{key}_ms"], (row["structure"], key)
+            assert row[f"{key}_floor"] == pytest.approx(dense[f"{key}_ms"] / (matmuls + row[f"gelu_{key}_ms"]))
+            assert row[f"matmul_{key}_speedup"] == pytest.approx(dense[f"matmul_{key}_ms"] / matmuls)
+    assert "matmul speedup fwd" in capsys.readouterr().out
+
+
+def test_matmul_time_counts_only_the_products(ffn_bench):
+    """A run of one known ``mm`` and an elementwise op: only the ``mm`` is counted."""
+    a = torch.randn(256, 256)
+
+    def work() -> None:
+        torch.mm(a, a)
+        torch.tanh(a).exp()
+
+    def products_only() -> None:
+        torch.mm(a, a)
+
+    def elementwise_only() -> None:
+        torch.tanh(a).exp()
+
+    assert ffn_bench.matmul_ms(elementwise_only) == 0
+    assert ffn_bench.matmul_ms(products_only) > 0
+    assert ffn_bench.matmul_ms(work) > 0
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
@@ -78,6 +113,7 @@ def test_benchmark_reports_every_case_with_paper_sizes(ffn_bench, tmp_path, caps
         (["--ratios", "half"], "--ratios='half'"),
         (["--tokens", "0"], "--tokens=0 must be positive"),
         (["--clock", "process", "--threads", "2"], "--clock process: CPU time equals compute time only"),
+        (["--matmul-floor", "--clock", "process", "--threads", "1"], "--matmul-floor: the profiler's op times"),
     ],
 )
 def test_bad_arguments_are_reported(ffn_bench, argv, message, capsys):
