@@ -22,10 +22,10 @@ import dataclasses
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Sequence, TextIO
 
+from .entry_setup import quiet_known_warnings
 from .inference.loading import GenerationPlan, TextGenerator, plan_generation
 from .inference.premerge import PRE_MERGE_MODES
 from .inference.sampling import SamplingParams
@@ -150,20 +150,9 @@ class StreamPrinter:
             self._advance()
 
 
-# Printed by megatron-core's imports on machines without Transformer Engine / Apex; harmless here.
-_KNOWN_HARMLESS_WARNINGS = (
-    "Transformer Engine and Apex are not installed",
-    "Apex is not installed",
-    "full scope is deprecated",
-    "When using async grad allreduce",
-    "`load_state_dict` is deprecated",
-)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    for message in _KNOWN_HARMLESS_WARNINGS:
-        warnings.filterwarnings("ignore", message=message)
+    quiet_known_warnings()
     try:
         plan, prompts, params = prepare(args)
     except (ValueError, FileNotFoundError) as exc:
