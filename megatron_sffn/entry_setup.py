@@ -24,17 +24,34 @@ KNOWN_HARMLESS_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     (UserWarning, r"full scope is deprecated\. Use empty cuda_graph_scope", r"megatron\.core\.transformer\."),
     # megatron's torch_dist checkpoint loader still calls torch's deprecated entry point.
     (FutureWarning, r"`load_state_dict` is deprecated", r"megatron\.core\.dist_checkpointing\."),
-    # megatron's tensor-parallel mappings (and the structured-FFN reduce-scatter) call the collective torch
-    # renamed; torch's c10d wrapper is the module that emits it.
-    (FutureWarning, r"`torch\.distributed\.reduce_scatter_tensor` is deprecated", r"torch\.distributed\.c10d_logger"),
+    # megatron's tensor-parallel mappings call the two collectives torch renamed (to *_single, which this
+    # project calls); torch's c10d wrapper is the module that emits the notice.
+    (
+        FutureWarning,
+        r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+        r"torch\.distributed\.c10d_logger",
+    ),
+)
+
+# Only for commands that never run backward (generate, evaluate): megatron's tensor-parallel linears advise,
+# once per rank at TP > 1, setting CUDA_DEVICE_MAX_CONNECTIONS=1 to overlap the backward gradient all-reduce.
+# Training keeps the advice (the launch scripts set the variable; a bare torchrun on GPUs should hear it).
+FORWARD_ONLY_HARMLESS_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+    (
+        UserWarning,
+        r"When using (async grad allreduce|sequence parallelism) it is recommended to set the environment "
+        r"variable CUDA_DEVICE_MAX_CONNECTIONS",
+        r"megatron\.core\.tensor_parallel\.layers",
+    ),
 )
 
 OPTIONAL_ACCELERATORS = {"transformer_engine": "Transformer Engine", "apex": "Apex"}
 
 
-def quiet_known_warnings() -> None:
-    """Install the filters (idempotent: ``warnings`` drops duplicate filters)."""
-    for category, message, module in KNOWN_HARMLESS_WARNINGS:
+def quiet_known_warnings(*, forward_only: bool = False) -> None:
+    """Install the filters (idempotent: ``warnings`` drops duplicate filters); ``forward_only`` for inference."""
+    extra = FORWARD_ONLY_HARMLESS_WARNINGS if forward_only else ()
+    for category, message, module in KNOWN_HARMLESS_WARNINGS + extra:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 

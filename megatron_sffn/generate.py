@@ -152,7 +152,7 @@ class StreamPrinter:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet_known_warnings()
+    quiet_known_warnings(forward_only=True)
     try:
         plan, prompts, params = prepare(args)
     except (ValueError, FileNotFoundError) as exc:
@@ -184,6 +184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if rank0 and args.json:
             print(json.dumps(_json_report(generator, prompts, completions, output, params)), flush=True)
+    except BrokenPipeError:
+        # The reader went away (``generate ... | head``): stop quietly, as text tools do, instead of a
+        # traceback; stdout goes to /dev/null so that the interpreter's final flush cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     finally:
         from .model.distributed import close_process_group
 

@@ -218,6 +218,21 @@ def test_cli_json_matches_the_api(tiny_run):
 # bad input, refused before the model loads
 
 
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_closed_stdout_stops_without_a_traceback(tiny_run):
+    """``generate ... | head``: the reader leaves before the text comes; the command stops quietly."""
+    command = [sys.executable, "-m", "megatron_sffn.generate", str(tiny_run["run_dir"])]
+    command += ["--tokenizer", str(tiny_run["tokenizer"]), "--prompt", "t5 t6 t7", "--max-new-tokens", "4"]
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    process.stdout.close()  # nothing reads the completion
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1, stderr[-4000:]
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr[-4000:]
+
+
 @pytest.fixture
 def fake_run(tmp_path) -> Path:
     """A run directory whose checkpoint is only a name: loading it would fail, so only checks may run."""

@@ -272,10 +272,10 @@ def test_ctrl_c_requests_a_stop_and_a_second_one_exits_at_once():
 def test_known_harmless_warnings_are_filtered_narrowly():
     from megatron_sffn.entry_setup import missing_accelerators_note, quiet_known_warnings
 
-    def emitted(message: str, category: type[Warning], module: str) -> bool:
+    def emitted(message: str, category: type[Warning], module: str, forward_only: bool = False) -> bool:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            quiet_known_warnings()
+            quiet_known_warnings(forward_only=forward_only)
             warnings.warn_explicit(message, category, "x.py", 1, module=module)
         return bool(caught)
 
@@ -296,6 +296,18 @@ def test_known_harmless_warnings_are_filtered_narrowly():
         FutureWarning,
         "torch.distributed.c10d_logger",
     )
+    assert not emitted(
+        "`torch.distributed.all_gather_into_tensor` is deprecated. Please use `torch.distributed.all_gather_single`",
+        FutureWarning,
+        "torch.distributed.c10d_logger",
+    )
+    advice = (
+        "When using async grad allreduce it is recommended to set the environment variable "
+        "CUDA_DEVICE_MAX_CONNECTIONS to 1 for maximum speedup"
+    )
+    layers = "megatron.core.tensor_parallel.layers"
+    assert emitted(advice, UserWarning, layers)  # training keeps megatron's advice about its backward overlap
+    assert not emitted(advice, UserWarning, layers, forward_only=True)  # generate and evaluate run no backward
     assert emitted(te, UserWarning, "some_other_library")  # the same words from elsewhere still show
     assert emitted("a real problem", UserWarning, "megatron.core.optimizer")  # other megatron warnings still show
     note = missing_accelerators_note()

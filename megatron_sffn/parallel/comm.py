@@ -96,7 +96,7 @@ def _all_gather(x: torch.Tensor, group, direction: str) -> torch.Tensor:
     if isinstance(group, ShapeOnlyGroup):
         return torch.cat([x] * tp)
     out = x.new_empty((tp * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    dist.all_gather_single(out, x.contiguous(), group=group)
     return out
 
 
@@ -107,7 +107,7 @@ def _reduce_scatter(x: torch.Tensor, group, direction: str) -> torch.Tensor:
     if isinstance(group, ShapeOnlyGroup):
         return x.narrow(0, group.rank() * rows, rows).clone()
     out = x.new_empty((rows, *x.shape[1:]))
-    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    dist.reduce_scatter_single(out, x.contiguous(), group=group)
     return out
 
 
