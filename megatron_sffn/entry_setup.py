@@ -33,10 +33,11 @@ KNOWN_HARMLESS_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     ),
 )
 
-# Only for commands that never run backward (generate, evaluate): megatron's tensor-parallel linears advise,
-# once per rank at TP > 1, setting CUDA_DEVICE_MAX_CONNECTIONS=1 to overlap the backward gradient all-reduce.
-# Training keeps the advice (the launch scripts set the variable; a bare torchrun on GPUs should hear it).
-FORWARD_ONLY_HARMLESS_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+# megatron's tensor-parallel linears advise, once per rank at TP > 1, setting CUDA_DEVICE_MAX_CONNECTIONS=1
+# to overlap the gradient all-reduce of backward with compute on the GPU. It is kept for training on GPUs
+# (the launch scripts set the variable; a bare torchrun should hear it) and silenced everywhere else:
+# forward-only commands (generate, evaluate) and CPU runs, where the variable means nothing.
+GPU_BACKWARD_ADVICE: tuple[tuple[type[Warning], str, str], ...] = (
     (
         UserWarning,
         r"When using (async grad allreduce|sequence parallelism) it is recommended to set the environment "
@@ -48,9 +49,13 @@ FORWARD_ONLY_HARMLESS_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
 OPTIONAL_ACCELERATORS = {"transformer_engine": "Transformer Engine", "apex": "Apex"}
 
 
-def quiet_known_warnings(*, forward_only: bool = False) -> None:
-    """Install the filters (idempotent: ``warnings`` drops duplicate filters); ``forward_only`` for inference."""
-    extra = FORWARD_ONLY_HARMLESS_WARNINGS if forward_only else ()
+def quiet_known_warnings(*, backward_on_gpu: bool = False) -> None:
+    """Install the filters (idempotent: ``warnings`` drops duplicate filters).
+
+    ``backward_on_gpu``: the command trains on GPUs, so megatron's advice on overlapping its backward
+    all-reduce (:data:`GPU_BACKWARD_ADVICE`) stays visible.
+    """
+    extra = () if backward_on_gpu else GPU_BACKWARD_ADVICE
     for category, message, module in KNOWN_HARMLESS_WARNINGS + extra:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
 

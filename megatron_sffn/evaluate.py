@@ -95,7 +95,7 @@ def evaluate_checkpoint(checkpoint: Path, config: TrainConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    quiet_known_warnings(forward_only=True)
+    quiet_known_warnings()
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:

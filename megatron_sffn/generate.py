@@ -152,7 +152,7 @@ class StreamPrinter:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet_known_warnings(forward_only=True)
+    quiet_known_warnings()
     try:
         plan, prompts, params = prepare(args)
     except (ValueError, FileNotFoundError) as exc:

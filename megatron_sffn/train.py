@@ -118,12 +118,14 @@ def checked_config(path: str, overrides: Sequence[str], world_size: int) -> Trai
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--dry-run" in argv:  # plan only; options: python -m megatron_sffn.planning -h
         from .planning.report import main as dry_run_main
 
         return dry_run_main([arg for arg in argv if arg != "--dry-run"])
+    import torch
+
+    quiet_known_warnings(backward_on_gpu=torch.cuda.is_available())  # training runs on CUDA when it is there
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:

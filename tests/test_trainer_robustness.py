@@ -272,10 +272,10 @@ def test_ctrl_c_requests_a_stop_and_a_second_one_exits_at_once():
 def test_known_harmless_warnings_are_filtered_narrowly():
     from megatron_sffn.entry_setup import missing_accelerators_note, quiet_known_warnings
 
-    def emitted(message: str, category: type[Warning], module: str, forward_only: bool = False) -> bool:
+    def emitted(message: str, category: type[Warning], module: str, backward_on_gpu: bool = False) -> bool:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            quiet_known_warnings(forward_only=forward_only)
+            quiet_known_warnings(backward_on_gpu=backward_on_gpu)
             warnings.warn_explicit(message, category, "x.py", 1, module=module)
         return bool(caught)
 
@@ -306,8 +306,8 @@ def test_known_harmless_warnings_are_filtered_narrowly():
         "CUDA_DEVICE_MAX_CONNECTIONS to 1 for maximum speedup"
     )
     layers = "megatron.core.tensor_parallel.layers"
-    assert emitted(advice, UserWarning, layers)  # training keeps megatron's advice about its backward overlap
-    assert not emitted(advice, UserWarning, layers, forward_only=True)  # generate and evaluate run no backward
+    assert emitted(advice, UserWarning, layers, backward_on_gpu=True)  # training on GPUs keeps megatron's advice
+    assert not emitted(advice, UserWarning, layers)  # forward-only commands and CPU runs: the variable means nothing
     assert emitted(te, UserWarning, "some_other_library")  # the same words from elsewhere still show
     assert emitted("a real problem", UserWarning, "megatron.core.optimizer")  # other megatron warnings still show
     note = missing_accelerators_note()
