@@ -291,6 +291,21 @@ def test_run_dir_without_checkpoint_is_refused(capsys, tmp_path):
     assert "empty_run" in err and "checkpoints/latest" in err
 
 
+def test_missing_relative_tokenizer_of_the_run_names_the_directory_it_was_read_from(
+    capsys, fake_run, tmp_path, monkeypatch
+):
+    """A run records its tokenizer path as written; from another directory the error says where it looked."""
+    config_file = fake_run / "checkpoints" / "step_0000005" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    config["data"]["tokenizer"] = "data/tokenizer.json"
+    config_file.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    assert generate.main([str(fake_run), "--prompt", "t1", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer file data/tokenizer.json does not exist" in err
+    assert f"read from the current directory {tmp_path}" in err and "(--tokenizer)" in err
+
+
 def test_prompt_file_blank_line_is_refused(capsys, fake_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("t1 t2\n\nt3\n")

@@ -119,7 +119,8 @@ def load_tokenizer(spec: str | os.PathLike[str], eos_token: str | None = None) -
     if path.is_file():
         return HFJsonTokenizer(path, spec_str, eos_token)
     if path.suffix == ".json" or os.sep in spec_str:
-        raise FileNotFoundError(f"tokenizer file {spec_str} does not exist")
+        where = "" if path.is_absolute() else f" (a relative path, read from the current directory {Path.cwd()})"
+        raise FileNotFoundError(f"tokenizer file {spec_str} does not exist{where}")
 
     import tiktoken
 

@@ -104,7 +104,12 @@ def _tokenizer(config: TrainConfig, override: str | None, checkpoint: Path) -> T
         spec = load_manifest(config.data.path).tokenizer.spec
     if spec is None:
         raise ValueError(f"{checkpoint}: the run names no tokenizer (data.tokenizer); pass one explicitly")
-    tokenizer = load_tokenizer(spec)
+    try:
+        tokenizer = load_tokenizer(spec)
+    except FileNotFoundError as err:
+        if override is not None:
+            raise
+        raise FileNotFoundError(f"{checkpoint}: the run's tokenizer: {err}; give another (--tokenizer)") from err
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(
             f"tokenizer {spec!r} has {tokenizer.vocab_size} tokens, more than the model's "
