@@ -22,6 +22,7 @@ from megatron_sffn.data.manifest import SPLITS, Manifest, load_manifest
 from megatron_sffn.data.shard_verify import verify_dataset
 from megatron_sffn.data.tar_shards import SampleFormat, read_shard, split_shards
 from megatron_sffn.data.tokenizer import Tokenizer, TokenizerUnavailableError, load_tokenizer
+from megatron_sffn.entry_setup import quiet_on_broken_pipe
 
 
 def describe(manifest: Manifest) -> str:
@@ -73,6 +74,7 @@ def _print_bad(url: str, reason: str) -> None:
     print(f"inspect: bad shard: {reason}", file=sys.stderr)
 
 
+@quiet_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_tools.inspect", description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", type=Path, help="dataset directory or its manifest.json")

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from data_tools.debian_package import PackageFiles, PackageUnavailableError, package_files
 from data_tools.html_text import extract_main_text
+from megatron_sffn.entry_setup import quiet_on_broken_pipe
 
 SCHEMA = pa.schema(
     [
@@ -142,6 +143,7 @@ def _write_parquet_files(table: pa.Table, out: Path, prefix: str, docs_per_file:
     return files
 
 
+@quiet_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_tools.make_corpus", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data/corpus"), help="directory for the parquet files")

@@ -56,6 +56,7 @@ from megatron_sffn.data.text_sources import (
     known_document_count,
 )
 from megatron_sffn.data.tokenizer import load_tokenizer
+from megatron_sffn.entry_setup import quiet_on_broken_pipe
 
 PAUSE_ENV = "SFFN_PREPARE_PAUSE_AFTER_SHARD_S"
 
@@ -284,6 +285,7 @@ def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
+@quiet_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_tools.prepare", description=__doc__.split("\n\n")[0])
     add_input_arguments(parser)

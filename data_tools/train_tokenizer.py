@@ -21,6 +21,7 @@ from tqdm import tqdm
 from data_tools._inputs import add_input_arguments, sources_from_args
 from megatron_sffn.data.manifest import write_text_atomic
 from megatron_sffn.data.text_sources import SkippedDocuments, SourceFile, iter_documents, known_document_count
+from megatron_sffn.entry_setup import quiet_on_broken_pipe
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -82,6 +83,7 @@ def _texts(
             yield doc.text
 
 
+@quiet_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_tools.train_tokenizer", description=__doc__.split("\n\n")[0])
     add_input_arguments(parser)

@@ -1,4 +1,4 @@
-"""What every command-line entry point does first: silence the third-party warnings known to be harmless.
+"""What every command-line entry point shares: silenced known-harmless warnings, a quiet broken pipe.
 
 megatron-core warns at import time, once per module and per process, that
 Transformer Engine and Apex are missing, and a torchrun job repeats each
@@ -12,8 +12,12 @@ else, before megatron is imported.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import os
+import sys
 import warnings
+from collections.abc import Callable
 
 # (category, message regex, regex of the emitting module)
 KNOWN_HARMLESS_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
@@ -73,3 +77,21 @@ def missing_accelerators_note() -> str | None:
         f"{' and '.join(missing)} not installed: megatron-core uses its PyTorch implementations "
         f"(optimizer, gradient clipping, layer norm): results are the same, without fused GPU kernels"
     )
+
+
+def quiet_on_broken_pipe(main: Callable[..., int]) -> Callable[..., int]:
+    """Decorate a command's ``main``: when the reader of its output leaves (``cmd | head``), exit 1 quietly.
+
+    Without it Python prints a ``BrokenPipeError`` traceback, and then another one when it flushes
+    stdout at exit; pointing stdout at /dev/null stops the second.
+    """
+
+    @functools.wraps(main)
+    def run(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+
+    return run

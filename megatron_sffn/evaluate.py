@@ -24,7 +24,7 @@ from typing import Sequence
 
 from .config.loading import load_config
 from .config.train import TrainConfig
-from .entry_setup import missing_accelerators_note, quiet_known_warnings
+from .entry_setup import missing_accelerators_note, quiet_known_warnings, quiet_on_broken_pipe
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -94,6 +94,7 @@ def evaluate_checkpoint(checkpoint: Path, config: TrainConfig) -> dict:
     }
 
 
+@quiet_on_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_known_warnings()
     args = parse_args(argv)

@@ -24,6 +24,8 @@ from typing import Sequence
 
 import yaml
 
+from .entry_setup import quiet_on_broken_pipe
+
 DTYPES = ("fp32", "bf16", "fp16")
 
 
@@ -113,6 +115,7 @@ def _generation_config(special):
     return GenerationConfig(bos_token_id=special.bos_id, eos_token_id=special.eos_id)
 
 
+@quiet_on_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from .hf import run_command

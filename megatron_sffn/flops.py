@@ -36,6 +36,7 @@ from .accounting.ratio import ffn_param_ratio
 from .accounting.sgt import MODES as SGT_MODES
 from .accounting.sgt import sgt_run_flops, sgt_steps
 from .config.model import ATTENTIONS, FFNConfig, ModelConfig, SupraConfig
+from .entry_setup import quiet_on_broken_pipe
 from .structured.counts import STRUCTURES
 from .structured.guided import SCHEDULES
 
@@ -436,6 +437,7 @@ def format_settings(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+@quiet_on_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the requested reports; exit status 1 when --table1 no longer matches the paper (usable as a CI check)."""
     parser = _parser()

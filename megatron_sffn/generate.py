@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Sequence, TextIO
 
-from .entry_setup import quiet_known_warnings
+from .entry_setup import quiet_known_warnings, quiet_on_broken_pipe
 from .inference.loading import GenerationPlan, TextGenerator, plan_generation
 from .inference.premerge import PRE_MERGE_MODES
 from .inference.sampling import SamplingParams
@@ -150,6 +150,7 @@ class StreamPrinter:
             self._advance()
 
 
+@quiet_on_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_known_warnings()
@@ -184,11 +185,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if rank0 and args.json:
             print(json.dumps(_json_report(generator, prompts, completions, output, params)), flush=True)
-    except BrokenPipeError:
-        # The reader went away (``generate ... | head``): stop quietly, as text tools do, instead of a
-        # traceback; stdout goes to /dev/null so that the interpreter's final flush cannot raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
     finally:
         from .model.distributed import close_process_group
 

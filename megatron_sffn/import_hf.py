@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .entry_setup import quiet_on_broken_pipe
+
 # Tensors some checkpoints carry that hold no weights of the model (recomputed buffers).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -126,6 +128,7 @@ def import_model(hf_dir: Path, out: Path, *, seq_length: int | None = None, data
     return out
 
 
+@quiet_on_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from .hf import run_command

@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 from .config.loading import ConfigError, add_config_arguments, load_config
 from .config.train import TrainConfig
-from .entry_setup import quiet_known_warnings
+from .entry_setup import quiet_known_warnings, quiet_on_broken_pipe
 
 # The environment variables this command reads; the only place in the trainer that reads any.
 ENV_STEP_TRACE = "SFFN_STEP_TRACE"
@@ -117,6 +117,7 @@ def checked_config(path: str, overrides: Sequence[str], world_size: int) -> Trai
     return config
 
 
+@quiet_on_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--dry-run" in argv:  # plan only; options: python -m megatron_sffn.planning -h

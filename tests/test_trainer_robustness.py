@@ -314,6 +314,29 @@ def test_known_harmless_warnings_are_filtered_narrowly():
     assert note is None or "not installed" in note
 
 
+@pytest.mark.parametrize("decorated", [True, False], ids=["decorated", "plain"])
+def test_a_reader_that_leaves_ends_a_command_quietly(decorated):
+    """``cmd | head``: the decorated ``main`` exits 1 without a traceback; a plain one shows the problem solved."""
+    script = "\n".join(
+        [
+            "import sys",
+            "from megatron_sffn.entry_setup import quiet_on_broken_pipe",
+            "def main():",
+            "    for _ in range(100_000):",
+            "        print('x' * 100)",
+            "    return 0",
+            f"sys.exit({'quiet_on_broken_pipe(main)' if decorated else 'main'}())",
+        ]
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    process.stdout.close()  # the reader leaves before the first line
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert ("BrokenPipeError" in stderr) is not decorated, stderr
+
+
 # -- launch scripts ---------------------------------------------------------------------------------------
 
 
