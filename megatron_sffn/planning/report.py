@@ -16,7 +16,7 @@ from typing import Sequence
 
 from ..config.loading import add_config_arguments, load_config, to_dict
 from ..config.train import TrainConfig
-from ..entry_setup import quiet_known_warnings
+from ..entry_setup import quiet_known_warnings, quiet_on_broken_pipe
 from .memory import format_gib
 from .plan import DEFAULT_ASSUMED_MFU, RunPlan, plan_run
 
@@ -173,6 +173,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
+@quiet_on_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status 0 for a plan that fits, 2 for a refused launch (reasons on stderr)."""
     quiet_known_warnings()
